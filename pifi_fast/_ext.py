@@ -1,0 +1,69 @@
+"""Access to the compiled extension pifi_fast._C, with a plain PyTorch stand-in.
+
+Importing pifi_fast._C registers torch.ops.pifi_fast.*. When the extension is missing (built with
+PIFI_FAST_NO_EXT=1, or a platform without a compiler) the package still works: frozen_linear
+falls back to the autograd Function below, which has the same contract, and we say so once.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+try:
+    from pifi_fast import _C  # noqa: F401  (import registers the ops)
+
+    HAS_EXTENSION = True
+    EXTENSION_WITH_CUDA = bool(getattr(_C, "with_cuda", 0))
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - exercised by the PIFI_FAST_NO_EXT test
+    HAS_EXTENSION = False
+    EXTENSION_WITH_CUDA = False
+    _IMPORT_ERROR = exc
+
+_warned = False
+
+
+def _warn_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"pifi_fast: compiled extension pifi_fast._C not available ({_IMPORT_ERROR}); "
+            "using the plain PyTorch path",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class _FrozenLinearPython(torch.autograd.Function):
+    """Plain PyTorch twin of torch.ops.pifi_fast.frozen_linear (same autograd contract)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual):
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise RuntimeError("frozen_linear: weight and bias must be frozen (requires_grad=False)")
+        out = torch.nn.functional.linear(x, weight, bias)
+        if residual is not None:
+            out = out + residual
+        ctx.save_for_backward(weight)
+        ctx.has_residual = residual is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        (weight,) = ctx.saved_tensors
+        return dy @ weight, None, None, (dy if ctx.has_residual else None)
+
+
+def frozen_linear(x, weight, bias=None, residual=None, use_extension: bool | None = None):
+    """y = x @ weight.T + bias + residual; autograd returns only dx (and dresidual)."""
+    if use_extension is None:
+        use_extension = HAS_EXTENSION
+    if use_extension:
+        if not HAS_EXTENSION:
+            raise RuntimeError("pifi_fast._C is not built; reinstall without PIFI_FAST_NO_EXT=1")
+        return torch.ops.pifi_fast.frozen_linear(x, weight, bias, residual)
+    if not HAS_EXTENSION:
+        _warn_once()
+    return _FrozenLinearPython.apply(x, weight, bias, residual)

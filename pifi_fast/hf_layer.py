@@ -1,0 +1,38 @@
+"""Running a Hugging Face decoder layer the way PiFi needs it: bidirectional, padding masked.
+
+Transformers 5.x gives *causal* attention when a Llama layer gets attention_mask=None, and it
+needs position_embeddings from the model's rotary module. So we always pass an explicit additive
+4-D mask (0 for visible keys, the dtype's minimum for padding keys) and cos/sin from the LLM's
+own rotary class.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+
+def bidirectional_mask(mask: torch.Tensor | None, batch: int, seq: int, dtype, device):
+    """(B, 1, S, S) additive mask; `mask` (B, S) True for real tokens, None for all visible."""
+    add = torch.zeros(batch, 1, seq, seq, dtype=dtype, device=device)
+    if mask is not None:
+        add = add.masked_fill(~mask[:, None, None, :], torch.finfo(dtype).min)
+    return add
+
+
+def run_hf_layer(layer: nn.Module, rotary: nn.Module | None, h: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+    """h (B, S, H) at positions 0..S-1 through `layer` with bidirectional attention."""
+    b, s, _ = h.shape
+    position_ids = torch.arange(s, device=h.device).unsqueeze(0).expand(b, s)
+    kwargs = {
+        "attention_mask": bidirectional_mask(mask, b, s, h.dtype, h.device),
+        "position_ids": position_ids,
+    }
+    if rotary is not None:
+        kwargs["position_embeddings"] = rotary(h, position_ids)
+    if "alibi" in inspect.signature(layer.forward).parameters:
+        kwargs["alibi"] = None
+    out = layer(h, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

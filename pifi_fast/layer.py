@@ -1,0 +1,241 @@
+"""FrozenLlamaLayer: one frozen Llama-family decoder layer with merged weights.
+
+Fused architectures: Llama (any rope scaling that Transformers' rotary init supports), Mistral,
+Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm). The layer keeps merged QKV and gate/up
+weights for speed but reads and writes the Hugging Face key layout in its state_dict, so a
+checkpoint of the reference model loads into it and back.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from pifi_fast.ops import FrozenLayerFunction
+
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Hugging Face key -> (merged parameter, which part). Parts are concatenated in this order.
+_MERGED = {
+    "qkv_weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "qkv_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "gate_up_weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "gate_up_bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+}
+_SINGLE = {
+    "input_norm_weight": "input_layernorm.weight",
+    "post_norm_weight": "post_attention_layernorm.weight",
+    "o_weight": "self_attn.o_proj.weight",
+    "o_bias": "self_attn.o_proj.bias",
+    "down_weight": "mlp.down_proj.weight",
+    "down_bias": "mlp.down_proj.bias",
+    "q_norm_weight": "self_attn.q_norm.weight",
+    "k_norm_weight": "self_attn.k_norm.weight",
+}
+
+
+def is_fusable(config) -> bool:
+    return getattr(config, "model_type", None) in FUSED_MODEL_TYPES and getattr(
+        config, "hidden_act", "silu"
+    ) in ("silu", "swish")
+
+
+class FrozenLlamaLayer(nn.Module):
+    """A frozen Llama-family decoder layer whose backward computes only the input gradient.
+
+    forward(hidden_states (B, S, H), attention_mask (B, S) of 1 = token / 0 = padding or None,
+    position_ids (B, S) or None for 0..S-1) -> (B, S, H). Attention is bidirectional; padding
+    keys are masked. S == 1 takes the exact single-token shortcut (no q/k, softmax or RoPE).
+    """
+
+    def __init__(self, config, rotary: nn.Module, layer_index: int = -1, dtype=None, device=None):
+        super().__init__()
+        if not is_fusable(config):
+            raise ValueError(
+                f"FrozenLlamaLayer fuses {FUSED_MODEL_TYPES} with SiLU MLPs; got model_type="
+                f"{getattr(config, 'model_type', None)!r}, hidden_act="
+                f"{getattr(config, 'hidden_act', None)!r}. Use the Hugging Face layer (fused=False)."
+            )
+        self.config = config
+        self.layer_index = layer_index
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.num_kv_groups = self.num_heads // self.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.eps = config.rms_norm_eps
+        self.max_positions = getattr(config, "max_position_embeddings", None)
+        if getattr(config, "attention_dropout", 0.0):
+            warnings.warn("FrozenLlamaLayer does not apply attention dropout "
+                          f"({config.attention_dropout}); the frozen layer runs it as in eval mode")
+        attn_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        o_bias = bool(getattr(config, "attention_bias", False))
+        mlp_bias = bool(getattr(config, "mlp_bias", False))
+        inter = config.intermediate_size
+        kw = {"dtype": dtype, "device": device}
+
+        def frozen(*shape, present=True):
+            if not present:
+                return None
+            return nn.Parameter(torch.empty(*shape, **kw), requires_grad=False)
+
+        h = self.hidden_size
+        self.input_norm_weight = frozen(h)
+        self.post_norm_weight = frozen(h)
+        self.qkv_weight = frozen(self.q_size + 2 * self.kv_size, h)
+        self.qkv_bias = frozen(self.q_size + 2 * self.kv_size, present=attn_bias)
+        self.o_weight = frozen(h, self.q_size)
+        self.o_bias = frozen(h, present=o_bias)
+        self.gate_up_weight = frozen(2 * inter, h)
+        self.gate_up_bias = frozen(2 * inter, present=mlp_bias)
+        self.down_weight = frozen(h, inter)
+        self.down_bias = frozen(h, present=mlp_bias)
+        qk_norm = config.model_type == "qwen3"
+        self.q_norm_weight = frozen(self.head_dim, present=qk_norm)
+        self.k_norm_weight = frozen(self.head_dim, present=qk_norm)
+        self.rotary = rotary
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_layer: nn.Module, config=None, rotary: nn.Module | None = None):
+        """Build from a Hugging Face decoder layer (its weights are copied and merged)."""
+        config = config or hf_layer.self_attn.config
+        if rotary is None:
+            from pifi_fast.loading import make_rotary
+
+            rotary = make_rotary(config)
+        ref = next(hf_layer.parameters())
+        layer = cls(config, rotary, getattr(hf_layer.self_attn, "layer_idx", -1),
+                    dtype=ref.dtype, device=ref.device)
+        layer.load_hf_state_dict(hf_layer.state_dict())
+        return layer
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict(state_dict, strict=True)
+
+    # -- the Hugging Face key layout in state_dict ------------------------------------------------
+    def _hf_parts(self):
+        parts = {}
+        sizes = {"qkv": [self.q_size, self.kv_size, self.kv_size],
+                 "gate_up": [self.config.intermediate_size] * 2}
+        for merged, hf_keys in _MERGED.items():
+            p = getattr(self, merged)
+            if p is not None:
+                chunks = p.split(sizes[merged.rsplit("_", 1)[0]], dim=0)
+                parts.update(zip(hf_keys, chunks))
+        for name, hf_key in _SINGLE.items():
+            p = getattr(self, name)
+            if p is not None:
+                parts[hf_key] = p
+        return parts
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for key, t in self._hf_parts().items():
+            destination[prefix + key] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        expected = self._hf_parts()
+        with torch.no_grad():
+            for merged, hf_keys in _MERGED.items():
+                target = getattr(self, merged)
+                if target is None:
+                    continue
+                got = [state_dict.get(prefix + k) for k in hf_keys]
+                missing_keys.extend(prefix + k for k, t in zip(hf_keys, got) if t is None)
+                if any(t is None for t in got):
+                    continue
+                self._copy_checked(prefix, merged, target, torch.cat(got, 0), error_msgs)
+            for name, hf_key in _SINGLE.items():
+                target = getattr(self, name)
+                if target is None:
+                    continue
+                t = state_dict.get(prefix + hf_key)
+                if t is None:
+                    missing_keys.append(prefix + hf_key)
+                else:
+                    self._copy_checked(prefix, hf_key, target, t, error_msgs)
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix):
+                    rest = key[len(prefix):]
+                    if "." in rest and rest.split(".", 1)[0] == "rotary":
+                        continue
+                    if rest not in expected:
+                        unexpected_keys.append(key)
+
+    def _copy_checked(self, prefix, name, target, value, error_msgs):
+        if value.shape != target.shape:
+            error_msgs.append(
+                f"size mismatch for {prefix}{name}: checkpoint has {tuple(value.shape)}, the layer "
+                f"(hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads}, "
+                f"head_dim {self.head_dim}, mlp {self.config.intermediate_size}) needs "
+                f"{tuple(target.shape)}"
+            )
+            return
+        if target.is_meta:
+            # Built on the meta device: take the loaded tensor as the storage.
+            setattr(self, _attr_of(self, target), nn.Parameter(
+                value.to(target.dtype), requires_grad=False))
+        else:
+            target.copy_(value)
+
+    # -- helpers used by pifi_fast.ops -----------------------------------------------------------
+    def v_weight_and_bias(self):
+        start = self.q_size + self.kv_size
+        w = self.qkv_weight[start:]
+        b = None if self.qkv_bias is None else self.qkv_bias[start:]
+        return w, b
+
+    def rotary_cos_sin(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self.rotary(x, position_ids)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, hidden_states, attention_mask=None, position_ids=None):
+        x = hidden_states
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"FrozenLlamaLayer expects (batch, seq, {self.hidden_size}), got "
+                             f"{tuple(x.shape)}")
+        w = self.qkv_weight
+        if x.device != w.device or x.dtype != w.dtype:
+            raise ValueError(f"FrozenLlamaLayer: input is {x.dtype} on {x.device} but the layer's "
+                             f"weights are {w.dtype} on {w.device}; cast the input or the layer")
+        b, s, _ = x.shape
+        if b == 0 or s == 0:
+            raise ValueError(f"FrozenLlamaLayer: empty input of shape {tuple(x.shape)}")
+        key_mask = None
+        if attention_mask is not None and s > 1:
+            if attention_mask.shape != (b, s):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                                 f"expected {(b, s)}")
+            key_mask = attention_mask.to(device=x.device, dtype=torch.bool)
+            if not bool(key_mask.any(-1).all()):
+                raise ValueError("attention_mask has a row with no real token (all zeros)")
+            if bool(key_mask.all()):
+                key_mask = None  # no padding: skip the masking work
+        if s == 1:
+            cos = sin = None
+        else:
+            if position_ids is None:
+                position_ids = torch.arange(s, device=x.device).unsqueeze(0)
+            if self.max_positions is not None and int(position_ids.max()) >= self.max_positions:
+                raise ValueError(f"sequence position {int(position_ids.max())} exceeds the LLM's "
+                                 f"max_position_embeddings ({self.max_positions})")
+            cos, sin = self.rotary_cos_sin(x, position_ids)
+        return FrozenLayerFunction.apply(x, self, cos, sin, key_mask)
+
+    def extra_repr(self):
+        return (f"{self.config.model_type}, hidden={self.hidden_size}, heads={self.num_heads}/"
+                f"{self.num_kv_heads}, head_dim={self.head_dim}, "
+                f"mlp={self.config.intermediate_size}, layer={self.layer_index}")
+
+
+def _attr_of(module: nn.Module, param: torch.Tensor) -> str:
+    for name, p in module.named_parameters(recurse=False):
+        if p is param:
+            return name
+    raise KeyError("parameter not found on module")

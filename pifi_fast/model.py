@@ -1,0 +1,44 @@
+"""pifi_fast.PiFiModel: the drop-in fast PiFi. Same constructor, state_dict keys and outputs as
+pifi_fast.reference.PiFiModel; the frozen LLM layer is a FrozenLlamaLayer (one autograd node,
+input gradient only) for the fused architectures, and the LLM's own layer otherwise.
+"""
+from __future__ import annotations
+
+from pifi_fast.hf_layer import run_hf_layer
+from pifi_fast.layer import FrozenLlamaLayer, is_fusable
+from pifi_fast.loading import warn_unfused
+from pifi_fast.pifi_base import PiFiBase
+
+
+class PiFiModel(PiFiBase):
+    """PiFi with the fused frozen layer.
+
+    Layer option `fused`: None (default) fuses when the architecture allows, True requires it
+    (error otherwise), False always runs the Hugging Face layer. An unfrozen layer
+    (freeze=False, the paper's ablation) needs weight gradients and so runs the Hugging Face layer.
+    """
+
+    def _make_layer(self, llm, freeze: bool, fused: bool | None = None):
+        fusable = is_fusable(llm.config)
+        if fused and not fusable:
+            raise ValueError(f"fused=True, but model_type {llm.config.model_type!r} has no fused "
+                             "path (fused: llama, mistral, qwen2, qwen3)")
+        if fused and not freeze:
+            raise ValueError("fused=True needs a frozen layer (freeze=True): the fused layer "
+                             "computes no weight gradients")
+        self.fused = bool(fusable and freeze and fused is not False)
+        if self.fused:
+            self.llm_layer = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary)
+            self.llm_layer.layer_index = llm.index
+        else:
+            if not fusable:
+                warn_unfused(llm.config)
+            self.llm_layer = llm.module
+            self.llm_rotary = llm.rotary
+            for p in self.llm_layer.parameters():
+                p.requires_grad_(not freeze)
+
+    def _run_layer(self, h, mask):
+        if self.fused:
+            return self.llm_layer(h, mask)
+        return run_hf_layer(self.llm_layer, self.llm_rotary, h, mask)

@@ -1,0 +1,296 @@
+"""What the reference PiFi and pifi_fast.PiFiModel share: the SLM, the two adapters, the task
+heads, input checks, and saving/loading. Only the frozen LLM layer differs between the two
+(`_make_layer` / `_run_layer`), so a checkpoint of one loads into the other.
+
+    h_enc = SLM_encoder(x);  h = L_out(LLM_layer(L_in(h_enc)));  y = Head(h)
+
+Tasks (GUIDE §1):
+  classification      [CLS] only, as a length-1 sequence at position 0; head
+                      Linear(d,d) -> Dropout(0.2) -> GELU -> Linear(d,C); sentence pairs too
+  question_answering  whole sequence, bidirectional; start/end logits
+  token_classification whole sequence; one label per token
+  seq2seq             T5/BART: the layer sits between encoder and decoder
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+
+from pifi_fast.loading import LLMLayer, build_layer, load_llm_layer, random_layer
+
+TASKS = ("classification", "question_answering", "token_classification", "seq2seq")
+_TASK_ALIASES = {"sequence_classification": "classification", "pair_classification":
+                 "classification", "nli": "classification", "qa": "question_answering",
+                 "ner": "token_classification", "translation": "seq2seq",
+                 "summarization": "seq2seq"}
+CONFIG_NAME = "pifi_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _hidden(config) -> int:
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def _load_slm(slm, task: str):
+    """SLM from a Hub id / folder, a config (random init) or a ready module."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, PretrainedConfig
+
+    if isinstance(slm, nn.Module):
+        return slm
+    seq2seq = task == "seq2seq"
+    if isinstance(slm, PretrainedConfig):
+        cls = AutoModelForSeq2SeqLM if seq2seq else AutoModel
+        return cls.from_config(slm)
+    config = AutoConfig.from_pretrained(slm, trust_remote_code=False)
+    if seq2seq != bool(getattr(config, "is_encoder_decoder", False)):
+        raise ValueError(f"task {task!r} needs {'an encoder-decoder' if seq2seq else 'an encoder'}"
+                         f" SLM, but {slm} is model_type {config.model_type!r}")
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModel
+    return cls.from_pretrained(slm, trust_remote_code=False, use_safetensors=True)
+
+
+class PiFiBase(nn.Module):
+    """PiFi around any SLM; subclasses choose how the frozen LLM layer is run."""
+
+    def __init__(self, slm: nn.Module, llm: LLMLayer, task: str = "classification",
+                 num_labels: int = 2, label_smoothing: float = 0.0, head_dropout: float = 0.2,
+                 attend_to_padding: bool = False, freeze: bool = True, **layer_options):
+        super().__init__()
+        task = _TASK_ALIASES.get(task, task)
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+        self.task = task
+        self.num_labels = num_labels
+        self.label_smoothing = label_smoothing
+        self.attend_to_padding = attend_to_padding
+        self.freeze = freeze
+        self.slm = slm
+        self.llm_config = llm.config
+        self.llm_index = llm.index
+        d_slm, d_llm = _hidden(slm.config), llm.config.hidden_size
+        self.adapter_in = nn.Linear(d_slm, d_llm, bias=False)
+        self.adapter_out = nn.Linear(d_llm, d_slm, bias=False)
+        self._make_layer(llm, freeze=freeze, **layer_options)
+        if task == "classification":
+            self.head = nn.Sequential(nn.Linear(d_slm, d_slm), nn.Dropout(head_dropout), nn.GELU(),
+                                      nn.Linear(d_slm, num_labels))
+        elif task == "question_answering":
+            self.head = nn.Linear(d_slm, 2)
+        elif task == "token_classification":
+            self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(d_slm, num_labels))
+        self._options = dict(task=task, num_labels=num_labels, label_smoothing=label_smoothing,
+                             head_dropout=head_dropout, attend_to_padding=attend_to_padding,
+                             freeze=freeze, **layer_options)
+
+    # -- hooks for the subclasses ---------------------------------------------------------------
+    def _make_layer(self, llm: LLMLayer, freeze: bool, **layer_options):
+        raise NotImplementedError
+
+    def _run_layer(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """h (B, S, d_llm) in the layer's dtype; mask (B, S) of real tokens or None."""
+        raise NotImplementedError
+
+    @property
+    def layer_dtype(self) -> torch.dtype:
+        return next(self.llm_layer.parameters()).dtype
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_parts(cls, slm, llm, layer: int = -1, task: str = "classification", *,
+                   llm_dtype: torch.dtype | None = None, allow_pickle: bool = False,
+                   seed: int | None = None, **task_options):
+        """slm: Hub id, folder, config or module; llm: Hub id, folder, .gguf file, LLMLayer, or a
+        PretrainedConfig (random weights, for tests and speed benchmarks)."""
+        from transformers import PretrainedConfig
+
+        if seed is not None:
+            torch.manual_seed(seed)
+        slm_module = _load_slm(slm, _TASK_ALIASES.get(task, task))
+        if isinstance(llm, PretrainedConfig):
+            llm_layer = random_layer(llm, layer, dtype=llm_dtype or torch.float32, seed=seed)
+        else:
+            llm_layer = load_llm_layer(llm, layer, dtype=llm_dtype, allow_pickle=allow_pickle)
+        return cls(slm_module, llm_layer, task=task, **task_options)
+
+    # -- input checks ---------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, attention_mask, inputs_embeds):
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        if ref.dim() < 2 or ref.shape[0] == 0 or ref.shape[1] == 0:
+            raise ValueError(f"empty batch: inputs have shape {tuple(ref.shape)}")
+        device = self.adapter_in.weight.device
+        if ref.device != device:
+            raise ValueError(f"inputs are on {ref.device} but the model is on {device}")
+        if input_ids is not None and input_ids.is_floating_point():
+            raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        if attention_mask is not None:
+            if attention_mask.shape != ref.shape[:2]:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the "
+                                 f"inputs have shape {tuple(ref.shape[:2])}")
+            if attention_mask.device != device:
+                raise ValueError(f"attention_mask is on {attention_mask.device}, model on {device}")
+            if not bool((attention_mask != 0).any(-1).all()):
+                rows = (~(attention_mask != 0).any(-1)).nonzero().flatten().tolist()
+                raise ValueError(f"attention_mask rows {rows} are all zeros (no real token)")
+        full_seq = self.task != "classification"
+        max_pos = getattr(self.llm_config, "max_position_embeddings", None)
+        if full_seq and max_pos is not None and ref.shape[1] > max_pos:
+            raise ValueError(f"sequence length {ref.shape[1]} exceeds the LLM's "
+                             f"max_position_embeddings ({max_pos})")
+
+    # -- forward --------------------------------------------------------------------------------
+    def _through_layer(self, enc: torch.Tensor, attention_mask) -> torch.Tensor:
+        """L_out(layer(L_in(enc))) with the layer run in its own dtype."""
+        h = self.adapter_in(enc).to(self.layer_dtype)
+        mask = None
+        if attention_mask is not None and not self.attend_to_padding and h.shape[1] > 1:
+            mask = attention_mask != 0
+        h = self._run_layer(h, mask)
+        return self.adapter_out(h.to(self.adapter_out.weight.dtype))
+
+    def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
+        """SLM encoder -> adapters and LLM layer. CLS mode returns (B, 1, d), else (B, S, d)."""
+        self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "inputs_embeds": inputs_embeds}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        encoder = self.slm.get_encoder() if self.task == "seq2seq" else self.slm
+        enc = encoder(**kwargs).last_hidden_state
+        if self.task == "classification":
+            enc = enc[:, :1]  # only [CLS], as a length-1 sequence at position 0
+        return self._through_layer(enc, attention_mask)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                inputs_embeds=None, start_positions=None, end_positions=None,
+                decoder_input_ids=None, decoder_attention_mask=None, return_dict=True, **kwargs):
+        h = self.encode(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        if self.task == "seq2seq":
+            return self.slm(encoder_outputs=BaseModelOutput(last_hidden_state=h),
+                            attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                            decoder_attention_mask=decoder_attention_mask, labels=labels,
+                            return_dict=True, **kwargs)
+        if self.task == "classification":
+            logits = self.head(h[:, 0])
+            loss = None
+            if labels is not None:
+                if self.num_labels == 1:
+                    loss = nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+                else:
+                    loss = nn.functional.cross_entropy(logits, labels,
+                                                       label_smoothing=self.label_smoothing)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+        if self.task == "token_classification":
+            logits = self.head(h)
+            loss = None
+            if labels is not None:
+                loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                   ignore_index=-100,
+                                                   label_smoothing=self.label_smoothing)
+            return TokenClassifierOutput(loss=loss, logits=logits)
+        start, end = self.head(h).split(1, dim=-1)
+        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start.shape[1]
+            s_pos = start_positions.clamp(0, ignored)
+            e_pos = end_positions.clamp(0, ignored)
+            loss = (nn.functional.cross_entropy(start, s_pos, ignore_index=ignored)
+                    + nn.functional.cross_entropy(end, e_pos, ignore_index=ignored)) / 2
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start, end_logits=end)
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, **generate_kwargs):
+        """Seq2seq only: encoder -> PiFi layer -> the SLM's own decoder and generate()."""
+        if self.task != "seq2seq":
+            raise ValueError("generate() needs task='seq2seq'")
+        h = self.encode(input_ids, attention_mask)
+        return self.slm.generate(encoder_outputs=BaseModelOutput(last_hidden_state=h),
+                                 attention_mask=attention_mask, **generate_kwargs)
+
+    # -- save / load ----------------------------------------------------------------------------
+    def save_pretrained(self, directory) -> Path:
+        """One folder: pifi_config.json + model.safetensors (the single LLM layer stored once).
+
+        Written into a temporary sibling folder and renamed into place, so an interrupted save
+        never leaves a folder that loads as a checkpoint (an existing one is replaced only
+        after the new one is complete).
+        """
+        from safetensors.torch import save_file
+
+        target = Path(directory).resolve()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            state = {k: v.detach().to("cpu").contiguous().clone()
+                     for k, v in self.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            config = {
+                "pifi_fast_version": _version(),
+                "options": self._options,
+                "llm_index": self.llm_index,
+                "layer_dtype": str(self.layer_dtype).replace("torch.", ""),
+                "slm_config": self.slm.config.to_dict(),
+                "llm_config": self.llm_config.to_dict(),
+            }
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+            old = None
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, directory, map_location="cpu"):
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
+
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        if not cfg_path.is_file() or not w_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a PiFi checkpoint (needs {CONFIG_NAME} "
+                                    f"and {WEIGHTS_NAME})")
+        cfg = json.loads(cfg_path.read_text())
+        opts = dict(cfg["options"])
+        slm_cfg = dict(cfg["slm_config"])
+        slm_config = AutoConfig.for_model(slm_cfg.pop("model_type"), **slm_cfg)
+        llm_cfg = dict(cfg["llm_config"])
+        llm_config = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
+        state = load_file(str(w_path), device=str(map_location))
+        slm_cls = AutoModelForSeq2SeqLM if opts["task"] == "seq2seq" else AutoModel
+        slm = slm_cls.from_config(slm_config)
+        layer_sd = {k[len("llm_layer."):]: v for k, v in state.items()
+                    if k.startswith("llm_layer.")}
+        dtype = getattr(torch, cfg["layer_dtype"])
+        llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype, source=str(directory))
+        model = cls(slm, llm, **opts)
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("pifi-fast")
+    except metadata.PackageNotFoundError:
+        return "unknown"

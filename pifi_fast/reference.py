@@ -1,0 +1,27 @@
+"""The reference PiFi: exactly the authors' computation, built only from Hugging Face modules
+(the LLM's own decoder-layer and rotary classes). It is the yardstick for every speed-up:
+pifi_fast.PiFiModel must match it, and the benchmarks time against it.
+
+Differences from the authors' code, both switchable: padding is masked inside the layer
+(attend_to_padding=True reproduces their all-ones mask), and attention is explicitly
+bidirectional (their code relied on Transformers 4.x treating a missing mask as non-causal).
+"""
+from __future__ import annotations
+
+from pifi_fast.hf_layer import run_hf_layer
+from pifi_fast.pifi_base import PiFiBase
+
+
+class PiFiModel(PiFiBase):
+    """PiFi with the LLM's own Hugging Face decoder layer (plain autograd)."""
+
+    def _make_layer(self, llm, freeze: bool, **layer_options):
+        if layer_options:
+            raise TypeError(f"unexpected options for the reference model: {sorted(layer_options)}")
+        self.llm_layer = llm.module
+        self.llm_rotary = llm.rotary
+        for p in self.llm_layer.parameters():
+            p.requires_grad_(not freeze)
+
+    def _run_layer(self, h, mask):
+        return run_hf_layer(self.llm_layer, self.llm_rotary, h, mask)

@@ -1,0 +1,146 @@
+"""pifi_fast._C: the frozen_linear op (CPU, Meta, autograd) and the wheel that carries it."""
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+
+import pifi_fast
+from pifi_fast._ext import _FrozenLinearPython
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_ext = pytest.mark.skipif(not pifi_fast.HAS_EXTENSION, reason="built with PIFI_FAST_NO_EXT=1")
+
+
+def _args(shape, n_out, bias, residual, dtype=torch.float64):
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    w = torch.randn(n_out, shape[-1], dtype=dtype)
+    b = torch.randn(n_out, dtype=dtype) if bias else None
+    r = torch.randn(*shape[:-1], n_out, dtype=dtype, requires_grad=True) if residual else None
+    return x, w, b, r
+
+
+@needs_ext
+@pytest.mark.parametrize("shape,n_out", [((7,), 5), ((3, 11, 13), 9), ((2, 1, 1, 64), 1)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+def test_frozen_linear_matches_its_twin_forward_and_backward(shape, n_out, bias, residual):
+    x, w, b, r = _args(shape, n_out, bias, residual)
+    y = torch.ops.pifi_fast.frozen_linear(x, w, b, r)
+    expected = x @ w.T + (0 if b is None else b) + (0 if r is None else r)
+    assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
+    x2, r2 = x.detach().clone().requires_grad_(), None if r is None else r.detach().clone().requires_grad_()
+    y2 = _FrozenLinearPython.apply(x2, w, b, r2)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y2.backward(dy)
+    assert torch.allclose(x.grad, dy @ w) and torch.allclose(x.grad, x2.grad)
+    if r is not None:
+        assert torch.equal(r.grad, dy) and torch.equal(r2.grad, dy)
+    assert torch.autograd.gradcheck(
+        lambda xx: torch.ops.pifi_fast.frozen_linear(xx, w, b, None), (x.detach().requires_grad_(),))
+
+
+@needs_ext
+def test_frozen_linear_saves_no_activation():
+    x, w, _, r = _args((4, 6, 8), 5, False, True, dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.ops.pifi_fast.frozen_linear(x, w, None, r).sum().backward()
+    assert len(saved) == 1 and saved[0].data_ptr() == w.data_ptr()  # the frozen weight only
+
+
+@needs_ext
+def test_frozen_linear_meta_and_errors():
+    y = torch.ops.pifi_fast.frozen_linear(torch.empty(3, 4, 8, device="meta"),
+                                          torch.empty(6, 8, device="meta"))
+    assert y.shape == (3, 4, 6) and y.device.type == "meta"
+    with pytest.raises(RuntimeError, match="in-features"):
+        torch.ops.pifi_fast.frozen_linear(torch.randn(2, 7), torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="weight requires grad"):
+        torch.ops.pifi_fast.frozen_linear(torch.randn(2, 8, requires_grad=True),
+                                          torch.randn(3, 8, requires_grad=True))
+    with pytest.raises(RuntimeError, match="x is Double but weight is Float"):
+        torch.ops.pifi_fast.frozen_linear(torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8))
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_frozen_linear_cuda_matches_cpu():
+    x, w, b, r = _args((5, 33, 64), 48, True, True, dtype=torch.float32)
+    y_cpu = torch.ops.pifi_fast.frozen_linear(x, w, b, r)
+    y_gpu = torch.ops.pifi_fast.frozen_linear(*(t.detach().cuda() for t in (x, w, b, r)))
+    assert torch.allclose(y_gpu.cpu(), y_cpu.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_package_works_without_the_extension():
+    code = ("import warnings, torch\n"
+            "with warnings.catch_warnings(record=True) as rec:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import pifi_fast\n"
+            "    assert not pifi_fast.HAS_EXTENSION\n"
+            "    x = torch.randn(3, 4, requires_grad=True); w = torch.randn(2, 4)\n"
+            "    pifi_fast.frozen_linear(x, w).sum().backward()\n"
+            "    pifi_fast.frozen_linear(x, w)\n"
+            "assert sum('not available' in str(r.message) for r in rec) == 1, rec\n"
+            "print('ok')\n")
+    # Hide the built _C: a meta-path finder that refuses it stands in for a build without it.
+    code = ("import sys\nclass Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'pifi_fast._C': raise ImportError('blocked for the test')\n"
+            "sys.meta_path.insert(0, Block())\n") + code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+def test_wheel_builds_and_installs_into_a_fresh_venv(tmp_path):
+    """pip wheel . --no-build-isolation, then install it into a new venv that sees torch."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".git", ".pytest_cache"))
+    env = dict(os.environ, MAX_JOBS="2", TORCH_CUDA_ARCH_LIST=os.environ.get(
+        "PIFI_FAST_TEST_ARCHS", "9.0"))
+    wheel_dir = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation",
+                    "--no-deps", "-w", str(wheel_dir)], check=True, env=env, cwd=tmp_path,
+                   capture_output=True)
+    wheels = list(wheel_dir.glob("pifi_fast-*.whl"))
+    assert len(wheels) == 1
+    import zipfile
+
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert any(n.startswith("pifi_fast/_C") and n.endswith(".so") for n in names), names
+    assert "pifi_fast/kernels/__init__.py" in names
+    # A fresh venv; torch and the other dependencies come from this environment's site-packages
+    # through a .pth file placed *after* the venv's own, so pifi_fast can only come from the wheel.
+    fresh = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=True).create(fresh)
+    py = fresh / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    import torch as _torch
+
+    host_site = str(Path(_torch.__file__).parents[1])
+    Path(site, "zz_host_site.pth").write_text(host_site + "\n")
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheels[0])],
+                   check=True, capture_output=True)
+    check = ("import pifi_fast, pifi_fast._C, torch, sys\n"
+             "assert pifi_fast.__file__.startswith(sys.prefix), pifi_fast.__file__\n"
+             "assert pifi_fast.HAS_EXTENSION\n"
+             "x = torch.randn(2, 3); w = torch.randn(4, 3)\n"
+             "assert torch.allclose(torch.ops.pifi_fast.frozen_linear(x, w), x @ w.T)\n"
+             "print(pifi_fast._C.__file__)\n")
+    out = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert str(fresh) in out.stdout

@@ -1,0 +1,105 @@
+"""save_pretrained / from_pretrained, atomic saves, and clear errors for bad input."""
+import pytest
+import torch
+from helpers import ragged_batch, tiny_llm, tiny_slm
+
+from pifi_fast import PiFiModel, reference
+from pifi_fast.pifi_base import CONFIG_NAME, WEIGHTS_NAME
+
+
+@pytest.mark.parametrize("slm_kind,task", [("bert", "classification"), ("t5", "seq2seq")])
+def test_save_reload_round_trip_and_cross_loading(tmp_path, slm_kind, task):
+    model = PiFiModel.from_parts(tiny_slm(slm_kind), tiny_llm("qwen2"), task=task, seed=5).eval()
+    ids, mask = ragged_batch(120, [7, 3])
+    kw = {"labels": torch.randint(3, 120, (2, 4))} if task == "seq2seq" else {}
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, **kw).logits
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    from safetensors import safe_open
+
+    with safe_open(str(folder / WEIGHTS_NAME), "pt") as f:
+        layer_keys = [k for k in f.keys() if k.startswith("llm_layer.")]
+    assert len(layer_keys) == len(set(layer_keys)) == 12  # 9 Llama tensors + q/k/v biases, once
+    for cls in (PiFiModel, reference.PiFiModel):
+        again = cls.from_pretrained(folder).eval()
+        with torch.no_grad():
+            got = again(input_ids=ids, attention_mask=mask, **kw).logits
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), cls
+
+
+def test_interrupted_save_leaves_no_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), seed=1)
+    target = tmp_path / "ckpt"
+
+    def broken_save(*a, **k):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    model.save_pretrained(target)
+    before = (target / WEIGHTS_NAME).read_bytes()
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(target)
+    assert (target / WEIGHTS_NAME).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    with pytest.raises(FileNotFoundError, match="not a PiFi checkpoint"):
+        PiFiModel.from_pretrained(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), task="question_answering")
+
+
+def test_bad_batches_raise_clear_errors(model):
+    ids, mask = ragged_batch(120, [5, 3])
+    with pytest.raises(ValueError, match="empty batch"):
+        model(input_ids=ids[:0], attention_mask=mask[:0])
+    bad = mask.clone()
+    bad[1] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] are all zeros"):
+        model(input_ids=ids, attention_mask=bad)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(input_ids=ids, attention_mask=mask[:, :3])
+    long_ids = torch.randint(3, 120, (1, 65))
+    with pytest.raises(ValueError, match="exceeds the LLM's max_position_embeddings"):
+        model(input_ids=long_ids, attention_mask=torch.ones_like(long_ids))
+    with pytest.raises(ValueError, match="inputs are on meta"):
+        model(input_ids=ids.to("meta"), attention_mask=mask)
+    with pytest.raises(TypeError, match="integer token ids"):
+        model(input_ids=ids.float(), attention_mask=mask)
+    with pytest.raises(ValueError, match="unknown task"):
+        PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), task="poetry")
+
+
+def test_layer_rejects_mixed_dtypes_and_devices(model):
+    layer = model.llm_layer
+    x = torch.randn(2, 4, layer.hidden_size, dtype=torch.float64)
+    with pytest.raises(ValueError, match="input is torch.float64 .* weights are torch.float32"):
+        layer(x)
+    with pytest.raises(ValueError, match=r"expects \(batch, seq, 72\)"):
+        layer(torch.randn(2, 4, 70))
+    with pytest.raises(ValueError, match="no real token"):
+        layer(torch.randn(2, 4, 72), torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]]))
+
+
+def test_hidden_size_mismatch_in_state_dict_is_named(model):
+    other = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("qwen3"), task="question_answering")
+    with pytest.raises(RuntimeError, match="size mismatch for llm_layer"):
+        model.load_state_dict(other.state_dict())
+
+
+def test_slm_kind_must_fit_the_task(tmp_path):
+    from transformers import AutoModel
+
+    folder = tmp_path / "bert"
+    AutoModel.from_config(tiny_slm("bert")).save_pretrained(folder)
+    with pytest.raises(ValueError, match="needs an encoder-decoder SLM"):
+        PiFiModel.from_parts(str(folder), tiny_llm("llama"), task="seq2seq")
