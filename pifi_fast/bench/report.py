@@ -1,0 +1,237 @@
+"""Running cases into result rows, speed-ups against baselines, and the written report."""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from pifi_fast.bench.timing import copy_bandwidth, matmul_rate, measure, peak_memory
+from pifi_fast.bench.workloads import BASELINES
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
+           "torch": torch.__version__, "transformers": transformers.__version__,
+           "cuda": torch.version.cuda, "device_type": device.type}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        env["device"] = torch.cuda.get_device_name(device)
+        try:
+            import subprocess
+
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            env["driver"] = None
+    else:
+        env["device"] = f"CPU: {platform.processor() or platform.machine()}, " \
+                        f"{torch.get_num_threads()} threads"
+        env["driver"] = None
+    return env
+
+
+def ceilings(device: torch.device, dtype: torch.dtype) -> dict:
+    return {"copy_bytes_per_s": copy_bandwidth(device), "matmul_flop_per_s": matmul_rate(device,
+                                                                                        dtype)}
+
+
+def run(cases, device: torch.device, reps: int, ceil: dict, progress=None) -> list[dict]:
+    rows = []
+    for case in cases:
+        if progress is not None:
+            progress.set_description(f"{case.workload} {case.shape} {case.size} {case.impl}")
+        row = {"workload": case.workload, "variant": case.variant, "shape": case.shape,
+               "size": case.size, "impl": case.impl, "group": case.group}
+        try:
+            built = case.build()
+        except torch.OutOfMemoryError as exc:
+            built = {"skip": f"out of memory: {exc}".splitlines()[0]}
+        if "skip" in built:
+            row["skipped"] = built["skip"]
+        else:
+            fn = built.pop("fn")
+            row.update(built)
+            row.update(measure(fn, device, warmup=2, reps=reps))
+            row["peak_memory_bytes"] = peak_memory(fn, device)
+            row["tokens_per_s"] = row["tokens"] / row["median_s"]
+            if "flops" in row:
+                row["pct_of_ceiling"] = 100 * row["flops"] / row["median_s"] / \
+                    ceil["matmul_flop_per_s"]
+                row["ceiling"] = "matmul"
+            elif "bytes_moved" in row:
+                row["pct_of_ceiling"] = 100 * row["bytes_moved"] / row["median_s"] / \
+                    ceil["copy_bytes_per_s"]
+                row["ceiling"] = "copy"
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    add_speedups(rows)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup_vs[b] = median(b) / median(pifi_fast) within each group, same run."""
+    by_group: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        if "median_s" in r:
+            by_group.setdefault(r["group"], {})[r["impl"]] = r
+    for impls in by_group.values():
+        ours = impls.get("pifi_fast")
+        if ours is None:
+            continue
+        ours["speedup_vs"] = {b: impls[b]["median_s"] / ours["median_s"] for b in BASELINES
+                              if b in impls}
+
+
+def write(rows, env, ceil, out_dir: Path, level: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
+    payload = {"environment": env, "ceilings": ceil, "level": level, "rows": rows}
+    paths["json"].write_text(json.dumps(payload, indent=1, default=str))
+    paths["md"].write_text(markdown(rows, env, ceil, level))
+    paths.update(plots(rows, env, out_dir))
+    return paths
+
+
+def _fmt_speedups(r) -> str:
+    return ", ".join(f"{b} x{v:.2f}" for b, v in r.get("speedup_vs", {}).items()) or "-"
+
+
+def markdown(rows, env, ceil, level) -> str:
+    lines = [f"# pifi_fast benchmark ({level}) on {env['device']}", "",
+             f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, triton "
+             f"{env['triton']}, CUDA {env['cuda']}, driver {env['driver']}.", "",
+             f"Ceilings measured in this run: copy {ceil['copy_bytes_per_s'] / 1e9:.1f} GB/s, "
+             f"matmul {ceil['matmul_flop_per_s'] / 1e12:.2f} TFLOP/s.", "",
+             "Speed-up = baseline median / pifi_fast median, same run (> 1: pifi_fast faster). "
+             "Spread = interquartile range.", ""]
+    if env["device_type"] == "cpu":
+        lines += ["**CPU run**: these are ratios of the CPU code paths, not GPU figures.", ""]
+    lines += ["| workload | shape | size | impl | dtype | median ms | spread ms | tokens/s | "
+              "saved B/token | peak MB | % ceiling | speed-up of pifi_fast |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['workload']} {r['variant']} | {r['shape']} | {r['size']} | "
+                         f"{r['impl']} | | skipped: {r['skipped']} | | | | | | |")
+            continue
+        saved = r.get("saved_bytes_per_token")
+        peak = r.get("peak_memory_bytes")
+        pct = r.get("pct_of_ceiling")
+        saved_s = "" if saved is None else f"{saved / 1e3:.1f} K"
+        peak_s = "" if peak is None else f"{peak / 2**20:.0f}"
+        pct_s = "" if pct is None else f"{pct:.1f} ({r['ceiling']})"
+        lines.append(
+            f"| {r['workload']} {r['variant']} | {r['shape']} | {r['size']} | {r['impl']} | "
+            f"{r.get('dtype', '')} | {r['median_s'] * 1e3:.3f} | "
+            f"{(r['q3_s'] - r['q1_s']) * 1e3:.3f} | {r['tokens_per_s']:.0f} | "
+            f"{saved_s} | {peak_s} | {pct_s} | "
+            f"{_fmt_speedups(r) if r['impl'] == 'pifi_fast' else ''} |")
+    notes = sorted({r["path"] for r in rows if r.get("path")})
+    if notes:
+        lines += ["", "pifi_fast path in this run: " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows, env, out_dir: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    tag = "CPU paths" if env["device_type"] == "cpu" else env["device"]
+    w1 = [r for r in rows if r["workload"] in ("W1", "W2") and r["impl"] == "pifi_fast"
+          and "speedup_vs" in r]
+    if w1:
+        variants = sorted({(r["workload"], r["variant"]) for r in w1})
+        cols = min(3, len(variants))
+        nrows = -(-len(variants) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.4 * nrows), squeeze=False)
+        colors = {b: f"C{i}" for i, b in enumerate(BASELINES)}
+        markers = dict(zip(sorted({r["shape"] for r in w1}), "os^Dv"))
+        handles = {}
+        for ax, (wl, variant) in zip(axes.flat, variants):
+            sel = [r for r in w1 if (r["workload"], r["variant"]) == (wl, variant)]
+            for shape in sorted({r["shape"] for r in sel}):
+                for base in BASELINES:
+                    pts = sorted((r["tokens"], r["speedup_vs"][base]) for r in sel
+                                 if r["shape"] == shape and base in r["speedup_vs"])
+                    if pts:
+                        (line,) = ax.plot(*zip(*pts), marker=markers[shape], color=colors[base])
+                        handles[f"{shape} vs {base}"] = line
+            ax.axhline(1.0, color="gray", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{wl} {variant}", fontsize=9)
+            ax.set_xlabel("real tokens (W2: rows)")
+            ax.set_ylabel("speed-up of pifi_fast")
+        for ax in list(axes.flat)[len(variants):]:
+            ax.axis("off")
+        fig.legend(handles.values(), handles.keys(), fontsize=7, loc="lower right",
+                   ncol=max(1, len(handles) // 6))
+        fig.suptitle(f"pifi_fast speed-up over each baseline ({tag}, {env['date']})", fontsize=10)
+        fig.tight_layout(rect=(0, 0.12 if nrows == 1 else 0.05, 1, 1))
+        out["speedup_png"] = out_dir / "speedup_vs_tokens.png"
+        fig.savefig(out["speedup_png"], dpi=110)
+        plt.close(fig)
+    mem = [r for r in rows if r["workload"] == "W1" and r["variant"].startswith("fwd+bwd")
+           and r.get("saved_bytes_per_token") is not None]
+    if mem:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for shape in sorted({r["shape"] for r in mem}):
+            for impl in sorted({r["impl"] for r in mem}):
+                pts = sorted((r["tokens"], r["saved_bytes_per_token"] / 1e3) for r in mem
+                             if r["shape"] == shape and r["impl"] == impl)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{shape} {impl}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("real tokens")
+        ax.set_ylabel("saved activations, KB per token")
+        ax.set_title(f"W1 fwd+bwd memory kept for backward ({tag})", fontsize=9)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        out["memory_png"] = out_dir / "memory_vs_tokens.png"
+        fig.savefig(out["memory_png"], dpi=110)
+        plt.close(fig)
+    w3 = [r for r in rows if r["workload"] == "W3" and "pct_of_ceiling" in r]
+    if w3:
+        fig, ax = plt.subplots(figsize=(7, 3.8))
+        labels = [f"{r['variant']}\n{r['shape']}\n{r['size']}" for r in w3]
+        ax.bar(range(len(w3)), [r["pct_of_ceiling"] for r in w3],
+               color=["tab:blue" if r["ceiling"] == "copy" else "tab:orange" for r in w3])
+        ax.set_xticks(range(len(w3)), labels, fontsize=5, rotation=90)
+        ax.set_ylabel("% of measured ceiling")
+        ax.set_title(f"W3 ops alone: blue = copy bandwidth, orange = matmul rate ({tag})",
+                     fontsize=9)
+        fig.tight_layout()
+        out["roofline_png"] = out_dir / "roofline_per_kernel.png"
+        fig.savefig(out["roofline_png"], dpi=110)
+        plt.close(fig)
+    return out
+
+
+def compare(new_rows, old_path: Path) -> list[str]:
+    """Every case that got slower than in `old_path` by more than its measured spread."""
+    old = {f"{r['group']} | {r['impl']}": r for r in json.loads(old_path.read_text())["rows"]
+           if "median_s" in r}
+    flagged = []
+    for r in new_rows:
+        o = old.get(f"{r['group']} | {r['impl']}")
+        if o is None or "median_s" not in r:
+            continue
+        spread = max(r["q3_s"] - r["q1_s"], o["q3_s"] - o["q1_s"])
+        if r["median_s"] - o["median_s"] > spread:
+            flagged.append(f"SLOWER: {r['group']} | {r['impl']}: {o['median_s'] * 1e3:.3f} -> "
+                           f"{r['median_s'] * 1e3:.3f} ms (spread {spread * 1e3:.3f} ms)")
+    return flagged

@@ -1,0 +1,452 @@
+"""The benchmark workloads (W1-W4) and their baselines, as self-building cases.
+
+  W1 frozen layer, full-sequence mode: forward, and forward + input-gradient backward;
+     dense (rows of 512) and with real padding (SST-2 sentence lengths, padded to the batch max)
+  W2 CLS mode (one token per row) forward + backward
+  W3 each op of the layer alone, against the ceilings measured in the same run
+  W4 a whole PiFi training step (forward + backward) and an inference batch
+
+Implementations compared in one run:
+  pifi_fast   FrozenLlamaLayer / pifi_fast.PiFiModel (today: its plain PyTorch path, since the
+              fused Triton kernels are not built yet; rows say so in `path`)
+  hf_sdpa     the Hugging Face layer with SDPA attention (the reference PiFi for W4)
+  hf_eager    the Hugging Face layer with eager attention
+  hf_compile  the Hugging Face layer under torch.compile
+  authors     the authors' setup: fp32 layer, every row padded to 100 tokens, padding attended
+  liger       the Hugging Face layer patched by Liger-Kernel (only when it is installed, on GPU)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pifi_fast.bench.timing import saved_activation_bytes
+
+# Token lengths of SST-2 dev sentences under the all-MiniLM-L6-v2 tokenizer ([CLS]/[SEP]
+# included), measured once; used when ../shared/data/sst2 is not present.
+SST2_TOKEN_HISTOGRAM = {
+    4: 2, 5: 1, 6: 2, 7: 7, 8: 12, 9: 12, 10: 22, 11: 17, 12: 28, 13: 20, 14: 27, 15: 23,
+    16: 23, 17: 22, 18: 33, 19: 28, 20: 38, 21: 29, 22: 31, 23: 25, 24: 26, 25: 38, 26: 29,
+    27: 31, 28: 26, 29: 26, 30: 29, 31: 24, 32: 26, 33: 17, 34: 22, 35: 21, 36: 16, 37: 11,
+    38: 11, 39: 16, 40: 17, 41: 15, 42: 7, 43: 6, 44: 15, 45: 4, 46: 4, 47: 7, 48: 2, 49: 6,
+    50: 3, 51: 1, 52: 2, 53: 4, 54: 4, 55: 1, 57: 1, 58: 1, 60: 1,
+}
+AUTHORS_MAX_LENGTH = 100
+
+LLM_SHAPES = {
+    "llama-3.1-8b": ("llama", dict(hidden_size=4096, intermediate_size=14336,
+                                   num_attention_heads=32, num_key_value_heads=8,
+                                   max_position_embeddings=131072, rms_norm_eps=1e-5,
+                                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                    "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192})),
+    "qwen2-0.5b": ("qwen2", dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                                 num_key_value_heads=2, max_position_embeddings=32768,
+                                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default",
+                                                                     "rope_theta": 1000000.0})),
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                   num_key_value_heads=3, max_position_embeddings=8192,
+                                   rms_norm_eps=1e-5, rope_parameters={"rope_type": "default",
+                                                                       "rope_theta": 100000.0})),
+}
+BASELINES = ("hf_sdpa", "hf_eager", "hf_compile", "authors", "liger")
+
+
+@dataclasses.dataclass
+class Case:
+    workload: str  # W1 .. W4
+    variant: str  # e.g. "fwd+bwd padded"
+    shape: str  # LLM shape (or model pair for W4)
+    size: int  # the x-axis: tokens (W1, W3), rows (W2), sentences (W4)
+    impl: str
+    build: Callable[[], dict]  # -> {"fn": zero-arg callable, "tokens": int, ...}
+    note: str = ""
+
+    @property
+    def group(self) -> str:
+        return f"{self.workload} {self.variant} | {self.shape} | {self.size}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.group} | {self.impl}"
+
+
+# -- size lists -----------------------------------------------------------------------------------
+def size_lists(level: str, device: torch.device) -> dict:
+    gpu = device.type == "cuda"
+    if level == "tiny":  # CI smoke run on CPU: seconds
+        return {"shapes": ["smollm2-135m"], "dense": [128], "padded": [8], "cls": [4],
+                "kernel_tokens": [128], "w4_sentences": [4], "w4_shapes": ["tiny"],
+                "impls": ("pifi_fast", "hf_sdpa", "hf_eager", "authors"), "reps": 3}
+    if level == "quick":
+        return {"shapes": list(LLM_SHAPES) if gpu else ["smollm2-135m", "qwen2-0.5b"],
+                "dense": [512, 4096, 16384] if gpu else [512, 2048],
+                "padded": [32, 128, 512] if gpu else [32, 128],
+                "cls": [1, 32, 256] if gpu else [1, 32],
+                "cls_shapes": list(LLM_SHAPES),
+                # Inputs larger than the caches, so memory-bound ops meet the copy ceiling.
+                "kernel_tokens": [16384] if gpu else [8192],
+                "w4_sentences": [32], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
+                "impls": ("pifi_fast",) + BASELINES, "reps": 10 if gpu else 5}
+    if level == "full":
+        return {"shapes": list(LLM_SHAPES),
+                "dense": [512, 1024, 2048, 4096, 8192, 16384, 32768] if gpu else
+                [512, 1024, 2048, 4096],
+                "padded": [32, 64, 128, 256, 512, 1024] if gpu else [32, 64, 128, 256],
+                "cls": [1, 2, 4, 8, 16, 32, 64, 128, 256],
+                "kernel_tokens": [4096, 32768] if gpu else [8192, 32768],
+                "w4_sentences": [32, 128], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
+                "impls": ("pifi_fast",) + BASELINES, "reps": 20 if gpu else 7}
+    raise ValueError(f"unknown size list {level!r}: tiny, quick or full")
+
+
+# -- shared state (built lazily, cached) -----------------------------------------------------------
+def llm_config(shape: str):
+    from transformers import LlamaConfig, Qwen2Config
+
+    kind, kw = LLM_SHAPES[shape]
+    cls = LlamaConfig if kind == "llama" else Qwen2Config
+    return cls(num_hidden_layers=1, **copy.deepcopy(kw))
+
+
+@functools.lru_cache(maxsize=4)
+def _layers(shape: str, device_str: str, dtype_str: str):
+    """HF layers (sdpa / eager, sharing weights), the fused layer, and an fp32 authors' layer."""
+    from pifi_fast.layer import FrozenLlamaLayer
+    from pifi_fast.loading import build_layer, random_layer
+
+    device, dtype = torch.device(device_str), getattr(torch, dtype_str)
+    base = random_layer(llm_config(shape), 0, dtype=torch.float32, seed=0)
+    sd32 = base.module.state_dict()
+    out = {"rotary": base.rotary.to(device), "config": base.config}
+    for attn in ("sdpa", "eager"):
+        cfg = copy.deepcopy(base.config)
+        cfg._attn_implementation = attn
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd32.items()} if attn == "sdpa" \
+            else out["sdpa"].state_dict()
+        out[attn] = build_layer(cfg, 0, sd, dtype=dtype).module.to(device)
+    out["pifi_fast"] = FrozenLlamaLayer.from_hf(out["sdpa"], base.config, out["rotary"])
+    if dtype == torch.float32:
+        out["authors"] = out["sdpa"]
+    else:
+        out["authors"] = build_layer(copy.deepcopy(base.config), 0, sd32,
+                                     dtype=torch.float32).module.to(device)
+    return out
+
+
+def sst2_lengths(n: int, seed: int = 0) -> list[int]:
+    """n sentence lengths (tokens) drawn from SST-2 dev (the file if present, else the table)."""
+    hist = _live_sst2_histogram() or SST2_TOKEN_HISTOGRAM
+    lengths = torch.tensor(list(hist.keys()), dtype=torch.float)
+    weights = torch.tensor(list(hist.values()), dtype=torch.float)
+    gen = torch.Generator().manual_seed(seed)
+    return lengths[torch.multinomial(weights, n, replacement=True, generator=gen)].long().tolist()
+
+
+@functools.lru_cache(maxsize=1)
+def _live_sst2_histogram():
+    root = Path(os.environ.get("PIFI_FAST_DATA", Path(__file__).resolve().parents[2] / ".." /
+                               "shared" / "data"))
+    path = root / "sst2" / "stsa.binary.dev"
+    try:
+        from transformers import AutoTokenizer
+
+        from pifi_fast.offline import minilm_dir
+
+        tok = AutoTokenizer.from_pretrained(minilm_dir())
+        texts = [line.split(" ", 1)[1].strip() for line in path.read_text().splitlines()]
+    except (OSError, ImportError, IndexError):
+        return None
+    hist: dict[int, int] = {}
+    for ids in tok(texts)["input_ids"]:
+        hist[len(ids)] = hist.get(len(ids), 0) + 1
+    return hist
+
+
+def _padded_batch(lengths, hidden, device, dtype, pad_to=None, gen_seed=0):
+    s = pad_to or max(lengths)
+    gen = torch.Generator().manual_seed(gen_seed)
+    x = torch.randn(len(lengths), s, hidden, generator=gen).to(device=device, dtype=dtype)
+    mask = torch.zeros(len(lengths), s, dtype=torch.bool, device=device)
+    for i, n in enumerate(lengths):
+        mask[i, :min(n, s)] = True
+    return x, mask
+
+
+def _layer_fn(layers, impl, x, mask, backward: bool):
+    """A zero-arg callable running one implementation of the layer on (x, mask)."""
+    from pifi_fast.hf_layer import run_hf_layer
+
+    if impl == "pifi_fast":
+        layer = layers["pifi_fast"]
+
+        def run(inp):
+            return layer(inp, mask)
+    elif impl in ("hf_sdpa", "hf_eager", "authors", "liger"):
+        layer = layers["sdpa" if impl in ("hf_sdpa", "liger") else
+                       "eager" if impl == "hf_eager" else "authors"]
+        layer_mask = None if impl == "authors" else mask  # the authors attend to padding
+
+        def run(inp):
+            return run_hf_layer(layer, layers["rotary"], inp, layer_mask)
+    elif impl == "hf_compile":
+        layer = layers["sdpa"]
+        compiled = torch.compile(functools.partial(run_hf_layer, layer, layers["rotary"]))
+
+        def run(inp):
+            return compiled(inp, mask)
+    else:
+        raise ValueError(impl)
+    if not backward:
+        def fwd():
+            with torch.inference_mode():
+                return run(x)
+        return fwd, None
+    leaf = x.detach().clone().requires_grad_()
+    grad = torch.randn_like(leaf)
+
+    def fwd_bwd():
+        leaf.grad = None
+        run(leaf).backward(grad)
+
+    return fwd_bwd, lambda: run(leaf)
+
+
+def _available(impl: str, device: torch.device) -> str | None:
+    """None if the implementation can run here, else why not."""
+    if impl == "liger":
+        if device.type != "cuda":
+            return "Liger-Kernel needs a GPU"
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "Liger-Kernel is not installed"
+        return "Liger patching of a lone layer is not wired up yet"
+    return None
+
+
+def _w1_w2_cases(sizes, device, dtype, impls):
+    cases = []
+    for shape in sizes["shapes"]:
+        cfg = llm_config(shape)
+        for backward in (False, True):
+            for padded in (False, True):
+                label = ("fwd+bwd" if backward else "fwd") + (" padded" if padded else " dense")
+                for size in sizes["padded" if padded else "dense"]:
+                    for impl in impls:
+                        if impl == "authors" and not padded:
+                            continue  # the authors' setup pads to 100: only for real sentences
+                        cases.append(Case("W1", label, shape, size, impl, functools.partial(
+                            _build_w1, shape, size, padded, backward, impl, device, dtype,
+                            cfg.hidden_size)))
+    for shape in sizes.get("cls_shapes", sizes["shapes"]):
+        for size in sizes["cls"]:
+            if device.type == "cpu" and shape == "llama-3.1-8b" and size > 32:
+                continue
+            for impl in impls:
+                if impl in ("hf_eager", "hf_compile"):
+                    continue  # one key: the attention kernel choice is irrelevant in CLS mode
+                cases.append(Case("W2", "cls fwd+bwd", shape, size, impl, functools.partial(
+                    _build_w2, shape, size, impl, device, dtype)))
+    return cases
+
+
+def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
+    why = _available(impl, device)
+    if why:
+        return {"skip": why}
+    layers = _layers(shape, str(device), str(dtype).replace("torch.", ""))
+    if padded:
+        lengths = sst2_lengths(size, seed=size)
+        pad_to = AUTHORS_MAX_LENGTH if impl == "authors" else None
+        lengths = [min(n, AUTHORS_MAX_LENGTH) for n in lengths] if impl == "authors" else lengths
+        layer_dtype = torch.float32 if impl == "authors" else dtype
+        x, mask = _padded_batch(lengths, hidden, device, layer_dtype, pad_to)
+        tokens = sum(lengths)
+    else:
+        layer_dtype = dtype
+        x, mask = _padded_batch([512] * max(1, size // 512) if size >= 512 else [size], hidden,
+                                device, dtype)
+        mask = None
+        tokens = x.shape[0] * x.shape[1]
+    fn, forward = _layer_fn(layers, impl, x, mask, backward)
+    weights = list(layers["pifi_fast" if impl == "pifi_fast" else "sdpa"].parameters())
+    if impl == "authors":
+        weights = list(layers["authors"].parameters())
+    out = {"fn": fn, "tokens": tokens, "padded_tokens": x.shape[0] * x.shape[1],
+           "dtype": str(layer_dtype).replace("torch.", "")}
+    if forward is not None:
+        out["saved_bytes_per_token"] = saved_activation_bytes(forward, weights) / tokens
+    if impl == "pifi_fast":
+        out["path"] = "plain PyTorch (fused kernels not built yet)"
+    return out
+
+
+def _build_w2(shape, size, impl, device, dtype):
+    why = _available(impl, device)
+    if why:
+        return {"skip": why}
+    layers = _layers(shape, str(device), str(dtype).replace("torch.", ""))
+    layer_dtype = torch.float32 if impl == "authors" else dtype
+    x = torch.randn(size, 1, layers["config"].hidden_size, device=device, dtype=layer_dtype)
+    fn, forward = _layer_fn(layers, impl, x, None, backward=True)
+    key = "pifi_fast" if impl == "pifi_fast" else "authors" if impl == "authors" else "sdpa"
+    weights = list(layers[key].parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in weights)
+    return {"fn": fn, "tokens": size, "dtype": str(layer_dtype).replace("torch.", ""),
+            "saved_bytes_per_token": saved_activation_bytes(forward, weights) / size,
+            # CLS mode streams every frozen weight once forward and once backward.
+            "bytes_moved": 2 * weight_bytes}
+
+
+# -- W3: each op alone ----------------------------------------------------------------------------
+def _w3_cases(sizes, device, dtype):
+    ops = ("rms_norm", "rope", "silu_mul", "attention", "qkv_proj", "o_proj", "gate_up_proj",
+           "down_proj")
+    return [Case("W3", op, shape, tokens, "pifi_fast",
+                 functools.partial(_build_w3, shape, tokens, op, device, dtype))
+            for shape in sizes["shapes"] for tokens in sizes["kernel_tokens"] for op in ops]
+
+
+def _build_w3(shape, tokens, op, device, dtype):
+    from pifi_fast import ops
+    from pifi_fast._ext import frozen_linear
+
+    layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))["pifi_fast"]
+    es = torch.empty((), dtype=dtype).element_size()
+    h, inter = layer.hidden_size, layer.config.intermediate_size
+    seq = min(tokens, 512)
+    b = max(1, tokens // seq)
+    t = b * seq
+
+    def rand(*shape_):
+        return torch.randn(*shape_, device=device, dtype=dtype)
+
+    if op == "rms_norm":
+        x = rand(t, h)
+        return {"fn": lambda: ops.rms_norm(x, layer.input_norm_weight, layer.eps),
+                "tokens": t, "bytes_moved": 2 * t * h * es}
+    if op == "rope":
+        q = rand(b, layer.num_heads + layer.num_kv_heads, seq, layer.head_dim)
+        cos, sin = layer.rotary(q, torch.arange(seq, device=device)[None])
+        return {"fn": lambda: ops.rope(q, cos, sin), "tokens": t, "bytes_moved": 2 * q.numel() * es}
+    if op == "silu_mul":
+        g, u = rand(t, inter), rand(t, inter)
+        return {"fn": lambda: ops.silu_mul(g, u), "tokens": t, "bytes_moved": 3 * t * inter * es}
+    if op == "attention":
+        q = rand(b, layer.num_heads, seq, layer.head_dim)
+        k, v = rand(b, layer.num_kv_heads, seq, layer.head_dim), rand(b, layer.num_kv_heads, seq,
+                                                                      layer.head_dim)
+        return {"fn": lambda: ops.attention(q, k, v, None, layer.scaling), "tokens": t,
+                "flops": 4 * b * layer.num_heads * seq * seq * layer.head_dim}
+    weight = {"qkv_proj": layer.qkv_weight, "o_proj": layer.o_weight,
+              "gate_up_proj": layer.gate_up_weight, "down_proj": layer.down_weight}[op]
+    x = rand(t, weight.shape[1])
+    return {"fn": lambda: frozen_linear(x, weight), "tokens": t,
+            "flops": 2 * t * weight.shape[0] * weight.shape[1]}
+
+
+# -- W4: a whole PiFi step ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _pifi_models(pair: str, device_str: str, dtype_str: str):
+    from transformers import AutoTokenizer, BertConfig
+
+    from pifi_fast import PiFiModel, reference
+    from pifi_fast.loading import random_layer
+
+    device, dtype = torch.device(device_str), getattr(torch, dtype_str)
+    if pair == "tiny":
+        slm = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, vocab_size=1000)
+        llm32 = random_layer(llm_config("smollm2-135m"), 0, dtype=torch.float32, seed=0)
+    elif pair == "bert-base+llama-3.1-8b":
+        slm = BertConfig()  # BERT-base shape, random weights
+        llm32 = random_layer(llm_config("llama-3.1-8b"), 0, dtype=torch.float32, seed=0)
+    elif pair == "minilm+smollm2":
+        from pifi_fast.loading import load_llm_layer
+        from pifi_fast.offline import minilm_dir, smollm2_gguf
+
+        slm = str(minilm_dir())
+        llm32 = load_llm_layer(smollm2_gguf(), dtype=torch.float32)
+    else:
+        raise ValueError(pair)
+    torch.manual_seed(0)
+    authors = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm32), attend_to_padding=True)
+    llm = copy.deepcopy(llm32)
+    llm.module.to(dtype)
+    fast = PiFiModel.from_parts(slm, llm, llm_dtype=dtype)
+    ref = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), llm_dtype=dtype)
+    fast.load_state_dict(authors.state_dict())
+    ref.load_state_dict(authors.state_dict())
+    vocab = authors.slm.config.vocab_size
+    return {k: m.to(device) for k, m in (("pifi_fast", fast), ("hf_sdpa", ref),
+                                          ("authors", authors))}, vocab
+
+
+def _w4_cases(sizes, device, dtype):
+    cases = []
+    for pair in sizes["w4_shapes"]:
+        for n in sizes["w4_sentences"]:
+            for train in (True, False):
+                for impl in ("pifi_fast", "hf_sdpa", "authors"):
+                    cases.append(Case("W4", "train step" if train else "inference", pair, n, impl,
+                                      functools.partial(_build_w4, pair, n, train, impl, device,
+                                                        dtype)))
+    return cases
+
+
+def _build_w4(pair, n, train, impl, device, dtype):
+    try:
+        models, vocab = _pifi_models(pair, str(device), str(dtype).replace("torch.", ""))
+    except FileNotFoundError as exc:
+        return {"skip": str(exc)}
+    model = models[impl]
+    lengths = sst2_lengths(n, seed=n)
+    if impl == "authors":  # padding='max_length', max_length=100
+        lengths = [min(x, AUTHORS_MAX_LENGTH) for x in lengths]
+    seq = AUTHORS_MAX_LENGTH if impl == "authors" else max(lengths)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (n, seq), generator=gen).to(device)
+    mask = torch.zeros(n, seq, dtype=torch.long, device=device)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+    labels = torch.randint(0, 2, (n,), generator=gen).to(device)
+    model.train(train)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+
+    def infer():
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+
+    return {"fn": step if train else infer, "tokens": sum(lengths),
+            "dtype": "float32" if impl == "authors" else str(dtype).replace("torch.", "")}
+
+
+def all_cases(level: str, device: torch.device, dtype: torch.dtype,
+              workloads=("W1", "W2", "W3", "W4")) -> list[Case]:
+    sizes = size_lists(level, device)
+    impls = sizes["impls"]
+    cases = []
+    if "W1" in workloads or "W2" in workloads:
+        cases += [c for c in _w1_w2_cases(sizes, device, dtype, impls) if c.workload in workloads]
+    if "W3" in workloads:
+        cases += _w3_cases(sizes, device, dtype)
+    if "W4" in workloads:
+        cases += _w4_cases(sizes, device, dtype)
+    return cases
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (what users train in), fp32 on CPU (where bf16 GEMMs are emulated)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+

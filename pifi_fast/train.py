@@ -1,0 +1,461 @@
+"""Training and evaluation of PiFi (and of the SLM alone) on classification, QA and seq2seq.
+
+One loop for all: length-grouped batches with dynamic padding, autocast where the device
+supports it, a progress bar with loss and throughput, per-task metrics, a checkpoint each
+epoch (best-on-dev kept), --resume that continues an interrupted run to the same result, DDP
+under torchrun / accelerate launch, and a results JSON per run.
+
+Determinism: batches depend only on (seed, epoch); the RNG states are saved with every epoch
+checkpoint, so an interrupted run resumed from its last checkpoint replays the same steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pifi_fast import data as data_mod
+from pifi_fast import metrics as metrics_mod
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str = "sst2"  # built-in name, folder, file or hub:NAME/CONFIG (see pifi_fast.data)
+    task: str = "classification"  # classification | question_answering | seq2seq
+    slm: str = "minilm"  # Hub id or folder; "minilm" = the offline all-MiniLM-L6-v2
+    llm: str | None = "smollm2"  # Hub id, folder, .gguf; "smollm2" = offline; None = SLM alone
+    layer: int = -1
+    freeze: bool = True
+    implementation: str = "fast"  # fast (pifi_fast.PiFiModel) | reference
+    authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
+    seed: int = 42
+    precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    max_length: int = 100
+    clip: float = 5.0
+    label_smoothing: float = 0.05
+    head_dropout: float = 0.2
+    group_by_length: bool = True
+    output_dir: str = "runs/default"
+    resume: bool = False
+    max_steps: int | None = None  # stop after this many optimiser steps (smoke runs)
+    limit_train: int | None = None
+    limit_eval: int | None = None
+    eval_split: str = "dev"
+    test_split: str | None = "test"
+    text_column: str = "text"
+    pair_column: str | None = None
+    label_column: str = "label"
+    no_dropout: bool = False  # turn every dropout off (exact comparisons, e.g. DDP tests)
+    device: str | None = None
+
+
+# -- resolution of names --------------------------------------------------------------------------
+def resolve_slm(name: str) -> str:
+    if name == "minilm":
+        from pifi_fast.offline import minilm_dir
+
+        return str(minilm_dir())
+    return name
+
+
+def resolve_llm(name):
+    if name in (None, "", "none"):
+        return None
+    if name == "smollm2":
+        from pifi_fast.offline import smollm2_gguf
+
+        return str(smollm2_gguf())
+    return name
+
+
+# -- distributed ----------------------------------------------------------------------------------
+def _dist_setup():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# -- RNG state ------------------------------------------------------------------------------------
+def _seed_everything(seed: int):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+
+
+def _rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- model ----------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, num_labels: int):
+    from pifi_fast import PiFiModel, reference
+
+    cls = reference.PiFiModel if (cfg.implementation == "reference" or cfg.authors_setup) \
+        else PiFiModel
+    options = dict(task=cfg.task, label_smoothing=cfg.label_smoothing, freeze=cfg.freeze,
+                   attend_to_padding=cfg.authors_setup)
+    if cfg.task == "classification":
+        options.update(num_labels=num_labels, head_dropout=cfg.head_dropout)
+    llm = resolve_llm(cfg.llm)
+    llm_dtype = torch.float32 if cfg.authors_setup else None
+    model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=cfg.layer, llm_dtype=llm_dtype,
+                           seed=cfg.seed, **options)
+    if llm is not None and model.layer_dtype != torch.float32:
+        model.llm_layer.float()  # fp32 master copy; autocast runs it in low precision on GPU
+    if cfg.no_dropout:
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    return model
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "auto":
+        if device.type != "cuda":
+            precision = "fp32"
+        else:
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False), precision
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype), precision
+
+
+# -- batches per task -----------------------------------------------------------------------------
+class TaskData:
+    """Turns records into model inputs for the configured task."""
+
+    def __init__(self, cfg: TrainConfig, tokenizer, train_rows=None, label_map=None):
+        self.cfg, self.tok = cfg, tokenizer
+        self.label_map = label_map
+        if label_map is None and cfg.task == "classification":
+            self.label_map = data_mod.label_vocabulary(train_rows)
+
+    def lengths(self, rows):
+        key = {"classification": "text", "question_answering": "context",
+               "seq2seq": "source"}[self.cfg.task]
+        return [len(r[key]) + len(r.get("text_pair") or "") for r in rows]
+
+    def collate(self, rows):
+        cfg = self.cfg
+        if cfg.task == "classification":
+            return data_mod.collate_classification(self.tok, rows, cfg.max_length, self.label_map,
+                                                   pad_to_max=cfg.authors_setup)
+        if cfg.task == "seq2seq":
+            enc = self.tok([r["source"] for r in rows], truncation=True, max_length=cfg.max_length,
+                           padding=True, return_tensors="pt")
+            tgt = self.tok(text_target=[r["target"] for r in rows], truncation=True,
+                           max_length=cfg.max_length, padding=True, return_tensors="pt")
+            labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    "labels": labels}
+        return self._collate_qa(rows)
+
+    def _collate_qa(self, rows):
+        enc = self.tok([r["question"] for r in rows], [r["context"] for r in rows],
+                       truncation="only_second", max_length=self.cfg.max_length, padding=True,
+                       return_offsets_mapping=True, return_tensors="pt")
+        starts, ends = [], []
+        for i, r in enumerate(rows):
+            a_start = int(r["answer_start"])
+            a_end = a_start + len(r["answer_text"])
+            seq_ids = enc.sequence_ids(i)
+            s_tok = e_tok = 0  # [CLS]: answer truncated away
+            for t, (off, sid) in enumerate(zip(enc["offset_mapping"][i].tolist(), seq_ids)):
+                if sid != 1:
+                    continue
+                if off[0] <= a_start < off[1] and s_tok == 0:
+                    s_tok = t
+                if off[0] < a_end <= off[1]:
+                    e_tok = t
+            if e_tok < s_tok:
+                s_tok = e_tok = 0
+            starts.append(s_tok)
+            ends.append(e_tok)
+        batch = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+        batch["start_positions"] = torch.tensor(starts)
+        batch["end_positions"] = torch.tensor(ends)
+        batch["_offsets"] = enc["offset_mapping"]
+        batch["_sequence_ids"] = [enc.sequence_ids(i) for i in range(len(rows))]
+        return batch
+
+
+def _to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+            if not k.startswith("_")}
+
+
+@torch.no_grad()
+def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_size=64) -> dict:
+    """Per-task metrics of `model` on `rows`."""
+    cfg = task_data.cfg
+    was_training = model.training
+    model.eval()
+    autocast, _ = _autocast(device, precision)
+    preds, golds = [], []
+    loss_sum, n = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: task_data.lengths(rows)[i])
+    for start in range(0, len(rows), batch_size):
+        chunk = [rows[i] for i in order[start:start + batch_size]]
+        raw = task_data.collate(chunk)
+        batch = _to_device(raw, device)
+        with autocast:
+            if cfg.task == "seq2seq":
+                gen = model.generate(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"],
+                                     max_new_tokens=cfg.max_length, do_sample=False)
+                preds += task_data.tok.batch_decode(gen, skip_special_tokens=True)
+                golds += [r["target"] for r in chunk]
+                continue
+            out = model(**batch)
+        if out.loss is not None:
+            loss_sum += out.loss.item() * len(chunk)
+            n += len(chunk)
+        if cfg.task == "classification":
+            preds += out.logits.argmax(-1).tolist()
+            golds += batch["labels"].tolist()
+        else:
+            for i, r in enumerate(chunk):
+                preds.append(_qa_answer(out.start_logits[i], out.end_logits[i],
+                                        raw["_offsets"][i], raw["_sequence_ids"][i], r["context"]))
+                golds.append(r.get("answers_all") or [r["answer_text"]])
+    model.train(was_training)
+    if cfg.task == "classification":
+        result = metrics_mod.classification_metrics(preds, golds)
+    elif cfg.task == "seq2seq":
+        result = metrics_mod.bleu(preds, golds)
+    else:
+        result = metrics_mod.qa_metrics(preds, golds)
+    if n:
+        result["loss"] = loss_sum / n
+    return result
+
+
+def _qa_answer(start_logits, end_logits, offsets, sequence_ids, context, max_answer=30):
+    ctx = [t for t, s in enumerate(sequence_ids) if s == 1]
+    if not ctx:
+        return ""
+    lo, hi = ctx[0], ctx[-1]
+    s = start_logits[lo:hi + 1].float()
+    e = end_logits[lo:hi + 1].float()
+    scores = s[:, None] + e[None, :]
+    length = torch.arange(len(s))
+    valid = (length[None, :] >= length[:, None]) & (length[None, :] - length[:, None] < max_answer)
+    scores = scores.masked_fill(~valid.to(scores.device), float("-inf"))
+    flat = int(scores.argmax())
+    i, j = divmod(flat, scores.shape[1])
+    return context[int(offsets[lo + i][0]):int(offsets[lo + j][1])]
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def optimizer_step(model, optimizer, scaler, clip: float):
+    """One optimiser step (a separate function so tests can interrupt a run here)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _load_rows(cfg: TrainConfig, split: str, limit):
+    columns = {"text": cfg.text_column, "text_pair": cfg.pair_column, "label": cfg.label_column}
+    rows = data_mod.load_split(cfg.data, split, columns if cfg.task == "classification" else None)
+    if cfg.task == "question_answering":
+        rows = [_squad_record(r) for r in rows]
+    return rows[:limit] if limit else rows
+
+
+def _squad_record(r):
+    if "answers" in r and isinstance(r["answers"], dict):
+        texts, starts = r["answers"]["text"], r["answers"]["answer_start"]
+        return {**r, "answer_text": texts[0], "answer_start": starts[0], "answers_all": texts}
+    return r
+
+
+def train(cfg: TrainConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    rank, world = _dist_setup()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if cfg.authors_setup:
+        cfg = dataclasses.replace(cfg, precision="fp32", group_by_length=False)
+    out_dir = Path(cfg.output_dir)
+    last_dir, best_dir = out_dir / "checkpoint-last", out_dir / "best"
+    _seed_everything(cfg.seed)
+
+    train_rows = _load_rows(cfg, "train", cfg.limit_train)
+    dev_rows = _load_rows(cfg, cfg.eval_split, cfg.limit_eval)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_slm(cfg.slm))
+    task_data = TaskData(cfg, tokenizer, train_rows)
+    num_labels = len(task_data.label_map) if task_data.label_map else 0
+    model = build_model(cfg, num_labels).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    autocast, precision = _autocast(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    state = {"epoch": 0, "step": 0, "best_metric": None, "history": []}
+    if cfg.resume and (last_dir / "trainer_state.pt").is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(last_dir / "model.safetensors"), device=str(device)))
+        saved = torch.load(last_dir / "trainer_state.pt", weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(saved["optimizer"])
+        _set_rng_state(saved["rng"])
+        state = saved["state"]
+        if rank == 0:
+            print(f"resumed from {last_dir}: epoch {state['epoch']} done, step {state['step']}")
+    elif cfg.resume and rank == 0:
+        print(f"--resume: no checkpoint in {last_dir}, starting fresh")
+
+    runner = model
+    if world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    metric_name = data_mod.TASK_METRIC.get(cfg.data, {"classification": "accuracy",
+                                                       "question_answering": "f1",
+                                                       "seq2seq": "bleu"}[cfg.task])
+    lengths = task_data.lengths(train_rows)
+    epoch_times = []
+    model.train()
+    done = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        batches = data_mod.length_grouped_batches(
+            lengths, cfg.batch_size, cfg.seed, epoch, mega=50 if cfg.group_by_length else 1)
+        t_epoch = time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=rank != 0)
+        seen, t0 = 0, time.perf_counter()
+        for global_batch in bar:
+            mine = global_batch[rank::world]  # each rank: its share of the same global batch
+            batch = _to_device(task_data.collate([train_rows[i] for i in mine]), device)
+            with autocast:
+                loss = runner(**batch).loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            optimizer_step(model, optimizer, scaler, cfg.clip)
+            state["step"] += 1
+            seen += len(global_batch)
+            bar.set_postfix(loss=f"{loss.item():.4f}",
+                            samples_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                done = True
+                break
+        epoch_times.append(time.perf_counter() - t_epoch)
+        result = evaluate(model, task_data, dev_rows, device, precision) if rank == 0 else {}
+        state["history"].append({"epoch": epoch + 1, "step": state["step"],
+                                 "epoch_seconds": epoch_times[-1],
+                                 f"{cfg.eval_split}": result})
+        improved = rank == 0 and (state["best_metric"] is None
+                                  or result[metric_name] > state["best_metric"])
+        if improved:
+            state["best_metric"] = result[metric_name]
+            state["best_epoch"] = epoch + 1
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            print(f"epoch {epoch + 1}: {cfg.eval_split} {metric_name} {result[metric_name]:.4f}"
+                  f"  ({epoch_times[-1]:.1f}s)")
+            _save_checkpoint(model, task_data, optimizer, state, cfg, last_dir)
+            if improved:
+                _save_checkpoint(model, task_data, None, state, cfg, best_dir)
+        _barrier(world)
+        if done:
+            break
+
+    results = {"config": dataclasses.asdict(cfg), "metric": metric_name,
+               "best_dev": state["best_metric"], "best_epoch": state.get("best_epoch"),
+               "history": state["history"], "world_size": world,
+               "precision": precision, "device": str(device),
+               "trainable_parameters": sum(p.numel() for p in params)}
+    if rank == 0 and cfg.test_split and best_dir.exists():
+        try:
+            test_rows = _load_rows(cfg, cfg.test_split, cfg.limit_eval)
+        except (FileNotFoundError, KeyError):
+            test_rows = None
+        if test_rows:
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(str(best_dir / "model.safetensors"),
+                                            device=str(device)))
+            results["test"] = evaluate(model, task_data, test_rows, device, precision)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    results["model"] = model
+    return results
+
+
+def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path):
+    labels = None if task_data.label_map is None else [[k, v] for k, v in
+                                                        task_data.label_map.items()]
+    extra = {"tokenizer": lambda p: task_data.tok.save_pretrained(p),
+             "train_config.json": lambda p: p.write_text(json.dumps(
+                 {**dataclasses.asdict(cfg), "label_map": labels}, indent=2))}
+    if optimizer is not None:
+        extra["trainer_state.pt"] = lambda p: torch.save(
+            {"optimizer": optimizer.state_dict(), "rng": _rng_state(), "state": state}, p)
+    model.save_pretrained(directory, extra_files=extra)
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=None,
+                        device=None) -> dict:
+    """Metrics of a saved checkpoint (pifi-fast eval)."""
+    from transformers import AutoTokenizer
+
+    from pifi_fast import PiFiModel
+
+    ckpt = Path(checkpoint)
+    saved = json.loads((ckpt / "train_config.json").read_text())
+    labels = saved.pop("label_map")
+    cfg = dataclasses.replace(TrainConfig(**saved), data=data or saved["data"])
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    task_data = TaskData(cfg, tokenizer, label_map=None if labels is None else
+                         {k: v for k, v in labels})
+    model = PiFiModel.from_pretrained(ckpt).to(device)
+    rows = _load_rows(cfg, split, limit)
+    return evaluate(model, task_data, rows, device, cfg.precision)

@@ -1,0 +1,105 @@
+"""Small-scale replication of PiFi (docs/replication.md and docs/replication.json).
+
+all-MiniLM-L6-v2 alone against all-MiniLM-L6-v2 + PiFi (SmolLM2-135M's last layer) on SST-2,
+CoLA and RTE from ../shared/data, several seeds each; the paper's ablations on SST-2 (layer
+position first/middle/last, frozen/unfrozen); and the epoch time of the authors' setup (fp32,
+padding to 100, Hugging Face layer) against pifi_fast's defaults.
+
+    python scripts/replication.py                       # everything (hours on 2 CPU cores)
+    python scripts/replication.py --only main --tasks sst2 --seeds 1
+Finished runs are kept in runs/replication/<name>/results.json and reused, so an interrupted
+sweep continues where it stopped; the report is rebuilt from all finished runs each time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pifi_fast.train import TrainConfig, train  # noqa: E402
+
+METRIC = {"sst2": "accuracy", "cola": "mcc", "rte": "accuracy"}
+
+
+def run(name: str, runs_dir: Path, **cfg) -> dict:
+    out = runs_dir / name
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    res = train(TrainConfig(output_dir=str(out), **cfg))
+    res.pop("model", None)
+    for d in ("checkpoint-last", "best"):  # keep only the numbers: checkpoints are large
+        import shutil
+
+        shutil.rmtree(out / d, ignore_errors=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def _mean_std(values):
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values)
+            if len(values) > 1 else 0.0, "n": len(values), "values": values}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=["sst2", "cola", "rte"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--only", choices=["main", "ablations", "epoch_time"], default=None)
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "replication"))
+    args = p.parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    common = dict(slm="minilm", epochs=args.epochs, batch_size=32, lr=5e-5, max_length=100)
+    report = {"settings": {**common, "seeds": args.seeds, "llm": "SmolLM2-135M-Instruct Q4_1 "
+                           "GGUF, last layer (29)", "slm": "all-MiniLM-L6-v2"},
+              "main": {}, "ablations": {}, "epoch_time": {}}
+    if args.only in (None, "main"):
+        for task in args.tasks:
+            # RTE and CoLA: their 'test' files are a re-split dev / out-of-domain dev; we report
+            # dev (the model selection split) and test both.
+            for variant, llm in (("slm_alone", None), ("pifi", "smollm2")):
+                devs, tests = [], []
+                for seed in args.seeds:
+                    r = run(f"{task}-{variant}-s{seed}", runs_dir, data=task, llm=llm, seed=seed,
+                            **common)
+                    devs.append(r["best_dev"])
+                    if "test" in r:
+                        tests.append(r["test"][METRIC[task]])
+                report["main"].setdefault(task, {})[variant] = {
+                    "metric": METRIC[task], "dev": _mean_std(devs), "test": _mean_std(tests)}
+    if args.only in (None, "ablations"):
+        for name, extra in (("layer_first", {"layer": 0}), ("layer_middle", {"layer": 15}),
+                            ("layer_last", {"layer": -1}),
+                            ("unfrozen_last", {"layer": -1, "freeze": False})):
+            devs, tests = [], []
+            for seed in args.seeds:
+                r = run(f"sst2-ablation-{name}-s{seed}", runs_dir, data="sst2", llm="smollm2",
+                        seed=seed, **{**common, **extra})
+                devs.append(r["best_dev"])
+                tests.append(r["test"]["accuracy"])
+            report["ablations"][name] = {"dev": _mean_std(devs), "test": _mean_std(tests)}
+    if args.only in (None, "epoch_time"):
+        times = {}
+        for name, extra in (("authors_setup", {"authors_setup": True}), ("pifi_fast", {})):
+            r = run(f"sst2-epochtime-{name}", runs_dir, data="sst2", llm="smollm2", seed=1,
+                    **{**common, "epochs": 1, **extra})
+            times[name] = r["history"][0]["epoch_seconds"]
+        report["epoch_time"] = {"seconds": times,
+                                "speedup": times["authors_setup"] / times["pifi_fast"]}
+    out = ROOT / "docs" / "replication.json"
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    for key in ("main", "ablations", "epoch_time"):
+        if not report[key] and key in old:
+            report[key] = old[key]
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

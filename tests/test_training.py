@@ -1,0 +1,183 @@
+"""Training and evaluation: a short real run, resume, DDP, Trainer, QA and seq2seq, metrics."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from helpers import tiny_llm
+
+from pifi_fast import metrics, train as train_mod
+from pifi_fast.data import data_root
+from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
+
+offline = pytest.importorskip("pifi_fast.offline")
+HAVE_SST2 = (data_root() / "sst2" / "stsa.binary.train").is_file()
+needs_sst2 = pytest.mark.skipif(not HAVE_SST2, reason="../shared/data/sst2 not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A tiny random BERT (with the real MiniLM tokenizer), BART, and a tiny Llama folder."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BartConfig, \
+        BartForConditionalGeneration, BertConfig
+
+    root = tmp_path_factory.mktemp("models")
+    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
+    torch.manual_seed(0)
+    bert = AutoModel.from_config(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        vocab_size=tok.vocab_size, max_position_embeddings=128))
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    bart = BartForConditionalGeneration(BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        vocab_size=tok.vocab_size, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id,
+        decoder_start_token_id=tok.cls_token_id, forced_eos_token_id=None))
+    bart.save_pretrained(root / "bart")
+    tok.save_pretrained(root / "bart")
+    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
+    return {k: str(root / k) for k in ("bert", "bart", "llama")}
+
+
+@needs_sst2
+def test_short_real_run_on_sst2(tmp_path):
+    """MiniLM + SmolLM2's last layer, a few dozen steps on SST-2, evaluated on dev."""
+    cfg = TrainConfig(data="sst2", epochs=1, batch_size=16, max_steps=40, limit_eval=300,
+                      output_dir=str(tmp_path / "run"), test_split=None, seed=1)
+    res = train(cfg)
+    assert res["history"][0]["step"] == 40
+    dev = res["history"][0]["dev"]
+    assert set(dev) >= {"accuracy", "mcc", "f1", "loss"}
+    assert dev["accuracy"] > 0.6, dev  # chance is 0.5; 40 steps of real fine-tuning beat it
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["best_dev"] == pytest.approx(dev["accuracy"])
+    again = evaluate_checkpoint(str(tmp_path / "run" / "best"), None, "dev", limit=300)
+    assert again["accuracy"] == pytest.approx(dev["accuracy"])
+
+
+def _tiny_cfg(tiny_models, out, **kw):
+    base = dict(data="sst2", slm=tiny_models["bert"], llm=tiny_models["llama"], epochs=2,
+                batch_size=8, limit_train=48, limit_eval=16, output_dir=str(out),
+                test_split=None, seed=3, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@needs_sst2
+def test_resume_continues_an_interrupted_run_to_the_same_weights(tiny_models, tmp_path,
+                                                                 monkeypatch):
+    straight = train(_tiny_cfg(tiny_models, tmp_path / "a"))["model"].state_dict()
+    real_step = train_mod.optimizer_step
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # inside the second epoch (6 steps per epoch)
+            raise KeyboardInterrupt("killed")
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "optimizer_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_cfg(tiny_models, tmp_path / "b"))
+    monkeypatch.setattr(train_mod, "optimizer_step", real_step)
+    resumed = train(_tiny_cfg(tiny_models, tmp_path / "b", resume=True))
+    assert resumed["history"][-1]["epoch"] == 2
+    state = resumed["model"].state_dict()
+    for k in straight:
+        assert torch.equal(state[k], straight[k]), k
+
+
+def _ddp_worker(rank, world, port, cfg_dict, out_file):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    res = train(TrainConfig(**cfg_dict))
+    torch.save(res["model"].state_dict(), f"{out_file}.{rank}")
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+@needs_sst2
+def test_two_process_ddp_matches_single_process(tiny_models, tmp_path):
+    import dataclasses
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = _tiny_cfg(tiny_models, tmp_path / "ddp", no_dropout=True, epochs=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "state")
+    mp.spawn(_ddp_worker, args=(2, port, dataclasses.asdict(cfg), out), nprocs=2, join=True)
+    r0, r1 = torch.load(out + ".0"), torch.load(out + ".1")
+    single = train(dataclasses.replace(cfg, output_dir=str(tmp_path / "single")))["model"]
+    for k, v in single.state_dict().items():
+        assert torch.equal(r0[k], r1[k]), f"ranks differ at {k}"
+        assert torch.allclose(r0[k], v, rtol=1e-4, atol=1e-6), k
+
+
+def test_pifi_model_trains_under_transformers_trainer(tiny_models, tmp_path):
+    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from pifi_fast import PiFiModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
+    model = PiFiModel.from_parts(tiny_models["bert"], tiny_models["llama"], num_labels=2)
+    texts = ["good film", "bad film", "a fine, warm story", "dull and long"] * 4
+    rows = [dict(tok(t), labels=i % 2) for i, t in enumerate(texts)]
+    before = model.head[0].weight.detach().clone()
+    frozen = model.llm_layer.state_dict()["self_attn.q_proj.weight"].clone()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, save_strategy="no", learning_rate=1e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=rows,
+                      data_collator=DataCollatorWithPadding(tok))
+    out = trainer.train()
+    assert out.global_step == 3 and out.training_loss > 0
+    assert not torch.equal(model.head[0].weight, before)
+    assert torch.equal(model.llm_layer.state_dict()["self_attn.q_proj.weight"], frozen)
+    pred = trainer.predict(rows[:4])
+    assert pred.predictions.shape == (4, 2)
+
+
+def test_question_answering_and_seq2seq_runs(tiny_models, tmp_path):
+    ctx = "the film was shot in paris in the spring of 1999 by a small crew"
+    qa = [{"question": "where was it shot?", "context": ctx,
+           "answers": {"text": ["paris"], "answer_start": [ctx.index("paris")]}}] * 12
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for split in ("train", "dev"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in qa))
+    res = train(TrainConfig(data=str(folder), task="question_answering", slm=tiny_models["bert"],
+                            llm=tiny_models["llama"], epochs=8, batch_size=4, lr=3e-3,
+                            output_dir=str(tmp_path / "qa_run"), test_split=None,
+                            head_dropout=0.0, no_dropout=True))
+    assert res["metric"] == "f1"
+    assert res["best_dev"] == pytest.approx(100.0), res["history"]  # memorises the span
+    s2s = [{"source": f"copy {w}", "target": w} for w in ("alpha", "beta", "gamma", "delta")] * 3
+    folder = tmp_path / "s2s"
+    folder.mkdir()
+    for split in ("train", "dev"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in s2s))
+    res = train(TrainConfig(data=str(folder), task="seq2seq", slm=tiny_models["bart"],
+                            llm=tiny_models["llama"], epochs=1, batch_size=4, max_length=8,
+                            output_dir=str(tmp_path / "s2s_run"), test_split=None))
+    assert res["metric"] == "bleu" and 0.0 <= res["best_dev"] <= 100.0
+
+
+def test_metrics_against_known_values():
+    assert metrics.matthews_corrcoef([1, 1, 0, 0], [1, 1, 0, 0]) == pytest.approx(1.0)
+    assert metrics.matthews_corrcoef([0, 0, 1, 1], [1, 1, 0, 0]) == pytest.approx(-1.0)
+    # tp=2 fp=1 fn=1 tn=2: (4-1)/sqrt(3*3*3*3) = 1/3
+    assert metrics.matthews_corrcoef([1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0]) == \
+        pytest.approx(1 / 3)
+    assert metrics.f1_binary([1, 1, 1, 0, 0, 0], [1, 1, 0, 1, 0, 0]) == pytest.approx(2 / 3)
+    qa = metrics.qa_metrics(["The Paris", "london bridge"], [["paris"], ["london"]])
+    assert qa["exact_match"] == pytest.approx(50.0)
+    assert qa["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert metrics.bleu(["the cat sat on the mat"], ["the cat sat on the mat"])["bleu"] == \
+        pytest.approx(100.0)
