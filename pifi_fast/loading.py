@@ -62,7 +62,7 @@ def decoder_layer_class(config):
     model_cls, module = _modeling_module(config)
     for name in getattr(model_cls, "_no_split_modules", None) or []:
         cls = getattr(module, name, None)
-        if cls is not None and "DecoderLayer" in name or (cls is not None and "Block" in name):
+        if cls is not None and ("DecoderLayer" in name or "Block" in name):
             return cls
     raise ValueError(f"cannot find the decoder-layer class of {config.model_type!r}")
 
@@ -75,8 +75,10 @@ def make_rotary(config, device=None):
     names.sort(key=lambda n: (not n.startswith(prefix), len(n)))
     if not names:
         return None
-    return getattr(module, names[0])(config, device=device) if _takes_device(
-        getattr(module, names[0])) else getattr(module, names[0])(config)
+    rotary_cls = getattr(module, names[0])
+    if _takes_device(rotary_cls):
+        return rotary_cls(config, device=device)
+    return rotary_cls(config)
 
 
 def _takes_device(cls) -> bool:

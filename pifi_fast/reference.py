@@ -15,9 +15,9 @@ from pifi_fast.pifi_base import PiFiBase
 class PiFiModel(PiFiBase):
     """PiFi with the LLM's own Hugging Face decoder layer (plain autograd)."""
 
-    def _make_layer(self, llm, freeze: bool, **layer_options):
-        if layer_options:
-            raise TypeError(f"unexpected options for the reference model: {sorted(layer_options)}")
+    def _make_layer(self, llm, freeze: bool, fused: bool | None = None):
+        # `fused` is accepted (and ignored) so that a pifi_fast checkpoint saved with it loads
+        # here too: the reference always runs the Hugging Face layer.
         self.llm_layer = llm.module
         self.llm_rotary = llm.rotary
         for p in self.llm_layer.parameters():

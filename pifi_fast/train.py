@@ -137,8 +137,6 @@ def build_model(cfg: TrainConfig, num_labels: int):
     llm_dtype = torch.float32 if cfg.authors_setup else None
     model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=cfg.layer, llm_dtype=llm_dtype,
                            seed=cfg.seed, **options)
-    if llm is not None and model.layer_dtype != torch.float32:
-        model.llm_layer.float()  # fp32 master copy; autocast runs it in low precision on GPU
     if cfg.no_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):

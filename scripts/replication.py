@@ -26,10 +26,15 @@ from pifi_fast.train import TrainConfig, train  # noqa: E402
 METRIC = {"sst2": "accuracy", "cola": "mcc", "rte": "accuracy"}
 
 
-def run(name: str, runs_dir: Path, **cfg) -> dict:
+REPORT_ONLY = False  # --report-only: build the report from finished runs, train nothing
+
+
+def run(name: str, runs_dir: Path, **cfg) -> dict | None:
     out = runs_dir / name
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
+    if REPORT_ONLY:
+        return None
     res = train(TrainConfig(output_dir=str(out), **cfg))
     res.pop("model", None)
     for d in ("checkpoint-last", "best"):  # keep only the numbers: checkpoints are large
@@ -53,7 +58,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--only", choices=["main", "ablations", "epoch_time"], default=None)
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "replication"))
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild docs/replication.json from finished runs; train nothing")
     args = p.parse_args(argv)
+    global REPORT_ONLY
+    REPORT_ONLY = args.report_only
     runs_dir = Path(args.runs_dir)
     common = dict(slm="minilm", epochs=args.epochs, batch_size=32, lr=5e-5, max_length=100)
     report = {"settings": {**common, "seeds": args.seeds, "llm": "SmolLM2-135M-Instruct Q4_1 "
@@ -68,6 +77,8 @@ def main(argv=None):
                 for seed in args.seeds:
                     r = run(f"{task}-{variant}-s{seed}", runs_dir, data=task, llm=llm, seed=seed,
                             **common)
+                    if r is None:
+                        continue
                     devs.append(r["best_dev"])
                     if "test" in r:
                         tests.append(r["test"][METRIC[task]])
@@ -81,6 +92,8 @@ def main(argv=None):
             for seed in args.seeds:
                 r = run(f"sst2-ablation-{name}-s{seed}", runs_dir, data="sst2", llm="smollm2",
                         seed=seed, **{**common, **extra})
+                if r is None:
+                    continue
                 devs.append(r["best_dev"])
                 tests.append(r["test"]["accuracy"])
             report["ablations"][name] = {"dev": _mean_std(devs), "test": _mean_std(tests)}
@@ -89,14 +102,20 @@ def main(argv=None):
         for name, extra in (("authors_setup", {"authors_setup": True}), ("pifi_fast", {})):
             r = run(f"sst2-epochtime-{name}", runs_dir, data="sst2", llm="smollm2", seed=1,
                     **{**common, "epochs": 1, **extra})
-            times[name] = r["history"][0]["epoch_seconds"]
-        report["epoch_time"] = {"seconds": times,
-                                "speedup": times["authors_setup"] / times["pifi_fast"]}
+            if r is not None:
+                times[name] = r["history"][0]["epoch_seconds"]
+        if len(times) == 2:
+            report["epoch_time"] = {"seconds": times,
+                                    "speedup": times["authors_setup"] / times["pifi_fast"]}
     out = ROOT / "docs" / "replication.json"
     old = json.loads(out.read_text()) if out.is_file() else {}
     for key in ("main", "ablations", "epoch_time"):
         if not report[key] and key in old:
             report[key] = old[key]
+    # Only tasks/variants with finished runs are reported; empty entries are dropped.
+    report["main"] = {t: {v: e for v, e in variants.items() if e["dev"]}
+                      for t, variants in report["main"].items()}
+    report["ablations"] = {k: v for k, v in report["ablations"].items() if v["dev"]}
     out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -145,7 +145,11 @@ def markdown(rows, env, ceil, level) -> str:
 
 
 def plots(rows, env, out_dir: Path) -> dict[str, Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # e.g. a bare GPU machine: the JSON and Markdown still get written
+        print("matplotlib is not installed: plots skipped (pip install matplotlib)")
+        return {}
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,0 +1,41 @@
+"""The benchmark machinery: the CLI writes its outputs, --compare flags slowdowns, the saved
+bytes counter counts what autograd keeps."""
+import json
+
+import torch
+
+from pifi_fast.bench import report
+from pifi_fast.bench.timing import saved_activation_bytes
+from pifi_fast.cli import main
+
+
+def test_bench_cli_writes_table_json_and_plots(tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "--sizes", "tiny", "--workloads", "W1,W2", "--reps", "2",
+                 "--out", str(out)]) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    rows = [r for r in payload["rows"] if "median_s" in r]
+    ours = [r for r in rows if r["impl"] == "pifi_fast"]
+    assert ours and all("hf_sdpa" in r["speedup_vs"] for r in ours)
+    assert all(r["saved_bytes_per_token"] > 0 for r in rows if r["variant"].startswith(
+        ("fwd+bwd", "cls")))
+    assert "CPU run" in (out / "results.md").read_text()
+    for png in ("speedup_vs_tokens.png", "memory_vs_tokens.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # Comparing a run with itself flags nothing; a run made 10x slower is flagged everywhere.
+    assert report.compare(rows, out / "results.json") == []
+    slow = [dict(r, median_s=r["median_s"] * 10) for r in rows]
+    assert len(report.compare(slow, out / "results.json")) == len(rows)
+
+
+def test_saved_activation_bytes_excludes_frozen_weights_and_counts_storage_once():
+    w = torch.randn(16, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def forward():
+        h = x.sin()  # saves x
+        y = h @ w.T  # saves only the frozen w: h is not needed when w needs no gradient
+        return y * y  # saves y (once, although used twice)
+
+    assert saved_activation_bytes(forward, exclude=[w]) == 4 * 8 * 4 + 4 * 16 * 4
