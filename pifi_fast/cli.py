@@ -36,7 +36,6 @@ def _time_layer(model, h, mask, repeats=5):
 
 def demo(args) -> int:
     """Offline PiFi end to end: the SLM alone against the SLM + PiFi, same data and seed."""
-    from pifi_fast import reference
     from pifi_fast.train import TrainConfig, build_model, train
 
     out = Path(args.output_dir)
@@ -55,7 +54,6 @@ def demo(args) -> int:
     # training (batch of [CLS] vectors) and full-sequence mode (a padded batch of snippets).
     ref = build_model(TrainConfig(llm="smollm2", implementation="reference", **common), 2)
     ref.load_state_dict(fast.state_dict())
-    assert isinstance(ref, reference.PiFiModel)
     device = next(fast.parameters()).device
     ref.to(device)
     torch.manual_seed(0)

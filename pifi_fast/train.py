@@ -229,7 +229,8 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
     autocast, _ = _autocast(device, precision)
     preds, golds = [], []
     loss_sum, n = 0.0, 0
-    order = sorted(range(len(rows)), key=lambda i: task_data.lengths(rows)[i])
+    lengths = task_data.lengths(rows)
+    order = sorted(range(len(rows)), key=lengths.__getitem__)  # little padding per batch
     for start in range(0, len(rows), batch_size):
         chunk = [rows[i] for i in order[start:start + batch_size]]
         raw = task_data.collate(chunk)
