@@ -150,6 +150,16 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {task} | {metric} | {split} | "
                          f"{_fmt(variants.get('slm_alone', {}).get(split))} | "
                          f"{_fmt(variants.get('pifi', {}).get(split))} |")
+    for task, variants in report["main"].items():
+        for split in ("dev", "test"):
+            a = variants.get("slm_alone", {}).get(split)
+            b = variants.get("pifi", {}).get(split)
+            if a and b:
+                diff, spread = (b["mean"] - a["mean"]) * 100, max(a["std"], b["std"]) * 100
+                verdict = ("within the seed spread: no measurable gain" if abs(diff) <= spread
+                           else "larger than the seed spread")
+                lines.append(f"\n{task} {split}: PiFi - SLM alone = {diff:+.2f} points "
+                             f"(largest std {spread:.2f}): {verdict}.")
     missing = [t for t in METRIC if t not in report["main"]]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} "
@@ -172,6 +182,12 @@ def render_markdown(report: dict) -> str:
             f"**x{et['speedup']:.2f}** on this CPU. Most of it is padding: the SLM no longer "
             "runs over 100 positions per sentence; the frozen layer sees one token per "
             "sentence in classification either way.")
+    seeds = " ".join(str(x) for x in st["seeds"])
+    lines += ["", "## Reproduce", "", "```bash",
+              f"python scripts/replication.py --only main --tasks sst2 --seeds {seeds} "
+              f"--epochs {st['epochs']}",
+              "python scripts/replication.py --only epoch_time   # on an otherwise idle machine",
+              "```"]
     lines += ["", "## Caveats", "",
               "- A 135M LLM whose weights were rounded to 4 bits (Q4_1 GGUF), against the "
               "paper's Llama-3.1-8B in bf16; a 22M-parameter SLM (MiniLM) instead of BERT-base "
