@@ -46,34 +46,42 @@ def ceilings(device: torch.device, dtype: torch.dtype) -> dict:
                                                                                         dtype)}
 
 
+def measure_case(case, built: dict, device: torch.device, reps: int, ceil: dict) -> dict:
+    """Time a built case and turn it into a result row (shared by the CLI and pytest suite)."""
+    fn = built.pop("fn")
+    row = {"workload": case.workload, "variant": case.variant, "shape": case.shape,
+           "size": case.size, "impl": case.impl, "group": case.group, **built}
+    row.update(measure(fn, device, warmup=2, reps=reps))
+    row["peak_memory_bytes"] = peak_memory(fn, device)
+    row["tokens_per_s"] = row["tokens"] / row["median_s"]
+    if "flops" in row:
+        row["pct_of_ceiling"] = 100 * row["flops"] / row["median_s"] / ceil["matmul_flop_per_s"]
+        row["ceiling"] = "matmul"
+    elif "bytes_moved" in row:
+        row["pct_of_ceiling"] = 100 * row["bytes_moved"] / row["median_s"] / \
+            ceil["copy_bytes_per_s"]
+        row["ceiling"] = "copy"
+    row["fn"] = fn  # callers that time it again (pytest-benchmark) take it out
+    return row
+
+
 def run(cases, device: torch.device, reps: int, ceil: dict, progress=None) -> list[dict]:
     rows = []
     for case in cases:
         if progress is not None:
             progress.set_description(f"{case.workload} {case.shape} {case.size} {case.impl}")
-        row = {"workload": case.workload, "variant": case.variant, "shape": case.shape,
-               "size": case.size, "impl": case.impl, "group": case.group}
         try:
             built = case.build()
         except torch.OutOfMemoryError as exc:
             built = {"skip": f"out of memory: {exc}".splitlines()[0]}
         if "skip" in built:
-            row["skipped"] = built["skip"]
+            rows.append({"workload": case.workload, "variant": case.variant,
+                         "shape": case.shape, "size": case.size, "impl": case.impl,
+                         "group": case.group, "skipped": built["skip"]})
         else:
-            fn = built.pop("fn")
-            row.update(built)
-            row.update(measure(fn, device, warmup=2, reps=reps))
-            row["peak_memory_bytes"] = peak_memory(fn, device)
-            row["tokens_per_s"] = row["tokens"] / row["median_s"]
-            if "flops" in row:
-                row["pct_of_ceiling"] = 100 * row["flops"] / row["median_s"] / \
-                    ceil["matmul_flop_per_s"]
-                row["ceiling"] = "matmul"
-            elif "bytes_moved" in row:
-                row["pct_of_ceiling"] = 100 * row["bytes_moved"] / row["median_s"] / \
-                    ceil["copy_bytes_per_s"]
-                row["ceiling"] = "copy"
-        rows.append(row)
+            row = measure_case(case, built, device, reps, ceil)
+            row.pop("fn")
+            rows.append(row)
         if progress is not None:
             progress.update(1)
     add_speedups(rows)

@@ -277,9 +277,8 @@ def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
         mask = None
         tokens = x.shape[0] * x.shape[1]
     fn, forward = _layer_fn(layers, impl, x, mask, backward)
-    weights = list(layers["pifi_fast" if impl == "pifi_fast" else "sdpa"].parameters())
-    if impl == "authors":
-        weights = list(layers["authors"].parameters())
+    weights = list(layers[{"pifi_fast": "pifi_fast", "authors": "authors"}.get(impl, "sdpa")]
+                   .parameters())
     out = {"fn": fn, "tokens": tokens, "padded_tokens": x.shape[0] * x.shape[1],
            "dtype": str(layer_dtype).replace("torch.", "")}
     if forward is not None:
