@@ -3,10 +3,18 @@
   pytest               the tests in tests/ (benchmarks in benchmarks/ are skipped)
   pytest --benchmark   the benchmark suite in benchmarks/ (pytest-benchmark's own
                        --benchmark-* options keep working); --bench-sizes tiny|quick|full
-GPU-only tests carry the `gpu` marker and are skipped without a CUDA device.
+GPU-only tests carry the `gpu` marker and are skipped without a CUDA device; without one, Triton
+kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1).
 """
+import os
+
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run on CPU tensors through Triton's interpreter, which must be
+# switched on before triton is first imported (torch itself does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser):

@@ -1,8 +1,38 @@
 """Triton kernels of pifi_fast, installed as ``pifi_fast.kernels``.
 
-NOT YET BUILT: the fused RMSNorm, RoPE, SwiGLU and projection kernels are the work of the
-fused-layer issue. Until then FrozenLlamaLayer runs its plain PyTorch path (pifi_fast.ops),
-and this package deliberately exports nothing.
-"""
+Each module holds plain launch functions (tensors in, tensors out, no autograd) and, beside each
+kernel, a short pure-PyTorch twin that defines what the kernel computes:
 
-__all__: list[str] = []
+    rms_norm   RMSNorm with the residual add fused; input-gradient-only backward
+    rope       rotary embedding applied in place inside a packed QKV buffer; its transpose
+    swiglu     silu(g) * u from a merged gate/up buffer; dg and du into one buffer
+
+Kernels know nothing about models. They run on CUDA tensors, or on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how CI checks them.
+Without triton installed the package still imports; ``HAS_TRITON`` is then False and callers
+(pifi_fast.ops) use the twins.
+"""
+from __future__ import annotations
+
+import os
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # CPU-only torch builds come without triton
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def can_run(t) -> bool:
+    """Whether the Triton kernels can run on tensor ``t`` (a CUDA tensor, or any under the
+    interpreter)."""
+    return HAS_TRITON and (t.is_cuda or interpreting())
+
+
+__all__ = ["HAS_TRITON", "interpreting", "can_run"]

@@ -12,7 +12,8 @@ import warnings
 import torch
 from torch import nn
 
-from pifi_fast.ops import FrozenLayerFunction
+from pifi_fast.attention import BACKENDS, Segments
+from pifi_fast.ops import KERNEL_CHOICES, RECOMPUTE_CHOICES, FrozenLayerFunction, LayerRun
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -45,12 +46,35 @@ class FrozenLlamaLayer(nn.Module):
     """A frozen Llama-family decoder layer whose backward computes only the input gradient.
 
     forward(hidden_states (B, S, H), attention_mask (B, S) of 1 = token / 0 = padding or None,
-    position_ids (B, S) or None for 0..S-1) -> (B, S, H). Attention is bidirectional; padding
-    keys are masked. S == 1 takes the exact single-token shortcut (no q/k, softmax or RoPE).
+    position_ids (B, S) or None for 0..S-1) -> (B, S, H). Attention is bidirectional (or causal
+    with ``causal=True``); padding keys are masked. S == 1 takes the exact single-token shortcut
+    (no q/k, softmax or RoPE).
+
+    Unpadded execution: with a padding mask, only the real tokens are gathered (packed), every
+    kernel, GEMM and the attention run on them, and the result is scattered back. The output at
+    a padding position is defined as its input (the layer leaves padding untouched), never
+    NaN; its gradient passes straight through.
+
+    Options (attributes, also constructor keywords):
+      kernels     "auto" (Triton on CUDA, PyTorch twins elsewhere), "triton", "torch"
+      recompute   "none" (save gate/up outputs) or "mlp" (recompute them in backward)
+      attention   None (best available) or one of pifi_fast.attention.BACKENDS
+      causal      False (PiFi's bidirectional attention) or True
     """
 
-    def __init__(self, config, rotary: nn.Module, layer_index: int = -1, dtype=None, device=None):
+    def __init__(self, config, rotary: nn.Module, layer_index: int = -1, dtype=None, device=None,
+                 *, kernels: str = "auto", recompute: str = "none", attention: str | None = None,
+                 causal: bool = False):
         super().__init__()
+        if kernels not in KERNEL_CHOICES:
+            raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
+        if recompute not in RECOMPUTE_CHOICES:
+            raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
+        if attention is not None and attention not in BACKENDS:
+            raise ValueError(f"attention must be None or one of {BACKENDS}, got {attention!r}")
+        self.kernels, self.recompute, self.attention, self.causal = (
+            kernels, recompute, attention, causal)
+        self._rope_cache: dict = {}
         if not is_fusable(config):
             raise ValueError(
                 f"FrozenLlamaLayer fuses {FUSED_MODEL_TYPES} with SiLU MLPs; got model_type="
@@ -101,8 +125,10 @@ class FrozenLlamaLayer(nn.Module):
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_layer: nn.Module, config=None, rotary: nn.Module | None = None):
-        """Build from a Hugging Face decoder layer (its weights are copied and merged)."""
+    def from_hf(cls, hf_layer: nn.Module, config=None, rotary: nn.Module | None = None,
+                **options):
+        """Build from a Hugging Face decoder layer (its weights are copied and merged); options
+        as in the constructor."""
         config = config or hf_layer.self_attn.config
         if rotary is None:
             from pifi_fast.loading import make_rotary
@@ -110,7 +136,7 @@ class FrozenLlamaLayer(nn.Module):
             rotary = make_rotary(config)
         ref = next(hf_layer.parameters())
         layer = cls(config, rotary, getattr(hf_layer.self_attn, "layer_idx", -1),
-                    dtype=ref.dtype, device=ref.device)
+                    dtype=ref.dtype, device=ref.device, **options)
         layer.load_hf_state_dict(hf_layer.state_dict())
         return layer
 
@@ -191,8 +217,23 @@ class FrozenLlamaLayer(nn.Module):
         b = None if self.qkv_bias is None else self.qkv_bias[start:]
         return w, b
 
-    def rotary_cos_sin(self, x: torch.Tensor, position_ids: torch.Tensor):
-        return self.rotary(x, position_ids)
+    def rope_tables(self, n_positions: int, device, dtype):
+        """cos/sin tables (n, head_dim) for positions 0..n-1, from the model's own rotary module
+        (so rope scaling such as llama3 is honoured), in the layer dtype as Hugging Face casts
+        them. Cached; grown in powers of two."""
+        key = (str(device), dtype)
+        have = self._rope_cache.get(key)
+        if have is None or have[0].shape[0] < n_positions:
+            n = 1 << max(n_positions - 1, 1).bit_length()
+            if self.max_positions is not None:
+                n = max(min(n, self.max_positions), n_positions)
+            pos = torch.arange(n, device=device).unsqueeze(0)
+            probe = torch.empty(1, 1, self.head_dim, device=device, dtype=dtype)
+            with torch.no_grad():
+                cos, sin = self.rotary(probe, pos)
+            have = (cos[0].contiguous(), sin[0].contiguous())
+            self._rope_cache[key] = have
+        return have
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, hidden_states, attention_mask=None, position_ids=None):
@@ -207,31 +248,51 @@ class FrozenLlamaLayer(nn.Module):
         b, s, _ = x.shape
         if b == 0 or s == 0:
             raise ValueError(f"FrozenLlamaLayer: empty input of shape {tuple(x.shape)}")
-        key_mask = None
+        mask = None
         if attention_mask is not None and s > 1:
             if attention_mask.shape != (b, s):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                                  f"expected {(b, s)}")
-            key_mask = attention_mask.to(device=x.device, dtype=torch.bool)
-            if not bool(key_mask.any(-1).all()):
+            mask = attention_mask.to(device=x.device, dtype=torch.bool)
+            if not bool(mask.any(-1).all()):
                 raise ValueError("attention_mask has a row with no real token (all zeros)")
-            if bool(key_mask.all()):
-                key_mask = None  # no padding: skip the masking work
-        if s == 1:
-            cos = sin = None
+            if bool(mask.all()):
+                mask = None  # no padding: the packed tensor is a plain view
+        if position_ids is None:
+            positions = torch.arange(s, device=x.device).expand(b, s)
+            n_positions = s
         else:
-            if position_ids is None:
-                position_ids = torch.arange(s, device=x.device).unsqueeze(0)
-            if self.max_positions is not None and int(position_ids.max()) >= self.max_positions:
-                raise ValueError(f"sequence position {int(position_ids.max())} exceeds the LLM's "
-                                 f"max_position_embeddings ({self.max_positions})")
-            cos, sin = self.rotary_cos_sin(x, position_ids)
-        return FrozenLayerFunction.apply(x, self, cos, sin, key_mask)
+            if position_ids.shape[-1] != s:
+                raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, "
+                                 f"expected {(b, s)}")
+            positions = position_ids.to(x.device).expand(b, s)
+            n_positions = int(positions.max()) + 1
+            if int(positions.min()) < 0:
+                raise ValueError("position_ids must be non-negative")
+        if self.max_positions is not None and n_positions > self.max_positions:
+            raise ValueError(f"sequence position {n_positions - 1} exceeds the LLM's "
+                             f"max_position_embeddings ({self.max_positions})")
+        seg = Segments.dense(b, s, x.device) if mask is None else Segments.from_mask(mask)
+        flat = x.reshape(b * s, self.hidden_size)
+        positions = positions.reshape(-1)
+        if seg.indices is not None:
+            flat = flat.index_select(0, seg.indices)
+            positions = positions.index_select(0, seg.indices)
+        cos, sin = (None, None) if s == 1 else self.rope_tables(n_positions, x.device, x.dtype)
+        run = LayerRun(layer=self, segments=seg, cos=cos, sin=sin, kernels=self.kernels,
+                       recompute=self.recompute, attention=self.attention, causal=self.causal)
+        out = FrozenLayerFunction.apply(flat.contiguous(), positions.contiguous(), run)
+        if seg.indices is not None:
+            # padding positions keep their input; real positions get the layer's output
+            out = x.reshape(b * s, self.hidden_size).index_copy(0, seg.indices, out)
+        return out.view(b, s, self.hidden_size)
 
     def extra_repr(self):
         return (f"{self.config.model_type}, hidden={self.hidden_size}, heads={self.num_heads}/"
                 f"{self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"mlp={self.config.intermediate_size}, layer={self.layer_index}")
+                f"mlp={self.config.intermediate_size}, layer={self.layer_index}, "
+                f"kernels={self.kernels}, recompute={self.recompute}, "
+                f"attention={self.attention or 'auto'}, causal={self.causal}")
 
 
 def _attr_of(module: nn.Module, param: torch.Tensor) -> str:

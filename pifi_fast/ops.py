@@ -1,193 +1,194 @@
 """Autograd for the frozen decoder layer: forward and an explicit input-gradient-only backward.
 
-Every op here is plain PyTorch (plus torch.ops.pifi_fast.frozen_linear for the projections) and
-defines the meaning that the fused Triton kernels of pifi_fast.kernels must reproduce.
+The layer runs on packed tokens: x is (T, H), the real tokens of the batch only (see
+pifi_fast.attention.Segments), so padding costs nothing in any GEMM or kernel. Elementwise work
+goes to the Triton kernels of pifi_fast.kernels when they can run (CUDA tensors, or CPU tensors
+under Triton's interpreter) and to their plain PyTorch twins otherwise; ``kernels="torch"``
+forces the twins, ``"triton"`` the kernels. Projections use torch.ops.pifi_fast.frozen_linear
+(the compiled extension; bias and residual fused into the GEMM).
 
-Chain rule of the layer (weights frozen, so only d/dx is needed; ``@W`` is x @ W^T forward and
-dy @ W backward):
+Chain rule (weights frozen, so only d/dx; ``@W`` is x @ W^T forward and dy @ W backward):
 
-    h   = rms(x; w_in)                 dx   = dx2 + rms_bwd(x, w_in, dh)
-    qkv = h @Wqkv (+b)                 dh   = dqkv @ Wqkv
-    q,k = rope(norm?(q,k))             dq,dk through rope^T (rotation by -theta), then norm_bwd
-    a   = softmax(q k^T s + m) v       dS = P * (dP - rowsum(P * dP)),  dP = da v^T
-    x2  = x + a @Wo                    da   = dx2 @ Wo,  dx2 = dout + rms_bwd(x2, w_post, dh2)
-    g,u = rms(x2; w_post) @Wgu         dh2  = [dg, du] @ Wgu
-    out = x2 + (silu(g) * u) @Wd       dm = dout @ Wd, dg = dm u silu'(g), du = dm silu(g)
+    h   = rms(x; w_in)                      dx  = rms_bwd(x; dh) + dx2      (dres folded in)
+    qkv = rope(h @Wqkv (+b))                dh  = rope^T(dqkv) @Wqkv         (rope^T in place)
+    a   = attn(q, k, v)                     dq, dk, dv = attn_bwd(da)       (recomputed fwd)
+    x2  = x + a @Wo                         da  = dx2 @Wo
+    gu  = rms(x2; w_post) @Wgu              dx2 = rms_bwd(x2; dgu @Wgu) + dout
+    out = x2 + swiglu(gu) @Wd               dgu = swiglu_bwd(gu, dout @Wd)
 
-Saved for backward: x, x2, the raw qkv projection and the gate/up projection (q, k are
-re-normalised and re-rotated in backward; the attention probabilities are recomputed).
+Saved between forward and backward (memory modes):
+    recompute="none"  x, x2, the rotated qkv, gu (all in the compute dtype), the two fp32 1/rms
+                      vectors and the int positions: at the Llama-3.1-8B shape in bf16
+                      8 + 8 + 12 + 56 KB + 12 B = 84 KB per token (Hugging Face + SDPA: 173).
+    recompute="mlp"   the same without gu (re-made in backward from x2 with one extra gate/up
+                      GEMM): 28 KB per token.
+Attention keeps nothing of its own: backward re-runs the attention forward under autograd and
+differentiates it. That costs one extra attention forward (about 2 % of the layer's FLOPs at
+512 tokens) and lets every backend (flash-attn, PyTorch varlen, SDPA) be used unchanged.
+
+CLS mode (every sequence is one token) takes the exact shortcut: softmax over one key is 1 and
+RoPE never touches v, so attention is v repeated over each KV head's query group.
 """
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
+
 import torch
-import torch.nn.functional as F
 
+from pifi_fast import attention as attn
+from pifi_fast import kernels
 from pifi_fast._ext import frozen_linear
+from pifi_fast.kernels import rms_norm as _rms
+from pifi_fast.kernels import rope as _rope
+from pifi_fast.kernels import swiglu as _swiglu
+
+KERNEL_CHOICES = ("auto", "triton", "torch")
+RECOMPUTE_CHOICES = ("none", "mlp")
+
+_TWINS = SimpleNamespace(rms_fwd=_rms.rms_norm_fwd_ref, rms_bwd=_rms.rms_norm_bwd_ref,
+                         swiglu_fwd=_swiglu.swiglu_fwd_ref, swiglu_bwd=_swiglu.swiglu_bwd_ref,
+                         rope_=_rope.rope_ref_, name="torch")
+_TRITON = (SimpleNamespace(rms_fwd=_rms.rms_norm_fwd, rms_bwd=_rms.rms_norm_bwd,
+                           swiglu_fwd=_swiglu.swiglu_fwd, swiglu_bwd=_swiglu.swiglu_bwd,
+                           rope_=_rope.rope_, name="triton") if kernels.HAS_TRITON else None)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face Llama RMSNorm: fp32 statistics, cast back, then scale by the weight."""
-    x32 = x.float()
-    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * (x32 * r).to(x.dtype)
+def elementwise_impl(x: torch.Tensor, choice: str = "auto") -> SimpleNamespace:
+    """The kernels or their twins for tensor x. $PIFI_FAST_KERNELS overrides "auto"."""
+    if choice == "auto":
+        choice = os.environ.get("PIFI_FAST_KERNELS", "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
+    if choice == "torch":
+        return _TWINS
+    if choice == "triton":
+        if not kernels.can_run(x):
+            raise RuntimeError(
+                f"kernels='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 set "
+                f"before triton is imported); got a {x.device.type} tensor, triton "
+                f"{'present' if kernels.HAS_TRITON else 'missing'}")
+        return _TRITON
+    return _TRITON if (x.is_cuda and kernels.HAS_TRITON) else _TWINS
 
 
-def rms_norm_input_grad(x: torch.Tensor, weight: torch.Tensor, eps: float, dy: torch.Tensor):
-    """d/dx of rms_norm for a frozen weight: r * (g - x r^2 mean(g x)), g = dy * w, in fp32."""
-    x32 = x.float()
-    r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    g = dy.float() * weight.float()
-    dx = r * (g - x32 * (r * r) * (g * x32).mean(-1, keepdim=True))
-    return dx.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False):
-    """Rotate (B, heads, S, D) by cos/sin of shape (B, S, D); inverse=True rotates back.
-
-    The inverse is also the backward: the rotation is orthogonal, so its transpose is the
-    rotation by -theta.
-    """
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * (-sin if inverse else sin)
-
-
-def attention(q, k, v, key_mask: torch.Tensor | None, scale: float):
-    """Bidirectional attention with grouped KV heads. q (B,H,S,D), k/v (B,Hkv,S,D).
-
-    key_mask: (B, S) bool, True for real tokens, or None for all keys visible.
-    """
-    mask = None if key_mask is None else key_mask[:, None, None, :]
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-    )
-
-
-def attention_input_grads(q, k, v, key_mask, scale: float, do: torch.Tensor):
-    """Backward of attention() for all three inputs, recomputing P in fp32."""
-    n_rep = q.shape[1] // k.shape[1]
-    kk = k.float().repeat_interleave(n_rep, dim=1)
-    vv = v.float().repeat_interleave(n_rep, dim=1)
-    q32, do32 = q.float(), do.float()
-    s = (q32 @ kk.transpose(-1, -2)) * scale
-    if key_mask is not None:
-        s = s.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    dv = p.transpose(-1, -2) @ do32
-    dp = do32 @ vv.transpose(-1, -2)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    dq = (ds @ kk) * scale
-    dk = (ds.transpose(-1, -2) @ q32) * scale
-    b, h, s_len, d = dk.shape
-    dk = dk.view(b, h // n_rep, n_rep, s_len, d).sum(2)
-    dv = dv.view(b, h // n_rep, n_rep, s_len, d).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return F.silu(g) * u
-
-
-def silu_mul_input_grads(g, u, dm):
-    sg = torch.sigmoid(g.float())
-    g32 = g.float()
-    dm32 = dm.float()
-    dg = dm32 * u.float() * sg * (1 + g32 * (1 - sg))
-    du = dm32 * g32 * sg
-    return dg.to(g.dtype), du.to(u.dtype)
+class LayerRun(SimpleNamespace):
+    """What one call of the layer needs besides x: the layer, the segments, the positions, the
+    RoPE tables and the options (kernels, recompute, attention backend, causal)."""
 
 
 class FrozenLayerFunction(torch.autograd.Function):
-    """The whole frozen decoder layer as one autograd node; backward returns only dx."""
+    """The whole frozen decoder layer on packed tokens as one autograd node; backward returns
+    only dx. apply(x (T, H), positions (T,), run: LayerRun)."""
 
     @staticmethod
-    def forward(ctx, x, layer, cos, sin, key_mask):
-        out, saved = _layer_forward(layer, x, cos, sin, key_mask)
-        ctx.layer = layer
+    def forward(ctx, x, positions, run):
+        impl = elementwise_impl(x, run.kernels)
+        out, saved = _forward(run, impl, x, positions)
+        ctx.run, ctx.impl = run, impl
         ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dx = _layer_input_grad(ctx.layer, dout, *ctx.saved_tensors)
-        return dx, None, None, None, None
+        dx = _input_grad(ctx.run, ctx.impl, dout.contiguous(), *ctx.saved_tensors)
+        return dx, None, None
 
 
-def _split_qkv(layer, qkv: torch.Tensor):
-    b, s, _ = qkv.shape
-    q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
-    q = q.view(b, s, layer.num_heads, layer.head_dim)
-    k = k.view(b, s, layer.num_kv_heads, layer.head_dim)
-    v = v.view(b, s, layer.num_kv_heads, layer.head_dim)
-    return q, k, v
+def _mlp(layer, impl, x2, rstd2=None):
+    """h2 = rms(x2) and gu = h2 @Wgu; reuses rstd2 when given (the recompute path)."""
+    h2, _, r = impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
+    return frozen_linear(h2, layer.gate_up_weight, layer.gate_up_bias), r
 
 
-def _qk_rotated(layer, q, k, cos, sin):
-    """Per-head q/k norm (Qwen3) then RoPE; input (B,S,heads,D), output (B,heads,S,D)."""
+def _qkv_rotated(run, impl, qkv, positions):
+    """Qwen3's per-head q/k RMSNorm (plain PyTorch), then RoPE in place. qkv (T, W) is the raw
+    projection; returns the rotated buffer (a new one when q/k norms apply)."""
+    layer = run.layer
     if layer.q_norm_weight is not None:
-        q = rms_norm(q, layer.q_norm_weight, layer.eps)
-        k = rms_norm(k, layer.k_norm_weight, layer.eps)
-    return rope(q.transpose(1, 2), cos, sin), rope(k.transpose(1, 2), cos, sin)
+        qkv = _qk_normed(layer, qkv)
+    return impl.rope_(qkv, positions, run.cos, run.sin, layer.num_heads, layer.num_kv_heads,
+                      layer.head_dim)
 
 
-def _layer_forward(layer, x, cos, sin, key_mask):
-    b, s, _ = x.shape
-    h = rms_norm(x, layer.input_norm_weight, layer.eps)
-    if s == 1:
-        # One key: softmax weight is exactly 1 and RoPE never touches v, so the attention
-        # block is o_proj(v_proj(h)) with each KV head repeated for its query group.
+def _qk_normed(layer, qkv):
+    t, d = qkv.shape[0], layer.head_dim
+    q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], -1)
+    qn = _rms.rms_norm_fwd_ref(q.reshape(t, -1, d), layer.q_norm_weight, layer.eps)[0]
+    kn = _rms.rms_norm_fwd_ref(k.reshape(t, -1, d), layer.k_norm_weight, layer.eps)[0]
+    return torch.cat((qn.reshape(t, -1), kn.reshape(t, -1), v), -1)
+
+
+def _heads(layer, qkv):
+    t, d = qkv.shape[0], layer.head_dim
+    q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], -1)
+    return q.view(t, -1, d), k.view(t, -1, d), v.view(t, -1, d)
+
+
+def _attend(run, q, k, v):
+    layer = run.layer
+    return attn.attention(q, k, v, run.segments, layer.scaling, run.causal, run.attention)
+
+
+def _forward(run, impl, x, positions):
+    layer = run.layer
+    t = x.shape[0]
+    h, _, rstd1 = impl.rms_fwd(x, layer.input_norm_weight, layer.eps)
+    if run.segments.seq == 1:
         w_v, b_v = layer.v_weight_and_bias()
-        v = frozen_linear(h, w_v, b_v)
-        a = v.view(b, 1, layer.num_kv_heads, 1, layer.head_dim)
-        a = a.expand(b, 1, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim)
-        a = a.reshape(b, 1, layer.q_size)
+        v = frozen_linear(h, w_v, b_v).view(t, layer.num_kv_heads, 1, layer.head_dim)
+        a = v.expand(t, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim)
+        a = a.reshape(t, layer.q_size)
         qkv = None
     else:
         qkv = frozen_linear(h, layer.qkv_weight, layer.qkv_bias)
-        q, k, v = _split_qkv(layer, qkv)
-        q, k = _qk_rotated(layer, q, k, cos, sin)
-        a = attention(q, k, v.transpose(1, 2), key_mask, layer.scaling)
-        a = a.transpose(1, 2).reshape(b, s, layer.q_size)
+        rotated = _qkv_rotated(run, impl, qkv, positions)
+        a = _attend(run, *_heads(layer, rotated)).reshape(t, layer.q_size)
+        if layer.q_norm_weight is None:
+            qkv = rotated  # save the rotated buffer: backward needs no re-rotation
     x2 = frozen_linear(a, layer.o_weight, layer.o_bias, residual=x)
-    h2 = rms_norm(x2, layer.post_norm_weight, layer.eps)
-    gu = frozen_linear(h2, layer.gate_up_weight, layer.gate_up_bias)
-    g, u = gu.chunk(2, dim=-1)
-    out = frozen_linear(silu_mul(g, u), layer.down_weight, layer.down_bias, residual=x2)
-    saved = [x, x2, gu] + ([] if qkv is None else [qkv, cos, sin])
-    if key_mask is not None and qkv is not None:
-        saved.append(key_mask)
+    gu, rstd2 = _mlp(layer, impl, x2)
+    out = frozen_linear(impl.swiglu_fwd(gu), layer.down_weight, layer.down_bias, residual=x2)
+    saved = [x, rstd1, x2, rstd2, positions, qkv if qkv is not None else x.new_empty(0)]
+    saved.append(gu if run.recompute == "none" else x.new_empty(0))
     return out, saved
 
 
-def _layer_input_grad(layer, dout, x, x2, gu, qkv=None, cos=None, sin=None, key_mask=None):
-    b, s, _ = x.shape
-    g, u = gu.chunk(2, dim=-1)
-    dm = dout @ layer.down_weight
-    dg, du = silu_mul_input_grads(g, u, dm)
-    dh2 = torch.cat((dg, du), dim=-1) @ layer.gate_up_weight
-    dx2 = dout + rms_norm_input_grad(x2, layer.post_norm_weight, layer.eps, dh2)
+def _input_grad(run, impl, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
+    layer = run.layer
+    t = x.shape[0]
+    if gu.numel() == 0:  # recompute="mlp"
+        gu, _ = _mlp(layer, impl, x2)
+    dgu = impl.swiglu_bwd(gu, dout @ layer.down_weight)
+    dx2 = impl.rms_bwd(dgu @ layer.gate_up_weight, x2, layer.post_norm_weight, rstd2, dout)
     da = dx2 @ layer.o_weight
-    if qkv is None:
+    if run.segments.seq == 1:
         w_v, _ = layer.v_weight_and_bias()
-        dv = da.view(b, 1, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim).sum(3)
-        dh = dv.reshape(b, 1, layer.kv_size) @ w_v
+        dv = da.view(t, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim).sum(2)
+        dh = dv.reshape(t, layer.kv_size) @ w_v
     else:
-        q_raw, k_raw, v = _split_qkv(layer, qkv)
-        q, k = _qk_rotated(layer, q_raw, k_raw, cos, sin)
-        da = da.view(b, s, layer.num_heads, layer.head_dim).transpose(1, 2)
-        dq, dk, dv = attention_input_grads(q, k, v.transpose(1, 2), key_mask, layer.scaling, da)
-        dq = rope(dq, cos, sin, inverse=True).transpose(1, 2)
-        dk = rope(dk, cos, sin, inverse=True).transpose(1, 2)
-        if layer.q_norm_weight is not None:
-            dq = rms_norm_input_grad(q_raw, layer.q_norm_weight, layer.eps, dq)
-            dk = rms_norm_input_grad(k_raw, layer.k_norm_weight, layer.eps, dk)
-        dqkv = torch.cat(
-            (dq.reshape(b, s, -1), dk.reshape(b, s, -1), dv.transpose(1, 2).reshape(b, s, -1)), -1
-        )
+        qk_norm = layer.q_norm_weight is not None
+        rotated = _qkv_rotated(run, impl, qkv, positions) if qk_norm else qkv
+        with torch.enable_grad():
+            q, k, v = (p.detach().requires_grad_() for p in _heads(layer, rotated))
+            o = _attend(run, q, k, v)
+            dq, dk, dv = torch.autograd.grad(o, (q, k, v), da.view_as(o))
+        dqkv = torch.cat((dq.reshape(t, -1), dk.reshape(t, -1), dv.reshape(t, -1)), -1)
+        impl.rope_(dqkv, positions, run.cos, run.sin, layer.num_heads, layer.num_kv_heads,
+                   layer.head_dim, transpose=True)
+        if qk_norm:
+            dqkv = _qk_norm_input_grad(layer, qkv, dqkv)
         dh = dqkv @ layer.qkv_weight
-    return dx2 + rms_norm_input_grad(x, layer.input_norm_weight, layer.eps, dh)
+    return impl.rms_bwd(dh, x, layer.input_norm_weight, rstd1, dx2)
+
+
+def _qk_norm_input_grad(layer, qkv_raw, dqkv):
+    t, d = qkv_raw.shape[0], layer.head_dim
+    raw = qkv_raw.split([layer.q_size, layer.kv_size, layer.kv_size], -1)
+    grads = dqkv.split([layer.q_size, layer.kv_size, layer.kv_size], -1)
+    out = []
+    for r, g, w in ((raw[0], grads[0], layer.q_norm_weight), (raw[1], grads[1], layer.k_norm_weight)):
+        r = r.reshape(t, -1, d)
+        _, _, rstd = _rms.rms_norm_fwd_ref(r, w, layer.eps)
+        out.append(_rms.rms_norm_bwd_ref(g.reshape(t, -1, d), r, w, rstd).reshape(t, -1))
+    return torch.cat((out[0], out[1], grads[2]), -1)

@@ -216,6 +216,12 @@ class PiFiBase(nn.Module):
             return TokenClassifierOutput(loss=loss, logits=logits)
         start, end = self.head(h).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        if attention_mask is not None:
+            # A span never starts or ends on padding: give padding no probability, so the loss
+            # does not depend on how the batch was padded (nor on the layer's output there).
+            pad = attention_mask == 0
+            start = start.masked_fill(pad, torch.finfo(start.dtype).min)
+            end = end.masked_fill(pad, torch.finfo(end.dtype).min)
         loss = None
         if start_positions is not None and end_positions is not None:
             ignored = start.shape[1]

@@ -90,7 +90,10 @@ def main(argv=None):
                             ("unfrozen_last", {"layer": -1, "freeze": False})):
             devs, tests = [], []
             for seed in args.seeds:
-                r = run(f"sst2-ablation-{name}-s{seed}", runs_dir, data="sst2", llm="smollm2",
+                # The last frozen layer is the main SST-2 PiFi run (same settings): reuse it.
+                run_name = (f"sst2-pifi-s{seed}" if name == "layer_last"
+                            else f"sst2-ablation-{name}-s{seed}")
+                r = run(run_name, runs_dir, data="sst2", llm="smollm2",
                         seed=seed, **{**common, **extra})
                 if r is None:
                     continue

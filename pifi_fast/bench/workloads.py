@@ -94,7 +94,7 @@ def size_lists(level: str, device: torch.device) -> dict:
                 # Inputs larger than the caches, so memory-bound ops meet the copy ceiling.
                 "kernel_tokens": [16384] if gpu else [8192],
                 "w4_sentences": [32], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
-                "impls": ("pifi_fast",) + BASELINES, "reps": 10 if gpu else 5}
+                "impls": ("pifi_fast", "pifi_fast_mlp") + BASELINES, "reps": 10 if gpu else 5}
     if level == "full":
         return {"shapes": list(LLM_SHAPES),
                 "dense": [512, 1024, 2048, 4096, 8192, 16384, 32768] if gpu else
@@ -103,7 +103,7 @@ def size_lists(level: str, device: torch.device) -> dict:
                 "cls": [1, 2, 4, 8, 16, 32, 64, 128, 256],
                 "kernel_tokens": [4096, 32768] if gpu else [8192, 32768],
                 "w4_sentences": [32, 128], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
-                "impls": ("pifi_fast",) + BASELINES, "reps": 20 if gpu else 7}
+                "impls": ("pifi_fast", "pifi_fast_mlp") + BASELINES, "reps": 20 if gpu else 7}
     raise ValueError(f"unknown size list {level!r}: tiny, quick or full")
 
 
@@ -133,6 +133,9 @@ def _layers(shape: str, device_str: str, dtype_str: str):
             else out["sdpa"].state_dict()
         out[attn] = build_layer(cfg, 0, sd, dtype=dtype).module.to(device)
     out["pifi_fast"] = FrozenLlamaLayer.from_hf(out["sdpa"], base.config, out["rotary"])
+    # The recompute="mlp" memory mode, sharing the same weights (a shallow module copy).
+    out["pifi_fast_mlp"] = copy.copy(out["pifi_fast"])
+    out["pifi_fast_mlp"].recompute = "mlp"
     if dtype == torch.float32:
         out["authors"] = out["sdpa"]
     else:
@@ -184,8 +187,8 @@ def _layer_fn(layers, impl, x, mask, backward: bool):
     """A zero-arg callable running one implementation of the layer on (x, mask)."""
     from pifi_fast.hf_layer import run_hf_layer
 
-    if impl == "pifi_fast":
-        layer = layers["pifi_fast"]
+    if impl in ("pifi_fast", "pifi_fast_mlp"):
+        layer = layers[impl]
 
         def run(inp):
             return layer(inp, mask)
@@ -219,6 +222,16 @@ def _layer_fn(layers, impl, x, mask, backward: bool):
     return fwd_bwd, lambda: run(leaf)
 
 
+def _fused_path(layer, x) -> str:
+    """Which kernels and attention backend the fused layer runs on x, for the result row."""
+    from pifi_fast import attention as attn
+    from pifi_fast import ops
+
+    kernels = ops.elementwise_impl(x, layer.kernels).name
+    backend = attn.select_backend(x.new_empty(1), layer.attention)
+    return f"kernels={kernels}, attention={backend}, recompute={layer.recompute}"
+
+
 def _available(impl: str, device: torch.device) -> str | None:
     """None if the implementation can run here, else why not."""
     if impl == "liger":
@@ -243,6 +256,8 @@ def _w1_w2_cases(sizes, device, dtype, impls):
                     for impl in impls:
                         if impl == "authors" and not padded:
                             continue  # the authors' setup pads to 100: only for real sentences
+                        if impl == "pifi_fast_mlp" and not backward:
+                            continue  # the memory mode only changes what backward keeps
                         cases.append(Case("W1", label, shape, size, impl, functools.partial(
                             _build_w1, shape, size, padded, backward, impl, device, dtype,
                             cfg.hidden_size)))
@@ -251,7 +266,7 @@ def _w1_w2_cases(sizes, device, dtype, impls):
             if device.type == "cpu" and shape == "llama-3.1-8b" and size > 32:
                 continue
             for impl in impls:
-                if impl in ("hf_eager", "hf_compile"):
+                if impl in ("hf_eager", "hf_compile", "pifi_fast_mlp"):
                     continue  # one key: the attention kernel choice is irrelevant in CLS mode
                 cases.append(Case("W2", "cls fwd+bwd", shape, size, impl, functools.partial(
                     _build_w2, shape, size, impl, device, dtype)))
@@ -277,14 +292,14 @@ def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
         mask = None
         tokens = x.shape[0] * x.shape[1]
     fn, forward = _layer_fn(layers, impl, x, mask, backward)
-    weights = list(layers[{"pifi_fast": "pifi_fast", "authors": "authors"}.get(impl, "sdpa")]
+    weights = list(layers[impl if impl in ("pifi_fast", "pifi_fast_mlp", "authors") else "sdpa"]
                    .parameters())
     out = {"fn": fn, "tokens": tokens, "padded_tokens": x.shape[0] * x.shape[1],
            "dtype": str(layer_dtype).replace("torch.", "")}
     if forward is not None:
         out["saved_bytes_per_token"] = saved_activation_bytes(forward, weights) / tokens
-    if impl == "pifi_fast":
-        out["path"] = "plain PyTorch (fused kernels not built yet)"
+    if impl.startswith("pifi_fast"):
+        out["path"] = _fused_path(layers[impl], x)
     return out
 
 
@@ -307,14 +322,17 @@ def _build_w2(shape, size, impl, device, dtype):
 
 # -- W3: each op alone ----------------------------------------------------------------------------
 def _w3_cases(sizes, device, dtype):
-    ops = ("rms_norm", "rope", "silu_mul", "attention", "qkv_proj", "o_proj", "gate_up_proj",
-           "down_proj")
+    ops = ("rms_norm", "rms_norm_bwd", "rope", "swiglu", "swiglu_bwd", "attention", "qkv_proj",
+           "o_proj", "gate_up_proj", "down_proj")
     return [Case("W3", op, shape, tokens, "pifi_fast",
                  functools.partial(_build_w3, shape, tokens, op, device, dtype))
             for shape in sizes["shapes"] for tokens in sizes["kernel_tokens"] for op in ops]
 
 
 def _build_w3(shape, tokens, op, device, dtype):
+    """One op of the layer as the layer runs it: Triton kernels on CUDA, their PyTorch twins
+    elsewhere (pifi_fast.ops.elementwise_impl decides, as in the layer)."""
+    from pifi_fast import attention as attn
     from pifi_fast import ops
     from pifi_fast._ext import frozen_linear
 
@@ -328,22 +346,38 @@ def _build_w3(shape, tokens, op, device, dtype):
     def rand(*shape_):
         return torch.randn(*shape_, device=device, dtype=dtype)
 
-    if op == "rms_norm":
-        x = rand(t, h)
-        return {"fn": lambda: ops.rms_norm(x, layer.input_norm_weight, layer.eps),
-                "tokens": t, "bytes_moved": 2 * t * h * es}
+    impl = ops.elementwise_impl(rand(1), layer.kernels)
+    if op in ("rms_norm", "rms_norm_bwd"):
+        x, w = rand(t, h), layer.input_norm_weight
+        if op == "rms_norm":
+            return {"fn": lambda: impl.rms_fwd(x, w, layer.eps), "tokens": t,
+                    "bytes_moved": 2 * t * h * es}
+        _, _, rstd = impl.rms_fwd(x, w, layer.eps)
+        dy, dres = rand(t, h), rand(t, h)
+        return {"fn": lambda: impl.rms_bwd(dy, x, w, rstd, dres), "tokens": t,
+                "bytes_moved": 4 * t * h * es}
     if op == "rope":
-        q = rand(b, layer.num_heads + layer.num_kv_heads, seq, layer.head_dim)
-        cos, sin = layer.rotary(q, torch.arange(seq, device=device)[None])
-        return {"fn": lambda: ops.rope(q, cos, sin), "tokens": t, "bytes_moved": 2 * q.numel() * es}
-    if op == "silu_mul":
-        g, u = rand(t, inter), rand(t, inter)
-        return {"fn": lambda: ops.silu_mul(g, u), "tokens": t, "bytes_moved": 3 * t * inter * es}
+        qkv = rand(t, layer.q_size + 2 * layer.kv_size)
+        pos = torch.arange(seq, device=device).repeat(b)
+        cos, sin = layer.rope_tables(seq, device, dtype)
+        rotated = (layer.num_heads + layer.num_kv_heads) * layer.head_dim
+        return {"fn": lambda: impl.rope_(qkv, pos, cos, sin, layer.num_heads,
+                                         layer.num_kv_heads, layer.head_dim),
+                "tokens": t, "bytes_moved": 2 * t * rotated * es}
+    if op in ("swiglu", "swiglu_bwd"):
+        gu = rand(t, 2 * inter)
+        if op == "swiglu":
+            return {"fn": lambda: impl.swiglu_fwd(gu), "tokens": t,
+                    "bytes_moved": 3 * t * inter * es}
+        dm = rand(t, inter)
+        return {"fn": lambda: impl.swiglu_bwd(gu, dm), "tokens": t,
+                "bytes_moved": 5 * t * inter * es}
     if op == "attention":
-        q = rand(b, layer.num_heads, seq, layer.head_dim)
-        k, v = rand(b, layer.num_kv_heads, seq, layer.head_dim), rand(b, layer.num_kv_heads, seq,
-                                                                      layer.head_dim)
-        return {"fn": lambda: ops.attention(q, k, v, None, layer.scaling), "tokens": t,
+        q = rand(t, layer.num_heads, layer.head_dim)
+        k, v = rand(t, layer.num_kv_heads, layer.head_dim), rand(t, layer.num_kv_heads,
+                                                                 layer.head_dim)
+        seg = attn.Segments.dense(b, seq, device)
+        return {"fn": lambda: attn.attention(q, k, v, seg, layer.scaling), "tokens": t,
                 "flops": 4 * b * layer.num_heads * seq * seq * layer.head_dim}
     weight = {"qkv_proj": layer.qkv_weight, "o_proj": layer.o_weight,
               "gate_up_proj": layer.gate_up_weight, "down_proj": layer.down_weight}[op]

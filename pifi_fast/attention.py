@@ -1,0 +1,195 @@
+"""Attention over packed (unpadded) tokens, with one place that picks the backend.
+
+Inputs are packed: q (T, Hq, D), k and v (T, Hkv, D), and a ``Segments`` object saying where
+each sequence starts (cu_seqlens) or, when nothing was removed, the dense (B, S) shape.
+Backends, best first; ``select_backend`` decides and ``backend_used`` reports (and the first
+call logs once) which one ran:
+
+    flash_attn      the flash-attn package (FA3 ``flash_attn_interface`` or FA2), varlen
+                    entry point; CUDA, fp16/bf16; optional extra ``pifi-fast[flash]``
+    torch_varlen    torch.nn.attention.varlen.varlen_attn (PyTorch's own FlashAttention /
+                    cuDNN varlen kernels; torch >= 2.10); CUDA, fp16/bf16
+    sdpa            F.scaled_dot_product_attention on the dense (B, H, S, D) layout, with a key
+                    mask when the batch had padding (PyTorch picks flash, cuDNN, memory-efficient
+                    or math); runs everywhere, and is the plain twin of the others
+
+Attention is bidirectional unless ``causal=True``. All backends are differentiable through
+autograd; pifi_fast.ops differentiates them by recomputing the forward in backward, so no
+attention output or log-sum-exp is kept between forward and backward.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("pifi_fast")
+
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+
+
+@dataclass
+class Segments:
+    """Where the packed tokens come from.
+
+    indices: (T,) positions of the real tokens in the flattened (B*S) batch, or None when the
+    batch had no padding (then T = B*S and the packed tensor is a plain view).
+    cu_seqlens: (B+1,) int32 start offsets of each sequence in the packed tensor.
+    max_seqlen: the longest real sequence (a Python int).
+    """
+
+    batch: int
+    seq: int
+    indices: torch.Tensor | None
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @classmethod
+    def dense(cls, batch: int, seq: int, device) -> "Segments":
+        cu = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
+        return cls(batch, seq, None, cu, seq)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "Segments":
+        """From a (B, S) bool mask of real tokens (rows may be padded anywhere)."""
+        b, s = mask.shape
+        lengths = mask.sum(1, dtype=torch.int32)
+        cu = torch.zeros(b + 1, dtype=torch.int32, device=mask.device)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        # The two host syncs of unpadding: T (the packed size) and the longest row.
+        indices = mask.reshape(-1).nonzero().squeeze(1)
+        return cls(b, s, indices, cu, int(lengths.max()))
+
+    @property
+    def key_mask(self) -> torch.Tensor | None:
+        """(B, S) bool mask rebuilt from the segments (None when dense)."""
+        if self.indices is None:
+            return None
+        m = torch.zeros(self.batch * self.seq, dtype=torch.bool, device=self.indices.device)
+        m[self.indices] = True
+        return m.view(self.batch, self.seq)
+
+
+# -- backend discovery -----------------------------------------------------------------------------
+def _flash_attn_varlen():
+    for module in ("flash_attn_interface", "flash_attn"):  # FA3 (Hopper) first, then FA2
+        try:
+            mod = __import__(module)
+            return getattr(mod, "flash_attn_varlen_func")
+        except (ImportError, AttributeError, OSError):
+            continue
+    return None
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+_FLASH = _flash_attn_varlen()
+_VARLEN = _torch_varlen()
+_announced: set[str] = set()
+backend_used: str | None = None  # the backend of the most recent call
+
+
+def available_backends(device_type: str = "cuda") -> list[str]:
+    found = []
+    if device_type == "cuda" and _FLASH is not None:
+        found.append("flash_attn")
+    if device_type == "cuda" and _VARLEN is not None:
+        found.append("torch_varlen")
+    return found + ["sdpa"]
+
+
+def select_backend(q: torch.Tensor, requested: str | None = None) -> str:
+    """The backend for these inputs: ``requested`` (or $PIFI_FAST_ATTENTION) if given and
+    usable, else the best usable one."""
+    requested = requested or os.environ.get("PIFI_FAST_ATTENTION") or "auto"
+    if requested not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown attention backend {requested!r}; choose from {BACKENDS}")
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    usable = [b for b in available_backends(q.device.type) if b == "sdpa" or half]
+    if requested != "auto":
+        if requested not in usable:
+            raise ValueError(f"attention backend {requested!r} cannot run {q.dtype} on "
+                             f"{q.device.type} here; usable: {usable}")
+        return requested
+    return usable[0]
+
+
+def _announce(name: str, q: torch.Tensor):
+    global backend_used
+    backend_used = name
+    if name not in _announced:
+        _announced.add(name)
+        log.info("pifi_fast attention backend: %s (%s, %s)", name, q.device.type, q.dtype)
+
+
+# -- the backends ----------------------------------------------------------------------------------
+def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool):
+    b, s = seg.batch, seg.seq
+    if seg.indices is None:
+        dense = [t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v)]
+        mask = None
+    else:
+        dense = []
+        for t in (q, k, v):
+            full = t.new_zeros(b * s, t.shape[1], t.shape[2]).index_copy(0, seg.indices, t)
+            dense.append(full.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2))
+        mask = seg.key_mask[:, None, None, :]
+        if causal:
+            mask = mask & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    o = F.scaled_dot_product_attention(*dense, attn_mask=mask, scale=scale,
+                                       is_causal=causal and mask is None,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    o = o.transpose(1, 2).reshape(b * s, q.shape[1], q.shape[2])
+    return o if seg.indices is None else o.index_select(0, seg.indices)
+
+
+def _varlen_kwargs(fn, scale, causal, gqa):
+    params = inspect.signature(fn).parameters
+    kw = {"scale": scale}
+    if causal:
+        if "window_size" in params:
+            kw["window_size"] = (-1, 0)
+        else:
+            kw["is_causal"] = True
+    if gqa and "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    return kw, gqa and "enable_gqa" not in params
+
+
+def _torch_varlen_call(q, k, v, seg, scale, causal):
+    gqa = q.shape[1] != k.shape[1]
+    kw, repeat = _varlen_kwargs(_VARLEN, scale, causal, gqa)
+    if repeat:
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    cu = seg.cu_seqlens
+    return _VARLEN(q, k, v, cu, cu, seg.max_seqlen, seg.max_seqlen, **kw)
+
+
+def _flash_attn_call(q, k, v, seg, scale, causal):
+    cu = seg.cu_seqlens
+    out = _FLASH(q, k, v, cu, cu, seg.max_seqlen, seg.max_seqlen, softmax_scale=scale,
+                 causal=causal)
+    return out[0] if isinstance(out, tuple) else out  # FA3 may return (out, lse)
+
+
+def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
+              backend: str | None = None) -> torch.Tensor:
+    """Packed attention: q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    name = select_backend(q, backend)
+    _announce(name, q)
+    if name == "flash_attn":
+        return _flash_attn_call(q, k, v, seg, scale, causal)
+    if name == "torch_varlen":
+        return _torch_varlen_call(q, k, v, seg, scale, causal)
+    return _sdpa(q, k, v, seg, scale, causal)

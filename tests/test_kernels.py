@@ -1,0 +1,180 @@
+"""Each Triton kernel against its plain PyTorch twin (GUIDE §3: the 2x rule).
+
+On CPU the kernels run under Triton's interpreter (the root conftest sets TRITON_INTERPRET=1),
+so shapes stay small. The reference truth is the twin run in float64; a kernel passes when its
+error is at most twice the error of the twin run in the same low precision, plus a floor of two
+fp32 epsilons (the kernels compute in fp32; in fp32 the twin is sometimes exact by luck).
+"""
+import pytest
+import torch
+
+from pifi_fast import kernels
+from pifi_fast.kernels import rms_norm as R
+from pifi_fast.kernels import rope as P
+from pifi_fast.kernels import swiglu as S
+
+pytestmark = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_2x(kernel_out, twin_out, truth, dtype, what=""):
+    e_kernel, e_twin = rel(kernel_out, truth), rel(twin_out, truth)
+    bound = 2 * e_twin + 2 * torch.finfo(torch.float32).eps
+    assert e_kernel <= bound, f"{what}: kernel error {e_kernel:.3e} > 2 x twin {e_twin:.3e}"
+
+
+def randn(*shape, dtype, scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
+
+
+def f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
+# -- RMSNorm ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 1000), (33, 72), (3, 4096)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_forward_and_backward(dtype, rows, hidden, with_residual):
+    x = randn(rows, hidden, dtype=dtype)
+    res = randn(rows, hidden, dtype=dtype) if with_residual else None
+    w = randn(hidden, dtype=dtype, scale=0.5) + 1
+    eps = 1e-5
+    y, s, rstd = R.rms_norm_fwd(x, w, eps, res)
+    y_t, s_t, rstd_t = R.rms_norm_fwd_ref(x, w, eps, res)
+    y_64, s_64, rstd_64 = R.rms_norm_fwd_ref(*f64(x, w), eps, *f64(res))
+    assert torch.equal(s, s_t)  # the residual add rounds exactly like x + residual
+    check_2x(y, y_t, y_64, dtype, "rms fwd")
+    check_2x(rstd, rstd_t, rstd_64, torch.float32, "rstd")
+    dy = randn(rows, hidden, dtype=dtype)
+    dres = randn(rows, hidden, dtype=dtype) if with_residual else None
+    ds = R.rms_norm_bwd(dy, s, w, rstd, dres)
+    ds_t = R.rms_norm_bwd_ref(dy, s_t, w, rstd_t, dres)
+    ds_64 = R.rms_norm_bwd_ref(*f64(dy, s_t, w, rstd_64, dres))
+    check_2x(ds, ds_t, ds_64, dtype, "rms bwd")
+
+
+def test_rms_norm_backward_is_the_autograd_gradient():
+    x = randn(5, 100, dtype=torch.float64).requires_grad_()
+    w = randn(100, dtype=torch.float64)
+    y, _, rstd = R.rms_norm_fwd_ref(x, w, 1e-6)
+    dy = randn(5, 100, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    assert rel(R.rms_norm_bwd_ref(dy, x.detach(), w, rstd), gx) < 1e-12
+    assert rel(R.rms_norm_bwd(dy.float(), x.detach().float(), w.float(), rstd.float()), gx) < 1e-5
+
+
+def test_rms_norm_rejects_too_wide_rows():
+    with pytest.raises(ValueError, match="hidden sizes up to"):
+        R.rms_norm_fwd(torch.ones(1, R.MAX_HIDDEN + 1, device=DEVICE), torch.ones(
+            R.MAX_HIDDEN + 1, device=DEVICE), 1e-5)
+
+
+# -- SwiGLU ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 100), (7, 300), (5, 1500)])
+def test_swiglu_forward_and_backward(dtype, rows, inter):
+    gu = randn(rows, 2 * inter, dtype=dtype, scale=2.0)
+    dm = randn(rows, inter, dtype=dtype)
+    check_2x(S.swiglu_fwd(gu), S.swiglu_fwd_ref(gu), S.swiglu_fwd_ref(gu.double()), dtype, "fwd")
+    check_2x(S.swiglu_bwd(gu, dm), S.swiglu_bwd_ref(gu, dm),
+             S.swiglu_bwd_ref(gu.double(), dm.double()), dtype, "bwd")
+
+
+def test_swiglu_backward_is_the_autograd_gradient():
+    gu = randn(4, 2 * 50, dtype=torch.float64, scale=2.0).requires_grad_()
+    dm = randn(4, 50, dtype=torch.float64)
+    (g,) = torch.autograd.grad(S.swiglu_fwd_ref(gu), gu, dm)
+    assert rel(S.swiglu_bwd_ref(gu.detach(), dm), g) < 1e-12
+    assert rel(S.swiglu_bwd(gu.detach().float(), dm.float()), g) < 1e-6
+
+
+# -- RoPE ------------------------------------------------------------------------------------------
+def rope_tables(n_pos, head_dim, dtype=torch.float32):
+    """cos/sin tables shaped like a Hugging Face rotary module's output (halves repeated)."""
+    inv = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = torch.arange(n_pos, dtype=torch.float64)[:, None] * inv[None]
+    ang = torch.cat((ang, ang), -1)
+    return ang.cos().to(DEVICE, dtype), ang.sin().to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,nq,nkv,head_dim", [(7, 6, 2, 12), (1, 4, 4, 64),
+                                                    (100, 12, 4, 128), (9, 3, 1, 64)])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rope_in_place(dtype, tokens, nq, nkv, head_dim, transpose):
+    width = (nq + 2 * nkv) * head_dim
+    qkv = randn(tokens, width, dtype=dtype)
+    pos = torch.randint(0, 300, (tokens,), device=DEVICE)
+    cos, sin = rope_tables(300, head_dim)
+    out = qkv.clone()
+    ret = P.rope_(out, pos, cos, sin, nq, nkv, head_dim, transpose)
+    assert ret.data_ptr() == out.data_ptr()  # in place
+    twin = P.rope_ref_(qkv.clone(), pos, cos, sin, nq, nkv, head_dim, transpose)
+    truth = P.rope_ref_(qkv.double(), pos, cos.double(), sin.double(), nq, nkv, head_dim,
+                        transpose)
+    rotated = (nq + nkv) * head_dim
+    check_2x(out[:, :rotated], twin[:, :rotated], truth[:, :rotated], dtype, "rope")
+    assert torch.equal(out[:, rotated:], qkv[:, rotated:])  # v is untouched
+
+
+def test_rope_transpose_is_the_adjoint_and_the_inverse():
+    nq, nkv, d, t = 6, 2, 16, 11
+    x, y = randn(t, (nq + 2 * nkv) * d, dtype=torch.float64), randn(t, (nq + 2 * nkv) * d,
+                                                                     dtype=torch.float64)
+    pos = torch.randint(0, 50, (t,), device=DEVICE)
+    cos, sin = rope_tables(50, d, torch.float64)
+    rx = P.rope_ref_(x.clone(), pos, cos, sin, nq, nkv, d)
+    rty = P.rope_ref_(y.clone(), pos, cos, sin, nq, nkv, d, transpose=True)
+    assert abs((rx * y).sum() - (x * rty).sum()) < 1e-9 * x.norm() * y.norm()
+    back = P.rope_ref_(rx.clone(), pos, cos, sin, nq, nkv, d, transpose=True)
+    assert rel(back, x) < 1e-12
+    xf = x.float()
+    k = P.rope_(P.rope_(xf.clone(), pos, cos.float(), sin.float(), nq, nkv, d), pos,
+                cos.float(), sin.float(), nq, nkv, d, transpose=True)
+    assert rel(k, x) < 1e-6
+
+
+def test_rope_rejects_bad_shapes():
+    cos, sin = rope_tables(8, 12)
+    with pytest.raises(ValueError, match="positions"):
+        P.rope_(torch.zeros(3, 60, device=DEVICE), torch.zeros(2, dtype=torch.long,
+                                                               device=DEVICE), cos, sin, 2, 1, 12)
+    with pytest.raises(ValueError, match="head_dim"):
+        P.rope_(torch.zeros(3, 60, device=DEVICE), torch.zeros(3, dtype=torch.long,
+                                                               device=DEVICE), cos, sin, 2, 1, 10)
+
+
+# -- more than 2^31 elements (GPU only: 4+ GB tensors) --------------------------------------------
+@pytest.mark.gpu
+def test_rms_norm_beyond_2_to_31_elements():
+    hidden = 4096
+    rows = (1 << 31) // hidden + 3
+    x = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(hidden, device="cuda", dtype=torch.bfloat16)
+    y, _, rstd = R.rms_norm_fwd(x, w, 1e-5)
+    dy = torch.randn_like(x[-5:])
+    ds_tail = R.rms_norm_bwd(torch.cat((torch.zeros_like(x[:-5]), dy)), x, w, rstd)[-5:]
+    for sl in (slice(0, 5), slice(rows - 5, rows)):
+        y_t, _, r_t = R.rms_norm_fwd_ref(x[sl], w, 1e-5)
+        assert torch.equal(y[sl], y_t) or rel(y[sl], y_t) < 1e-2
+        assert rel(rstd[sl], r_t) < 1e-6
+    ds_t = R.rms_norm_bwd_ref(dy, x[-5:], w, rstd[-5:])
+    assert rel(ds_tail, ds_t) < 1e-2
+
+
+@pytest.mark.gpu
+def test_swiglu_beyond_2_to_31_elements():
+    inter = 14336
+    rows = (1 << 31) // (2 * inter) + 3
+    gu = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.bfloat16)
+    m = S.swiglu_fwd(gu)
+    assert rel(m[-4:], S.swiglu_fwd_ref(gu[-4:])) < 1e-2
+    dm = torch.randn(rows, inter, device="cuda", dtype=torch.bfloat16)
+    dgu = S.swiglu_bwd(gu, dm)
+    assert rel(dgu[-4:], S.swiglu_bwd_ref(gu[-4:], dm[-4:])) < 1e-2
