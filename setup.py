@@ -2,7 +2,7 @@
 
 The extension is built with torch's cpp_extension and ninja:
   * with CUDA when the installed torch is a CUDA build and nvcc is found
-    (arch list: $TORCH_CUDA_ARCH_LIST, default 7.5;8.0;8.6;8.9;9.0),
+    (arch list: $TORCH_CUDA_ARCH_LIST, default 7.5;8.0;8.6;8.9;9.0;9.0a),
   * as C++ only (CPU and Meta kernels) otherwise,
   * not at all when PIFI_FAST_NO_EXT=1; the package then runs its plain PyTorch path.
 Build with `pip install . --no-build-isolation` (the build must see the installed torch).
@@ -14,7 +14,7 @@ import sys
 
 from setuptools import setup
 
-DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0"
+DEFAULT_ARCHS = "7.5;8.0;8.6;8.9;9.0;9.0a"
 
 
 def _find_nvcc():

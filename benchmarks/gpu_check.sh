@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The one prepared call for a lent GPU machine (GUIDE §6), at most ~8 minutes on an H200:
 #   1. build pifi_fast._C for sm_90 (no PyPI there: --no-deps, the machine's own torch),
-#   2. run every `gpu`-marked test, then the CPU suite's fast equivalence tests on that torch,
+#   2. run every `gpu`-marked test and the kernel tests on CUDA (each Triton kernel against its
+#      twin in fp32/fp16/bf16, the 2x rule; the fused layer against the Hugging Face layer per
+#      attention backend, padded and dense; RMSNorm and SwiGLU beyond 2^31 elements), then the
+#      CPU suite's fast equivalence tests on that torch,
 #   3. run the quick benchmark suite (pifi-fast bench --quick),
 # writing logs, JSON and plots under $OUT. Each step runs even if an earlier one failed, and
 # the exit code says whether all passed.
@@ -32,15 +35,18 @@ fi
 $PY -c "import pifi_fast; from pifi_fast import _ext; print('extension', _ext.HAS_EXTENSION, \
 'cuda kernels', _ext.EXTENSION_WITH_CUDA)" | tee -a "$OUT/steps.log"
 
+$PY -m pifi_fast.cli info 2>&1 | tee -a "$OUT/steps.log"
+
 step "gpu tests"
-$PY -m pytest -q -ra -m gpu -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" \
-  > "$OUT/gpu_tests.log" 2>&1; rc=$?
+$PY -m pytest -q -ra -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" \
+  -m "gpu or kernels" tests > "$OUT/gpu_tests.log" 2>&1; rc=$?
 [ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
 tail -3 "$OUT/gpu_tests.log" | tee -a "$OUT/steps.log"
 
 step "equivalence tests on this torch"
 $PY -m pytest -q -ra -p no:cacheprovider tests/test_model_equivalence.py tests/test_extension.py \
-  -m "not slow" > "$OUT/equivalence_tests.log" 2>&1 || status=1
+  tests/test_fused_layer.py -m "not slow and not gpu" > "$OUT/equivalence_tests.log" 2>&1 \
+  || status=1
 tail -3 "$OUT/equivalence_tests.log" | tee -a "$OUT/steps.log"
 
 step "quick benchmark"

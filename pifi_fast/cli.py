@@ -85,6 +85,10 @@ def demo(args) -> int:
     return 0
 
 
+_CHOICES = {"kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
+            "attention": ("auto", "flash_attn", "torch_varlen", "sdpa")}
+
+
 def _add_train_args(p):
     from pifi_fast.train import TrainConfig
 
@@ -101,6 +105,9 @@ def _add_train_args(p):
             p.add_argument(flag, type=int, default=default)
         elif f.name in ("pair_column", "test_split", "device"):
             p.add_argument(flag, default=default)
+        elif f.name in _CHOICES:
+            p.add_argument(flag, default=default, choices=_CHOICES[f.name],
+                           help="fused-layer option (default: %(default)s)")
         else:
             p.add_argument(flag, type=type(default), default=default)
 
@@ -170,6 +177,13 @@ def info(args) -> int:
           f"; transformers {transformers.__version__}")
     print(f"compiled extension: {HAS_EXTENSION} (CUDA kernels: {EXTENSION_WITH_CUDA})")
     print(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
+    from pifi_fast import attention, kernels
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    triton_note = "not installed" if not kernels.HAS_TRITON else (
+        "used on CUDA" + (", interpreter on (TRITON_INTERPRET=1)" if kernels.interpreting() else ""))
+    print(f"Triton kernels: {triton_note}")
+    print(f"attention backends usable on {device}: {', '.join(attention.available_backends(device))}")
     return 0
 
 

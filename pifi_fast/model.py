@@ -16,9 +16,11 @@ class PiFiModel(PiFiBase):
     Layer option `fused`: None (default) fuses when the architecture allows, True requires it
     (error otherwise), False always runs the Hugging Face layer. An unfrozen layer
     (freeze=False, the paper's ablation) needs weight gradients and so runs the Hugging Face layer.
+    Options of the fused layer (see FrozenLlamaLayer): `kernels` ("auto", "triton", "torch"),
+    `recompute` ("none", "mlp"), `attention` (None or a backend name).
     """
 
-    def _make_layer(self, llm, freeze: bool, fused: bool | None = None):
+    def _make_layer(self, llm, freeze: bool, fused: bool | None = None, **fused_options):
         fusable = is_fusable(llm.config)
         if fused and not fusable:
             raise ValueError(f"fused=True, but model_type {llm.config.model_type!r} has no fused "
@@ -28,9 +30,14 @@ class PiFiModel(PiFiBase):
                              "computes no weight gradients")
         self.fused = bool(fusable and freeze and fused is not False)
         if self.fused:
-            self.llm_layer = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary)
+            self.llm_layer = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary,
+                                                      **fused_options)
             self.llm_layer.layer_index = llm.index
         else:
+            if any(v not in (None, "auto", "none") for v in fused_options.values()):
+                raise ValueError(f"options {sorted(fused_options)} apply to the fused layer only, "
+                                 "which this model does not use (unfused architecture, "
+                                 "freeze=False or fused=False)")
             if not fusable:
                 warn_unfused(llm.config)
             self.llm_layer = llm.module

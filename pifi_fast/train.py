@@ -33,6 +33,9 @@ class TrainConfig:
     layer: int = -1
     freeze: bool = True
     implementation: str = "fast"  # fast (pifi_fast.PiFiModel) | reference
+    kernels: str = "auto"  # fused layer: auto (Triton on CUDA) | triton | torch
+    recompute: str = "none"  # fused layer memory mode: none | mlp (recompute gate/up in backward)
+    attention: str = "auto"  # fused layer attention backend: auto | flash_attn | torch_varlen | sdpa
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
     seed: int = 42
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
@@ -134,6 +137,9 @@ def build_model(cfg: TrainConfig, num_labels: int):
     if cfg.task == "classification":
         options.update(num_labels=num_labels, head_dropout=cfg.head_dropout)
     llm = resolve_llm(cfg.llm)
+    if cls is PiFiModel and llm is not None and cfg.freeze:
+        options.update(kernels=cfg.kernels, recompute=cfg.recompute,
+                       attention=None if cfg.attention == "auto" else cfg.attention)
     llm_dtype = torch.float32 if cfg.authors_setup else None
     model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=cfg.layer, llm_dtype=llm_dtype,
                            seed=cfg.seed, **options)

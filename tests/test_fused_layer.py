@@ -13,7 +13,9 @@ from pifi_fast.hf_layer import run_hf_layer
 from pifi_fast.layer import FrozenLlamaLayer
 from pifi_fast.loading import make_rotary, random_layer
 
-KERNELS = ["torch"] + (["triton"] if kernels.HAS_TRITON else [])
+# The Triton path on CPU tensors needs the interpreter (set by the root conftest without a GPU);
+# on a GPU machine the CUDA checks below cover the kernels instead.
+KERNELS = ["torch"] + (["triton"] if kernels.HAS_TRITON and kernels.interpreting() else [])
 
 
 def _pair(kind, seed=0, **options):
@@ -175,3 +177,56 @@ def test_torch_compile_of_a_pifi_model_with_the_fused_layer():
     assert rel_err(out, eager) <= 1e-5
     out.sum().backward()
     assert model.adapter_in.weight.grad is not None
+
+
+# -- GPU: the fused layer in bf16/fp16 against the Hugging Face layer (the 2x rule) ------------
+def _gpu_backends():
+    from pifi_fast.attention import available_backends
+
+    return available_backends("cuda")
+
+
+def _qwen2_05b_config():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                       num_key_value_heads=2, num_hidden_layers=1, rms_norm_eps=1e-6,
+                       max_position_embeddings=32768)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["sdpa", "torch_varlen", "flash_attn"])
+@pytest.mark.parametrize("shape", ["qwen2-0.5b", "llama-3.1-8b"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_layer_on_gpu_within_twice_the_hf_layer_error(dtype, backend, shape, padded):
+    if backend not in _gpu_backends():
+        pytest.skip(f"attention backend {backend} not available here")
+    cfg = _qwen2_05b_config() if shape == "qwen2-0.5b" else llama_8b_layer_config()
+    cfg._attn_implementation = "sdpa"
+    truth_layer = random_layer(cfg, 0, dtype=torch.float32, seed=0)
+    truth_layer.module.cuda()
+    truth_layer.rotary.cuda()
+    low = random_layer(cfg, 0, dtype=dtype, seed=0)
+    low.module.cuda()
+    low.rotary.cuda()
+    low.module.load_state_dict(truth_layer.module.state_dict())
+    fused = FrozenLlamaLayer.from_hf(low.module, cfg, low.rotary, attention=backend)
+    assert next(fused.parameters()).is_cuda
+    lengths = [13, 64, 7, 128, 1, 40, 90, 33] if padded else [256] * 4
+    x, mask = _ragged(lengths, cfg.hidden_size)
+    x, mask = x.cuda(), mask.cuda()
+    mask_arg = mask if padded else None
+    grad = torch.randn_like(x) * mask[..., None]
+    results = {}
+    for name, layer, rot, dt in (("truth", truth_layer.module, truth_layer.rotary, torch.float32),
+                                 ("hf", low.module, low.rotary, dtype), ("fused", fused, None, dtype)):
+        leaf = x.to(dt).requires_grad_()
+        out = (layer(leaf, None if mask_arg is None else mask_arg.long()) if rot is None
+               else run_hf_layer(layer, rot, leaf, mask_arg))
+        out.backward(grad.to(dt))
+        results[name] = (out.detach().float()[mask], leaf.grad.float()[mask])
+    for i, what in enumerate(("output", "input gradient")):
+        e_hf = rel_err(results["hf"][i], results["truth"][i])
+        e_fused = rel_err(results["fused"][i], results["truth"][i])
+        assert e_fused <= 2 * e_hf + 1e-6, f"{what}: fused {e_fused:.2e} vs HF {e_hf:.2e}"
