@@ -86,7 +86,7 @@ def demo(args) -> int:
 
 
 _CHOICES = {"kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
-            "attention": ("auto", "flash_attn", "torch_varlen", "sdpa")}
+            "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"), "gemm": ("cublas", "triton")}
 
 
 def _add_train_args(p):

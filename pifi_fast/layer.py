@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from pifi_fast.attention import BACKENDS, Segments
-from pifi_fast.ops import KERNEL_CHOICES, RECOMPUTE_CHOICES, FrozenLayerFunction, LayerRun
+from pifi_fast.ops import (GEMM_CHOICES, KERNEL_CHOICES, RECOMPUTE_CHOICES, FrozenLayerFunction,
+                           LayerRun)
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -59,21 +60,25 @@ class FrozenLlamaLayer(nn.Module):
       kernels     "auto" (Triton on CUDA, PyTorch twins elsewhere), "triton", "torch"
       recompute   "none" (save gate/up outputs) or "mlp" (recompute them in backward)
       attention   None (best available) or one of pifi_fast.attention.BACKENDS
+      gemm        "cublas" (the compiled frozen_linear op) or "triton" (GEMMs with fused
+                  residual / SwiGLU / SwiGLU-backward epilogues; see pifi_fast.ops)
       causal      False (PiFi's bidirectional attention) or True
     """
 
     def __init__(self, config, rotary: nn.Module, layer_index: int = -1, dtype=None, device=None,
                  *, kernels: str = "auto", recompute: str = "none", attention: str | None = None,
-                 causal: bool = False):
+                 gemm: str = "cublas", causal: bool = False):
         super().__init__()
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
         if recompute not in RECOMPUTE_CHOICES:
             raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
+        if gemm not in GEMM_CHOICES:
+            raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
         if attention is not None and attention not in BACKENDS:
             raise ValueError(f"attention must be None or one of {BACKENDS}, got {attention!r}")
-        self.kernels, self.recompute, self.attention, self.causal = (
-            kernels, recompute, attention, causal)
+        self.kernels, self.recompute, self.attention, self.gemm, self.causal = (
+            kernels, recompute, attention, gemm, causal)
         self._rope_cache: dict = {}
         if not is_fusable(config):
             raise ValueError(
@@ -280,7 +285,8 @@ class FrozenLlamaLayer(nn.Module):
             positions = positions.index_select(0, seg.indices)
         cos, sin = (None, None) if s == 1 else self.rope_tables(n_positions, x.device, x.dtype)
         run = LayerRun(layer=self, segments=seg, cos=cos, sin=sin, kernels=self.kernels,
-                       recompute=self.recompute, attention=self.attention, causal=self.causal)
+                       recompute=self.recompute, attention=self.attention, gemm=self.gemm,
+                       causal=self.causal, needs_grad=torch.is_grad_enabled() and x.requires_grad)
         out = FrozenLayerFunction.apply(flat.contiguous(), positions.contiguous(), run)
         if seg.indices is not None:
             # padding positions keep their input; real positions get the layer's output
@@ -292,7 +298,7 @@ class FrozenLlamaLayer(nn.Module):
                 f"{self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"mlp={self.config.intermediate_size}, layer={self.layer_index}, "
                 f"kernels={self.kernels}, recompute={self.recompute}, "
-                f"attention={self.attention or 'auto'}, causal={self.causal}")
+                f"attention={self.attention or 'auto'}, gemm={self.gemm}, causal={self.causal}")
 
 
 def _attr_of(module: nn.Module, param: torch.Tensor) -> str:

@@ -17,7 +17,8 @@ class PiFiModel(PiFiBase):
     (error otherwise), False always runs the Hugging Face layer. An unfrozen layer
     (freeze=False, the paper's ablation) needs weight gradients and so runs the Hugging Face layer.
     Options of the fused layer (see FrozenLlamaLayer): `kernels` ("auto", "triton", "torch"),
-    `recompute` ("none", "mlp"), `attention` (None or a backend name).
+    `recompute` ("none", "mlp"), `attention` (None or a backend name), `gemm` ("cublas",
+    "triton").
     """
 
     def _make_layer(self, llm, freeze: bool, fused: bool | None = None, **fused_options):
@@ -34,7 +35,7 @@ class PiFiModel(PiFiBase):
                                                       **fused_options)
             self.llm_layer.layer_index = llm.index
         else:
-            if any(v not in (None, "auto", "none") for v in fused_options.values()):
+            if any(v not in (None, "auto", "none", "cublas") for v in fused_options.values()):
                 raise ValueError(f"options {sorted(fused_options)} apply to the fused layer only, "
                                  "which this model does not use (unfused architecture, "
                                  "freeze=False or fused=False)")

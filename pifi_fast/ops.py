@@ -4,8 +4,12 @@ The layer runs on packed tokens: x is (T, H), the real tokens of the batch only 
 pifi_fast.attention.Segments), so padding costs nothing in any GEMM or kernel. Elementwise work
 goes to the Triton kernels of pifi_fast.kernels when they can run (CUDA tensors, or CPU tensors
 under Triton's interpreter) and to their plain PyTorch twins otherwise; ``kernels="torch"``
-forces the twins, ``"triton"`` the kernels. Projections use torch.ops.pifi_fast.frozen_linear
-(the compiled extension; bias and residual fused into the GEMM).
+forces the twins, ``"triton"`` the kernels. Projections (``gemm`` option):
+    "cublas"  torch.ops.pifi_fast.frozen_linear (the compiled extension; bias and residual
+              fused into the cuBLAS/cuBLASLt GEMM) forward, dy @ W backward; the default
+    "triton"  pifi_fast.kernels.gemm with fused epilogues: residual adds on O and down, SwiGLU
+              on the gate/up output when gu need not be kept (inference, recompute="mlp"),
+              SwiGLU-backward on the down projection's input gradient
 
 Chain rule (weights frozen, so only d/dx; ``@W`` is x @ W^T forward and dy @ W backward):
 
@@ -39,12 +43,14 @@ import torch
 from pifi_fast import attention as attn
 from pifi_fast import kernels
 from pifi_fast._ext import frozen_linear
+from pifi_fast.kernels import gemm as _gemm
 from pifi_fast.kernels import rms_norm as _rms
 from pifi_fast.kernels import rope as _rope
 from pifi_fast.kernels import swiglu as _swiglu
 
 KERNEL_CHOICES = ("auto", "triton", "torch")
 RECOMPUTE_CHOICES = ("none", "mlp")
+GEMM_CHOICES = ("cublas", "triton")
 
 _TWINS = SimpleNamespace(rms_fwd=_rms.rms_norm_fwd_ref, rms_bwd=_rms.rms_norm_bwd_ref,
                          swiglu_fwd=_swiglu.swiglu_fwd_ref, swiglu_bwd=_swiglu.swiglu_bwd_ref,
@@ -73,8 +79,9 @@ def elementwise_impl(x: torch.Tensor, choice: str = "auto") -> SimpleNamespace:
 
 
 class LayerRun(SimpleNamespace):
-    """What one call of the layer needs besides x: the layer, the segments, the positions, the
-    RoPE tables and the options (kernels, recompute, attention backend, causal)."""
+    """What one call of the layer needs besides x: the layer, the segments, the RoPE tables,
+    the options (kernels, recompute, attention backend, gemm, causal), whether a backward will
+    follow (needs_grad) and, once forward starts, the elementwise implementation (impl)."""
 
 
 class FrozenLayerFunction(torch.autograd.Function):
@@ -83,22 +90,39 @@ class FrozenLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, positions, run):
-        impl = elementwise_impl(x, run.kernels)
-        out, saved = _forward(run, impl, x, positions)
-        ctx.run, ctx.impl = run, impl
+        run.impl = elementwise_impl(x, run.kernels)
+        out, saved = _forward(run, x, positions)
+        ctx.run = run
         ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        dx = _input_grad(ctx.run, ctx.impl, dout.contiguous(), *ctx.saved_tensors)
+        dx = _input_grad(ctx.run, dout.contiguous(), *ctx.saved_tensors)
         return dx, None, None
 
 
-def _mlp(layer, impl, x2, rstd2=None):
-    """h2 = rms(x2) and gu = h2 @Wgu; reuses rstd2 when given (the recompute path)."""
-    h2, _, r = impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
-    return frozen_linear(h2, layer.gate_up_weight, layer.gate_up_bias), r
+def _proj(run, x, w, b=None, residual=None, epilogue="none"):
+    """x @ w^T (+ b) (+ residual), or with the swiglu epilogue silu(g) * u of [g | u]."""
+    if run.gemm == "triton":
+        return _gemm.gemm(x, w.t(), epilogue, bias=b, residual=residual)
+    y = frozen_linear(x, w, b, residual=residual)
+    return run.impl.swiglu_fwd(y) if epilogue == "swiglu" else y
+
+
+def _proj_input_grad(run, dy, w, epilogue="none", aux=None):
+    """dy @ w, or with swiglu_bwd: [dg | du] from dm = dy @ w and the saved gu (aux)."""
+    if run.gemm == "triton":
+        return _gemm.gemm(dy, w, epilogue, aux=aux)
+    dx = dy @ w
+    return run.impl.swiglu_bwd(aux, dx) if epilogue == "swiglu_bwd" else dx
+
+
+def _gate_up(run, x2):
+    """gu = rms(x2) @Wgu: the gate/up projection's output [g | u] and the fp32 1/rms."""
+    layer = run.layer
+    h2, _, rstd2 = run.impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
+    return _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias), h2, rstd2
 
 
 def _qkv_rotated(run, impl, qkv, positions):
@@ -130,42 +154,52 @@ def _attend(run, q, k, v):
     return attn.attention(q, k, v, run.segments, layer.scaling, run.causal, run.attention)
 
 
-def _forward(run, impl, x, positions):
-    layer = run.layer
+def _forward(run, x, positions):
+    layer, impl = run.layer, run.impl
     t = x.shape[0]
     h, _, rstd1 = impl.rms_fwd(x, layer.input_norm_weight, layer.eps)
     if run.segments.seq == 1:
         w_v, b_v = layer.v_weight_and_bias()
-        v = frozen_linear(h, w_v, b_v).view(t, layer.num_kv_heads, 1, layer.head_dim)
+        v = _proj(run, h, w_v, b_v).view(t, layer.num_kv_heads, 1, layer.head_dim)
         a = v.expand(t, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim)
         a = a.reshape(t, layer.q_size)
         qkv = None
     else:
-        qkv = frozen_linear(h, layer.qkv_weight, layer.qkv_bias)
+        qkv = _proj(run, h, layer.qkv_weight, layer.qkv_bias)
         rotated = _qkv_rotated(run, impl, qkv, positions)
         a = _attend(run, *_heads(layer, rotated)).reshape(t, layer.q_size)
         if layer.q_norm_weight is None:
             qkv = rotated  # save the rotated buffer: backward needs no re-rotation
-    x2 = frozen_linear(a, layer.o_weight, layer.o_bias, residual=x)
-    gu, rstd2 = _mlp(layer, impl, x2)
-    out = frozen_linear(impl.swiglu_fwd(gu), layer.down_weight, layer.down_bias, residual=x2)
-    saved = [x, rstd1, x2, rstd2, positions, qkv if qkv is not None else x.new_empty(0)]
-    saved.append(gu if run.recompute == "none" else x.new_empty(0))
+    x2 = _proj(run, a, layer.o_weight, layer.o_bias, residual=x)
+    keep_gu = run.needs_grad and run.recompute == "none"
+    if run.gemm == "triton" and not keep_gu:
+        # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
+        h2, _, rstd2 = impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
+        m = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias, epilogue="swiglu")
+        gu = None
+    else:
+        gu, _, rstd2 = _gate_up(run, x2)
+        m = impl.swiglu_fwd(gu)
+    out = _proj(run, m, layer.down_weight, layer.down_bias, residual=x2)
+    empty = x.new_empty(0)
+    saved = [x, rstd1, x2, rstd2, positions, qkv if qkv is not None else empty,
+             gu if keep_gu else empty]
     return out, saved
 
 
-def _input_grad(run, impl, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
-    layer = run.layer
+def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
+    layer, impl = run.layer, run.impl
     t = x.shape[0]
-    if gu.numel() == 0:  # recompute="mlp"
-        gu, _ = _mlp(layer, impl, x2)
-    dgu = impl.swiglu_bwd(gu, dout @ layer.down_weight)
-    dx2 = impl.rms_bwd(dgu @ layer.gate_up_weight, x2, layer.post_norm_weight, rstd2, dout)
-    da = dx2 @ layer.o_weight
+    if gu.numel() == 0:  # recompute="mlp": one extra gate/up GEMM instead of keeping gu
+        gu, _, _ = _gate_up(run, x2)
+    dgu = _proj_input_grad(run, dout, layer.down_weight, "swiglu_bwd", aux=gu)
+    dh2 = _proj_input_grad(run, dgu, layer.gate_up_weight)
+    dx2 = impl.rms_bwd(dh2, x2, layer.post_norm_weight, rstd2, dout)
+    da = _proj_input_grad(run, dx2, layer.o_weight)
     if run.segments.seq == 1:
         w_v, _ = layer.v_weight_and_bias()
         dv = da.view(t, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim).sum(2)
-        dh = dv.reshape(t, layer.kv_size) @ w_v
+        dh = _proj_input_grad(run, dv.reshape(t, layer.kv_size), w_v)
     else:
         qk_norm = layer.q_norm_weight is not None
         rotated = _qkv_rotated(run, impl, qkv, positions) if qk_norm else qkv
@@ -178,7 +212,7 @@ def _input_grad(run, impl, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
                    layer.head_dim, transpose=True)
         if qk_norm:
             dqkv = _qk_norm_input_grad(layer, qkv, dqkv)
-        dh = dqkv @ layer.qkv_weight
+        dh = _proj_input_grad(run, dqkv, layer.qkv_weight)
     return impl.rms_bwd(dh, x, layer.input_norm_weight, rstd1, dx2)
 
 

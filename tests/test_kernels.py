@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pifi_fast import kernels
+from pifi_fast.kernels import gemm as G
 from pifi_fast.kernels import rms_norm as R
 from pifi_fast.kernels import rope as P
 from pifi_fast.kernels import swiglu as S
@@ -149,6 +150,44 @@ def test_rope_rejects_bad_shapes():
     with pytest.raises(ValueError, match="head_dim"):
         P.rope_(torch.zeros(3, 60, device=DEVICE), torch.zeros(3, dtype=torch.long,
                                                                device=DEVICE), cos, sin, 2, 1, 10)
+
+
+# -- projection GEMM with epilogues ---------------------------------------------------------------
+# The interpreter's tl.dot multiplies bf16 bit patterns (triton-lang/triton#11584): bf16 on GPU only.
+GEMM_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+@pytest.mark.parametrize("m,k,n", [(1, 72, 50), (37, 100, 30), (64, 48, 96)])
+@pytest.mark.parametrize("epilogue", ["none", "swiglu", "swiglu_bwd"])
+@pytest.mark.parametrize("orientation", ["forward", "input_grad"])
+def test_gemm_epilogues(dtype, m, k, n, epilogue, orientation):
+    width = 2 * n if epilogue == "swiglu" else n
+    if orientation == "forward":  # x @ W^T with W (width, k)
+        w = randn(width, k, dtype=dtype, scale=k ** -0.5)
+        b = w.t()
+    else:  # dy @ W with W (k, width): b is W itself
+        w = randn(k, width, dtype=dtype, scale=k ** -0.5)
+        b = w
+    a = randn(m, k, dtype=dtype)
+    bias = randn(width, dtype=dtype) if epilogue != "swiglu_bwd" else None
+    residual = randn(m, n, dtype=dtype) if epilogue == "none" else None
+    aux = randn(m, 2 * n, dtype=dtype, scale=2.0) if epilogue == "swiglu_bwd" else None
+    out = G.gemm(a, b, epilogue, bias=bias, residual=residual, aux=aux)
+    twin = G.gemm_ref(a, b, epilogue, bias, residual, aux)
+    truth = G.gemm_ref(*f64(a, b), epilogue, *f64(bias, residual, aux))
+    assert out.shape == twin.shape
+    check_2x(out, twin, truth, dtype, f"gemm {epilogue} {orientation}")
+
+
+def test_gemm_rejects_bad_arguments():
+    a, w = torch.ones(4, 8, device=DEVICE), torch.ones(8, 6, device=DEVICE)
+    with pytest.raises(ValueError, match="epilogue"):
+        G.gemm(a, w, "gelu")
+    with pytest.raises(ValueError, match="chain"):
+        G.gemm(a, w.t())
+    with pytest.raises(ValueError, match="aux"):
+        G.gemm(a, w, "swiglu_bwd")
 
 
 # -- more than 2^31 elements (GPU only: 4+ GB tensors) --------------------------------------------

@@ -89,17 +89,17 @@ def run(cases, device: torch.device, reps: int, ceil: dict, progress=None) -> li
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """speedup_vs[b] = median(b) / median(pifi_fast) within each group, same run."""
+    """speedup_vs[b] = median(b) / median(ours) within each group, same run, for pifi_fast and
+    its variants (pifi_fast_mlp, pifi_fast_tgemm)."""
     by_group: dict[str, dict[str, dict]] = {}
     for r in rows:
         if "median_s" in r:
             by_group.setdefault(r["group"], {})[r["impl"]] = r
     for impls in by_group.values():
-        ours = impls.get("pifi_fast")
-        if ours is None:
-            continue
-        ours["speedup_vs"] = {b: impls[b]["median_s"] / ours["median_s"] for b in BASELINES
-                              if b in impls}
+        for name, ours in impls.items():
+            if name.startswith("pifi_fast"):
+                ours["speedup_vs"] = {b: impls[b]["median_s"] / ours["median_s"]
+                                      for b in BASELINES if b in impls}
 
 
 def write(rows, env, ceil, out_dir: Path, level: str) -> dict[str, Path]:

@@ -94,7 +94,8 @@ def size_lists(level: str, device: torch.device) -> dict:
                 # Inputs larger than the caches, so memory-bound ops meet the copy ceiling.
                 "kernel_tokens": [16384] if gpu else [8192],
                 "w4_sentences": [32], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
-                "impls": ("pifi_fast", "pifi_fast_mlp") + BASELINES, "reps": 10 if gpu else 5}
+                "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + BASELINES,
+                "reps": 10 if gpu else 5}
     if level == "full":
         return {"shapes": list(LLM_SHAPES),
                 "dense": [512, 1024, 2048, 4096, 8192, 16384, 32768] if gpu else
@@ -103,7 +104,8 @@ def size_lists(level: str, device: torch.device) -> dict:
                 "cls": [1, 2, 4, 8, 16, 32, 64, 128, 256],
                 "kernel_tokens": [4096, 32768] if gpu else [8192, 32768],
                 "w4_sentences": [32, 128], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
-                "impls": ("pifi_fast", "pifi_fast_mlp") + BASELINES, "reps": 20 if gpu else 7}
+                "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + BASELINES,
+                "reps": 20 if gpu else 7}
     raise ValueError(f"unknown size list {level!r}: tiny, quick or full")
 
 
@@ -136,6 +138,9 @@ def _layers(shape: str, device_str: str, dtype_str: str):
     # The recompute="mlp" memory mode, sharing the same weights (a shallow module copy).
     out["pifi_fast_mlp"] = copy.copy(out["pifi_fast"])
     out["pifi_fast_mlp"].recompute = "mlp"
+    # gemm="triton": the Triton GEMMs with fused epilogues (GPU only), same weights.
+    out["pifi_fast_tgemm"] = copy.copy(out["pifi_fast"])
+    out["pifi_fast_tgemm"].gemm = "triton"
     if dtype == torch.float32:
         out["authors"] = out["sdpa"]
     else:
@@ -187,7 +192,7 @@ def _layer_fn(layers, impl, x, mask, backward: bool):
     """A zero-arg callable running one implementation of the layer on (x, mask)."""
     from pifi_fast.hf_layer import run_hf_layer
 
-    if impl in ("pifi_fast", "pifi_fast_mlp"):
+    if impl.startswith("pifi_fast"):
         layer = layers[impl]
 
         def run(inp):
@@ -234,6 +239,8 @@ def _fused_path(layer, x) -> str:
 
 def _available(impl: str, device: torch.device) -> str | None:
     """None if the implementation can run here, else why not."""
+    if impl == "pifi_fast_tgemm" and device.type != "cuda":
+        return "the Triton GEMMs run on GPU only here (CPU: Triton's interpreter)"
     if impl == "liger":
         if device.type != "cuda":
             return "Liger-Kernel needs a GPU"
@@ -266,7 +273,7 @@ def _w1_w2_cases(sizes, device, dtype, impls):
             if device.type == "cpu" and shape == "llama-3.1-8b" and size > 32:
                 continue
             for impl in impls:
-                if impl in ("hf_eager", "hf_compile", "pifi_fast_mlp"):
+                if impl in ("hf_eager", "hf_compile", "pifi_fast_mlp", "pifi_fast_tgemm"):
                     continue  # one key: the attention kernel choice is irrelevant in CLS mode
                 cases.append(Case("W2", "cls fwd+bwd", shape, size, impl, functools.partial(
                     _build_w2, shape, size, impl, device, dtype)))
@@ -292,7 +299,7 @@ def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
         mask = None
         tokens = x.shape[0] * x.shape[1]
     fn, forward = _layer_fn(layers, impl, x, mask, backward)
-    weights = list(layers[impl if impl in ("pifi_fast", "pifi_fast_mlp", "authors") else "sdpa"]
+    weights = list(layers[impl if impl.startswith("pifi_fast") or impl == "authors" else "sdpa"]
                    .parameters())
     out = {"fn": fn, "tokens": tokens, "padded_tokens": x.shape[0] * x.shape[1],
            "dtype": str(layer_dtype).replace("torch.", "")}
@@ -323,7 +330,11 @@ def _build_w2(shape, size, impl, device, dtype):
 # -- W3: each op alone ----------------------------------------------------------------------------
 def _w3_cases(sizes, device, dtype):
     ops = ("rms_norm", "rms_norm_bwd", "rope", "swiglu", "swiglu_bwd", "attention", "qkv_proj",
-           "o_proj", "gate_up_proj", "down_proj")
+           "o_proj", "gate_up_proj", "down_proj",
+           # the GEMM choice of the issue, per shape: cuBLAS + a separate kernel against the
+           # Triton GEMM with the epilogue fused (pifi_fast.kernels.gemm)
+           "gate_up+swiglu cublas", "gate_up+swiglu triton", "down_grad+swiglu_bwd cublas",
+           "down_grad+swiglu_bwd triton", "o_proj+residual cublas", "o_proj+residual triton")
     return [Case("W3", op, shape, tokens, "pifi_fast",
                  functools.partial(_build_w3, shape, tokens, op, device, dtype))
             for shape in sizes["shapes"] for tokens in sizes["kernel_tokens"] for op in ops]
@@ -379,11 +390,40 @@ def _build_w3(shape, tokens, op, device, dtype):
         seg = attn.Segments.dense(b, seq, device)
         return {"fn": lambda: attn.attention(q, k, v, seg, layer.scaling), "tokens": t,
                 "flops": 4 * b * layer.num_heads * seq * seq * layer.head_dim}
+    if "cublas" in op or "triton" in op:
+        return _gemm_choice_case(layer, op, impl, rand, t, h, inter)
     weight = {"qkv_proj": layer.qkv_weight, "o_proj": layer.o_weight,
               "gate_up_proj": layer.gate_up_weight, "down_proj": layer.down_weight}[op]
     x = rand(t, weight.shape[1])
     return {"fn": lambda: frozen_linear(x, weight), "tokens": t,
             "flops": 2 * t * weight.shape[0] * weight.shape[1]}
+
+
+def _gemm_choice_case(layer, op, impl, rand, t, h, inter):
+    from pifi_fast._ext import frozen_linear
+    from pifi_fast.kernels import HAS_TRITON
+
+    triton = op.endswith("triton")
+    if triton and not HAS_TRITON:
+        return {"skip": "triton is not installed"}
+    if triton and rand(1).device.type != "cuda":
+        return {"skip": "the Triton GEMM is timed on GPU only (CPU runs it through the "
+                        "interpreter)"}
+    from pifi_fast.kernels.gemm import gemm
+
+    if op.startswith("gate_up"):
+        x, w = rand(t, h), layer.gate_up_weight
+        fn = ((lambda: gemm(x, w.t(), "swiglu")) if triton
+              else (lambda: impl.swiglu_fwd(frozen_linear(x, w))))
+    elif op.startswith("down_grad"):
+        dy, w, gu = rand(t, h), layer.down_weight, rand(t, 2 * inter)
+        fn = ((lambda: gemm(dy, w, "swiglu_bwd", aux=gu)) if triton
+              else (lambda: impl.swiglu_bwd(gu, dy @ w)))
+    else:
+        a, w, res = rand(t, layer.q_size), layer.o_weight, rand(t, h)
+        fn = ((lambda: gemm(a, w.t(), residual=res)) if triton
+              else (lambda: frozen_linear(a, w, None, res)))
+    return {"fn": fn, "tokens": t, "flops": 2 * t * w.shape[0] * w.shape[1]}
 
 
 # -- W4: a whole PiFi step ------------------------------------------------------------------------
