@@ -47,6 +47,7 @@ class Segments:
     indices: torch.Tensor | None
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    mask: torch.Tensor | None = None  # (B, S) bool, True for real tokens; None when dense
 
     @classmethod
     def dense(cls, batch: int, seq: int, device) -> "Segments":
@@ -55,23 +56,26 @@ class Segments:
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "Segments":
-        """From a (B, S) bool mask of real tokens (rows may be padded anywhere)."""
+        """From a (B, S) bool mask of real tokens (rows may be padded anywhere; every row needs
+        one real token). One host sync: the row lengths, which give the packed size, the
+        longest row and whether anything is padded at all; the gather indices then come from
+        nonzero_static with that known size, so no second sync."""
         b, s = mask.shape
         lengths = mask.sum(1, dtype=torch.int32)
+        host = lengths.tolist()
+        if min(host) == 0:
+            raise ValueError("attention_mask has a row with no real token (all zeros)")
+        if min(host) == s:
+            return cls.dense(b, s, mask.device)  # nothing padded: the packed tensor is a view
         cu = torch.zeros(b + 1, dtype=torch.int32, device=mask.device)
         torch.cumsum(lengths, 0, out=cu[1:])
-        # The two host syncs of unpadding: T (the packed size) and the longest row.
-        indices = mask.reshape(-1).nonzero().squeeze(1)
-        return cls(b, s, indices, cu, int(lengths.max()))
+        indices = torch.nonzero_static(mask.reshape(-1), size=sum(host)).squeeze(1)
+        return cls(b, s, indices, cu, max(host), mask)
 
     @property
     def key_mask(self) -> torch.Tensor | None:
-        """(B, S) bool mask rebuilt from the segments (None when dense)."""
-        if self.indices is None:
-            return None
-        m = torch.zeros(self.batch * self.seq, dtype=torch.bool, device=self.indices.device)
-        m[self.indices] = True
-        return m.view(self.batch, self.seq)
+        """(B, S) bool mask of real tokens (None when dense)."""
+        return self.mask
 
 
 # -- backend discovery -----------------------------------------------------------------------------

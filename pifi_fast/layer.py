@@ -253,16 +253,13 @@ class FrozenLlamaLayer(nn.Module):
         b, s, _ = x.shape
         if b == 0 or s == 0:
             raise ValueError(f"FrozenLlamaLayer: empty input of shape {tuple(x.shape)}")
-        mask = None
-        if attention_mask is not None and s > 1:
+        seg = Segments.dense(b, s, x.device)
+        if attention_mask is not None:
             if attention_mask.shape != (b, s):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
                                  f"expected {(b, s)}")
-            mask = attention_mask.to(device=x.device, dtype=torch.bool)
-            if not bool(mask.any(-1).all()):
-                raise ValueError("attention_mask has a row with no real token (all zeros)")
-            if bool(mask.all()):
-                mask = None  # no padding: the packed tensor is a plain view
+            if s > 1:  # (S == 1: every row is its one token; the mask has nothing to remove)
+                seg = Segments.from_mask(attention_mask.to(device=x.device, dtype=torch.bool))
         if position_ids is None:
             positions = torch.arange(s, device=x.device).expand(b, s)
             n_positions = s
@@ -277,7 +274,6 @@ class FrozenLlamaLayer(nn.Module):
         if self.max_positions is not None and n_positions > self.max_positions:
             raise ValueError(f"sequence position {n_positions - 1} exceeds the LLM's "
                              f"max_position_embeddings ({self.max_positions})")
-        seg = Segments.dense(b, s, x.device) if mask is None else Segments.from_mask(mask)
         flat = x.reshape(b * s, self.hidden_size)
         positions = positions.reshape(-1)
         if seg.indices is not None:
