@@ -59,11 +59,12 @@ if HAS_TRITON:
                                          (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                                          (64, 64, 64, 4, 4), (16, 128, 128, 4, 4))]
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE"])
+    @triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"])
     @triton.jit
     def _gemm_kernel(A, B, C, BIAS, R, AUX, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                      stride_cm, stride_rm, stride_auxm, EPILOGUE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # grouped tile order: consecutive programs share rows of A in L2
         pid = tl.program_id(0)
@@ -86,10 +87,17 @@ if HAS_TRITON:
             mk = (rk + k) < K
             a = tl.load(a_ptr, mask=mm[:, None] & mk[None, :], other=0.0)
             b = tl.load(b_ptr, mask=mk[:, None] & mn[None, :], other=0.0)
-            acc = tl.dot(a, b, acc)
+            # fp32 inputs: full-precision products, as torch's fp32 matmul (not tf32)
+            if IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
             if EPILOGUE == 1:  # the up columns sit N columns after the gate columns
                 b_up = tl.load(b_ptr + N * stride_bn, mask=mk[:, None] & mn[None, :], other=0.0)
-                acc_up = tl.dot(a, b_up, acc_up)
+                if IEEE:
+                    acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
+                else:
+                    acc_up = tl.dot(a, b_up, acc_up)
             a_ptr += BLOCK_K * stride_ak
             b_ptr += BLOCK_K * stride_bk
         if HAS_BIAS:
@@ -145,5 +153,6 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, re
     _gemm_kernel[grid](a, b, c, bias if bias is not None else c, res_, aux_, m, n, k,
                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
                        res_.stride(0), aux_.stride(0), EPILOGUE=EPILOGUES.index(epilogue),
-                       HAS_BIAS=bias is not None, HAS_RES=residual is not None)
+                       HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                       IEEE=a.dtype == torch.float32)
     return c
