@@ -118,6 +118,7 @@ def main(argv=None):
     # Only tasks/variants with finished runs are reported; empty entries are dropped.
     report["main"] = {t: {v: e for v, e in variants.items() if e["dev"]}
                       for t, variants in report["main"].items()}
+    report["main"] = {t: variants for t, variants in report["main"].items() if variants}
     report["ablations"] = {k: v for k, v in report["ablations"].items() if v["dev"]}
     out.write_text(json.dumps(report, indent=2))
     (ROOT / "docs" / "replication.md").write_text(render_markdown(report))
@@ -159,8 +160,13 @@ def render_markdown(report: dict) -> str:
             b = variants.get("pifi", {}).get(split)
             if a and b:
                 diff, spread = (b["mean"] - a["mean"]) * 100, max(a["std"], b["std"]) * 100
-                verdict = ("within the seed spread: no measurable gain" if abs(diff) <= spread
-                           else "larger than the seed spread")
+                if min(a["n"], b["n"]) < 2:
+                    verdict = "fewer than two seeds on one side: no verdict yet"
+                elif abs(diff) <= spread:
+                    verdict = "within the seed spread: no measurable gain"
+                else:
+                    verdict = ("larger than the seed spread: PiFi " +
+                               ("helps" if diff > 0 else "hurts") + " here")
                 lines.append(f"\n{task} {split}: PiFi - SLM alone = {diff:+.2f} points "
                              f"(largest std {spread:.2f}): {verdict}.")
     missing = [t for t in METRIC if t not in report["main"]]
@@ -169,7 +175,11 @@ def render_markdown(report: dict) -> str:
                   f"(`python scripts/replication.py --only main --tasks {' '.join(missing)}`)."]
     lines += ["", "## Ablations on SST-2 (PiFi; layer position, frozen or not)", ""]
     if report["ablations"]:
-        lines += ["| variant | dev accuracy | test accuracy |", "|---|---|---|"]
+        lines += ["SmolLM2-135M has 30 decoder layers: layer_first is layer 0, layer_middle "
+                  "layer 15, layer_last layer 29 (the same runs as the main SST-2 PiFi rows), "
+                  "unfrozen_last layer 29 fine-tuned with the rest (the Hugging Face layer, "
+                  "with weight gradients).", "",
+                  "| variant | dev accuracy | test accuracy |", "|---|---|---|"]
         lines += [f"| {k} | {_fmt(v['dev'])} | {_fmt(v['test'])} |"
                   for k, v in report["ablations"].items()]
     else:
@@ -186,10 +196,16 @@ def render_markdown(report: dict) -> str:
             "runs over 100 positions per sentence; the frozen layer sees one token per "
             "sentence in classification either way.")
     seeds = " ".join(str(x) for x in st["seeds"])
-    lines += ["", "## Reproduce", "", "```bash",
-              f"python scripts/replication.py --only main --tasks sst2 --seeds {seeds} "
+    tasks = " ".join(report["main"]) or "sst2 cola rte"
+    lines += ["", "## Reproduce", "",
+              "Each command trains what is missing under runs/replication/ and rebuilds this "
+              "page from every finished run; `--report-only` only rebuilds it.", "", "```bash",
+              f"python scripts/replication.py --only main --tasks {tasks} --seeds {seeds} "
+              f"--epochs {st['epochs']}",
+              f"python scripts/replication.py --only ablations --seeds {seeds} "
               f"--epochs {st['epochs']}",
               "python scripts/replication.py --only epoch_time   # on an otherwise idle machine",
+              f"python scripts/replication.py --report-only --seeds {seeds} --epochs {st['epochs']}",
               "```"]
     lines += ["", "## Caveats", "",
               "- A 135M LLM whose weights were rounded to 4 bits (Q4_1 GGUF), against the "
