@@ -22,10 +22,11 @@ Chain rule (weights frozen, so only d/dx; ``@W`` is x @ W^T forward and dy @ W b
 
 Saved between forward and backward (memory modes):
     recompute="none"  x, x2, the rotated qkv, gu (all in the compute dtype), the two fp32 1/rms
-                      vectors and the int positions: at the Llama-3.1-8B shape in bf16
-                      8 + 8 + 12 + 56 KB + 12 B = 84 KB per token (Hugging Face + SDPA: 173).
+                      vectors and the int64 positions: at the Llama-3.1-8B shape in bf16
+                      8192 + 8192 + 12288 + 57344 + 8 + 8 = 86,032 B per token (measured the
+                      same way, the Hugging Face layer with SDPA keeps 152,456 B).
     recompute="mlp"   the same without gu (re-made in backward from x2 with one extra gate/up
-                      GEMM): 28 KB per token.
+                      GEMM): 28,688 B per token.
 Attention keeps nothing of its own: backward re-runs the attention forward under autograd and
 differentiates it. That costs one extra attention forward (about 2 % of the layer's FLOPs at
 512 tokens) and lets every backend (flash-attn, PyTorch varlen, SDPA) be used unchanged.
@@ -91,6 +92,9 @@ class FrozenLayerFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, positions, run):
         run.impl = elementwise_impl(x, run.kernels)
+        if run.gemm == "triton" and not kernels.can_run(x):
+            raise RuntimeError("gemm='triton' needs triton and a CUDA tensor (or Triton's "
+                               f"interpreter); got a {x.device.type} tensor. Use gemm='cublas'.")
         out, saved = _forward(run, x, positions)
         ctx.run = run
         ctx.save_for_backward(*saved)
@@ -122,7 +126,7 @@ def _gate_up(run, x2):
     """gu = rms(x2) @Wgu: the gate/up projection's output [g | u] and the fp32 1/rms."""
     layer = run.layer
     h2, _, rstd2 = run.impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
-    return _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias), h2, rstd2
+    return _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias), rstd2
 
 
 def _qkv_rotated(run, impl, qkv, positions):
@@ -178,7 +182,7 @@ def _forward(run, x, positions):
         m = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias, epilogue="swiglu")
         gu = None
     else:
-        gu, _, rstd2 = _gate_up(run, x2)
+        gu, rstd2 = _gate_up(run, x2)
         m = impl.swiglu_fwd(gu)
     out = _proj(run, m, layer.down_weight, layer.down_bias, residual=x2)
     empty = x.new_empty(0)
@@ -191,7 +195,7 @@ def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
     layer, impl = run.layer, run.impl
     t = x.shape[0]
     if gu.numel() == 0:  # recompute="mlp": one extra gate/up GEMM instead of keeping gu
-        gu, _, _ = _gate_up(run, x2)
+        gu, _ = _gate_up(run, x2)
     dgu = _proj_input_grad(run, dout, layer.down_weight, "swiglu_bwd", aux=gu)
     dh2 = _proj_input_grad(run, dgu, layer.gate_up_weight)
     dx2 = impl.rms_bwd(dh2, x2, layer.post_norm_weight, rstd2, dout)
