@@ -245,3 +245,20 @@ def test_fused_layer_on_gpu_within_twice_the_hf_layer_error(dtype, backend, shap
         e_hf = rel_err(results["hf"][i], results["truth"][i])
         e_fused = rel_err(results["fused"][i], results["truth"][i])
         assert e_fused <= 2 * e_hf + 1e-6, f"{what}: fused {e_fused:.2e} vs HF {e_hf:.2e}"
+
+
+@pytest.mark.gpu
+def test_torch_compile_of_a_pifi_model_on_gpu():
+    from pifi_fast import PiFiModel
+
+    model = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("qwen2"), task="question_answering",
+                                 head_dropout=0.0).cuda()
+    ids = torch.randint(3, 120, (3, 10), device="cuda")
+    mask = torch.ones(3, 10, dtype=torch.long, device="cuda")
+    mask[1, 6:] = 0
+    eager = model(input_ids=ids, attention_mask=mask).start_logits
+    out = torch.compile(model)(input_ids=ids, attention_mask=mask).start_logits
+    real = mask.bool()
+    assert rel_err(out[real], eager[real]) <= 1e-4
+    out[real].sum().backward()
+    assert model.adapter_in.weight.grad is not None
