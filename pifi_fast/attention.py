@@ -103,13 +103,16 @@ _announced: set[str] = set()
 backend_used: str | None = None  # the backend of the most recent call
 
 
+_failed: dict[str, str] = {}  # backends that raised when chosen automatically, and why
+
+
 def available_backends(device_type: str = "cuda") -> list[str]:
     found = []
     if device_type == "cuda" and _FLASH is not None:
         found.append("flash_attn")
     if device_type == "cuda" and _VARLEN is not None:
         found.append("torch_varlen")
-    return found + ["sdpa"]
+    return [b for b in found if b not in _failed] + ["sdpa"]
 
 
 def select_backend(q: torch.Tensor, requested: str | None = None) -> str:
@@ -192,8 +195,17 @@ def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
     """Packed attention: q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
     name = select_backend(q, backend)
     _announce(name, q)
-    if name == "flash_attn":
-        return _flash_attn_call(q, k, v, seg, scale, causal)
-    if name == "torch_varlen":
-        return _torch_varlen_call(q, k, v, seg, scale, causal)
-    return _sdpa(q, k, v, seg, scale, causal)
+    if name == "sdpa":
+        return _sdpa(q, k, v, seg, scale, causal)
+    call = _flash_attn_call if name == "flash_attn" else _torch_varlen_call
+    if backend or os.environ.get("PIFI_FAST_ATTENTION"):
+        return call(q, k, v, seg, scale, causal)  # asked for by name: its errors are the user's
+    try:
+        return call(q, k, v, seg, scale, causal)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
+        # An automatically chosen backend that cannot run these inputs (an older signature, an
+        # unsupported head size, ...): say so once and use the next one from now on.
+        _failed[name] = f"{type(exc).__name__}: {exc}"
+        log.warning("pifi_fast attention backend %s failed (%s); falling back", name,
+                    _failed[name])
+        return attention(q, k, v, seg, scale, causal)

@@ -262,3 +262,22 @@ def test_torch_compile_of_a_pifi_model_on_gpu():
     assert rel_err(out[real], eager[real]) <= 1e-4
     out[real].sum().backward()
     assert model.adapter_in.weight.grad is not None
+
+
+def test_attention_falls_back_when_an_automatic_backend_fails(monkeypatch):
+    from pifi_fast import attention as attn
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("no kernel for this head size")
+
+    monkeypatch.setattr(attn, "_failed", {})
+    monkeypatch.setattr(attn, "_VARLEN", boom)
+    monkeypatch.setattr(attn, "available_backends", lambda device_type="cuda": [
+        b for b in ("torch_varlen",) if b not in attn._failed] + ["sdpa"])
+    q, k, v = (torch.randn(10, h, 16, dtype=torch.bfloat16) for h in (4, 2, 2))
+    seg = attn.Segments.from_mask(torch.tensor([[True] * 6, [True] * 4 + [False] * 2]))
+    out = attn.attention(q, k, v, seg, 0.25)
+    assert "torch_varlen" in attn._failed and attn.backend_used == "sdpa"
+    assert torch.equal(out, attn.attention(q, k, v, seg, 0.25, backend="sdpa"))
+    with pytest.raises(ValueError, match="cannot run"):  # asked for by name: no silent fallback
+        attn.attention(q, k, v, seg, 0.25, backend="torch_varlen")
