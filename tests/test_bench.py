@@ -39,3 +39,27 @@ def test_saved_activation_bytes_excludes_frozen_weights_and_counts_storage_once(
         return y * y  # saves y (once, although used twice)
 
     assert saved_activation_bytes(forward, exclude=[w]) == 4 * 8 * 4 + 4 * 16 * 4
+
+
+def test_targets_are_read_off_the_rows():
+    shape, dense, padded, cls = (report.TARGET_SHAPE, report.DENSE_TOKENS,
+                                 report.PADDED_SENTENCES, report.CLS_ROWS)
+
+    def row(workload, variant, size, impl, median, **extra):
+        return {"workload": workload, "variant": variant, "shape": shape, "size": size,
+                "impl": impl, "group": f"{workload}|{variant}|{shape}|{size}",
+                "median_s": median, **extra}
+
+    rows = [row("W1", "fwd+bwd dense", dense, "pifi_fast", 1.0, peak_memory_bytes=50),
+            row("W1", "fwd+bwd dense", dense, "hf_sdpa", 1.5, peak_memory_bytes=100),
+            row("W1", "fwd+bwd dense", dense, "hf_compile", 1.0),
+            row("W1", "fwd+bwd padded", padded, "pifi_fast", 1.0),
+            row("W1", "fwd+bwd padded", padded, "hf_sdpa", 2.5),
+            row("W2", "cls fwd+bwd", cls, "pifi_fast", 1.0, pct_of_ceiling=65.0)]
+    rows += [row("W3", op + sfx, dense, "pifi_fast", 0.1) for op in report.GEMMS
+             for sfx in ("", "_grad")]
+    report.add_speedups(rows)
+    values = [(round(t["value"], 3) if t["value"] is not None else None, t["met"])
+              for t in report.targets(rows)]
+    assert values == [(1.5, True), (1.0, False), (1.25, True), (2.5, True), (65.0, False),
+                      (None, None), (0.5, True)], values

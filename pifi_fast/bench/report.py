@@ -102,10 +102,61 @@ def add_speedups(rows: list[dict]) -> None:
                                       for b in BASELINES if b in impls}
 
 
+# The fused-layer issue's speed and memory targets, read off one run's rows: (what, workload,
+# variant, size, how the value is computed, goal, "min" = at least / "max" = at most).
+TARGET_SHAPE, DENSE_TOKENS, PADDED_SENTENCES, CLS_ROWS = "llama-3.1-8b", 16384, 32, 32
+GEMMS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Each target with the measured value (None when the run lacks the rows it needs)."""
+    def find(workload, variant, size, impl="pifi_fast"):
+        for r in rows:
+            if (r["workload"], r["variant"], r["shape"], r["size"], r["impl"]) == (
+                    workload, variant, TARGET_SHAPE, size, impl) and "median_s" in r:
+                return r
+        return None
+
+    def speedup(r, base):
+        return None if r is None else r.get("speedup_vs", {}).get(base)
+
+    dense = find("W1", "fwd+bwd dense", DENSE_TOKENS)
+    hf_dense = find("W1", "fwd+bwd dense", DENSE_TOKENS, "hf_sdpa")
+    gemm_rows = [find("W3", op + suffix, DENSE_TOKENS) for op in GEMMS
+                 for suffix in ("", "_grad")]
+    gemm_ratio = (dense["median_s"] / sum(g["median_s"] for g in gemm_rows)
+                  if dense and all(gemm_rows) else None)
+    cls = find("W2", "cls fwd+bwd", CLS_ROWS)
+    peak = (dense["peak_memory_bytes"] / hf_dense["peak_memory_bytes"]
+            if dense and hf_dense and dense.get("peak_memory_bytes")
+            and hf_dense.get("peak_memory_bytes") else None)
+    table = [
+        ("fwd+bwd 32x512 dense: speed-up over the HF layer (SDPA)", speedup(dense, "hf_sdpa"),
+         1.3, "min"),
+        ("fwd+bwd 32x512 dense: speed-up over the HF layer under torch.compile",
+         speedup(dense, "hf_compile"), 1.05, "min"),
+        ("fwd+bwd 32x512 dense: time / sum of its 8 GEMMs alone (cuBLAS)", gemm_ratio, 1.25,
+         "max"),
+        ("fwd+bwd, 32 SST-2 sentences padded: speed-up over the HF layer with a mask",
+         speedup(find("W1", "fwd+bwd padded", PADDED_SENTENCES), "hf_sdpa"), 2.0, "min"),
+        ("CLS fwd+bwd, 32 rows: % of the weight-streaming roofline",
+         None if cls is None else cls.get("pct_of_ceiling"), 70.0, "min"),
+        ("forward only 32x512: speed-up over the HF layer (SDPA)",
+         speedup(find("W1", "fwd dense", DENSE_TOKENS), "hf_sdpa"), 1.3, "min"),
+        ("fwd+bwd 32x512: peak memory / the HF layer's", peak, 0.6, "max"),
+    ]
+    out = []
+    for what, value, goal, kind in table:
+        met = None if value is None else (value >= goal if kind == "min" else value <= goal)
+        out.append({"target": what, "value": value, "goal": goal, "kind": kind, "met": met})
+    return out
+
+
 def write(rows, env, ceil, out_dir: Path, level: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
-    payload = {"environment": env, "ceilings": ceil, "level": level, "rows": rows}
+    payload = {"environment": env, "ceilings": ceil, "level": level, "rows": rows,
+               "targets": targets(rows)}
     paths["json"].write_text(json.dumps(payload, indent=1, default=str))
     paths["md"].write_text(markdown(rows, env, ceil, level))
     paths.update(plots(rows, env, out_dir))
@@ -145,10 +196,20 @@ def markdown(rows, env, ceil, level) -> str:
             f"{r.get('dtype', '')} | {r['median_s'] * 1e3:.3f} | "
             f"{(r['q3_s'] - r['q1_s']) * 1e3:.3f} | {r['tokens_per_s']:.0f} | "
             f"{saved_s} | {peak_s} | {pct_s} | "
-            f"{_fmt_speedups(r) if r['impl'] == 'pifi_fast' else ''} |")
+            f"{_fmt_speedups(r) if r['impl'].startswith('pifi_fast') else ''} |")
     notes = sorted({r["path"] for r in rows if r.get("path")})
     if notes:
-        lines += ["", "pifi_fast path in this run: " + "; ".join(notes) + "."]
+        lines += ["", "pifi_fast paths in this run: " + "; ".join(notes) + "."]
+    lines += ["", f"## Targets of the fused layer ({TARGET_SHAPE} shape, this run)", ""]
+    if env["device_type"] != "cuda":
+        lines += ["The targets are GPU (bf16) targets; on this device they are shown for "
+                  "completeness only.", ""]
+    lines += ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for t in targets(rows):
+        value = "not in this run" if t["value"] is None else f"{t['value']:.2f}"
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        goal = (">= " if t["kind"] == "min" else "<= ") + f"{t['goal']:g}"
+        lines.append(f"| {t['target']} | {value} | {goal} | {met} |")
     return "\n".join(lines) + "\n"
 
 

@@ -331,6 +331,9 @@ def _build_w2(shape, size, impl, device, dtype):
 def _w3_cases(sizes, device, dtype):
     ops = ("rms_norm", "rms_norm_bwd", "rope", "swiglu", "swiglu_bwd", "attention", "qkv_proj",
            "o_proj", "gate_up_proj", "down_proj",
+           # the input-gradient GEMMs of backward (dy @ W): with the four above, the "sum of
+           # its GEMMs" that the whole layer's time is held against
+           "qkv_proj_grad", "o_proj_grad", "gate_up_proj_grad", "down_proj_grad",
            # the GEMM choice of the issue, per shape: cuBLAS + a separate kernel against the
            # Triton GEMM with the epilogue fused (pifi_fast.kernels.gemm)
            "gate_up+swiglu cublas", "gate_up+swiglu triton", "down_grad+swiglu_bwd cublas",
@@ -393,7 +396,12 @@ def _build_w3(shape, tokens, op, device, dtype):
     if "cublas" in op or "triton" in op:
         return _gemm_choice_case(layer, op, impl, rand, t, h, inter)
     weight = {"qkv_proj": layer.qkv_weight, "o_proj": layer.o_weight,
-              "gate_up_proj": layer.gate_up_weight, "down_proj": layer.down_weight}[op]
+              "gate_up_proj": layer.gate_up_weight,
+              "down_proj": layer.down_weight}[op.removesuffix("_grad")]
+    if op.endswith("_grad"):
+        dy = rand(t, weight.shape[0])
+        return {"fn": lambda: dy @ weight, "tokens": t,
+                "flops": 2 * t * weight.shape[0] * weight.shape[1]}
     x = rand(t, weight.shape[1])
     return {"fn": lambda: frozen_linear(x, weight), "tokens": t,
             "flops": 2 * t * weight.shape[0] * weight.shape[1]}
