@@ -18,10 +18,14 @@ one fewer than the unfused path). Row offsets are 64-bit.
 
 Whether this kernel or cuBLAS plus a separate elementwise kernel is faster is a per-shape
 question for a GPU (GUIDE §4); the layer uses cuBLAS unless asked (gemm="triton").
+Autotuned over a few tile shapes per (M rounded up to a power of two, N, K, epilogue);
+PIFI_FAST_GEMM_TUNE=0 (set before import) uses one fixed tile, for tests.
 Under Triton's interpreter tl.dot on bf16 is wrong (triton-lang/triton#11584), so CI tests this
 kernel in fp32 and fp16 only.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -53,15 +57,20 @@ if HAS_TRITON:
     def _configs():
         if interpreting():  # the interpreter runs every config: one small one
             return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
+        if os.environ.get("PIFI_FAST_GEMM_TUNE") == "0":  # tests: one config, no tuning runs
+            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
+                                  num_stages=3, num_warps=4)]
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                               num_stages=s, num_warps=w)
                 for bm, bn, bk, s, w in ((128, 128, 64, 3, 8), (128, 256, 64, 3, 8),
                                          (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
                                          (64, 64, 64, 4, 4), (16, 128, 128, 4, 4))]
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE", "IEEE"])
+    # Tuned once per (rounded-up M, N, K, epilogue): packed batches change M with every batch,
+    # and re-tuning for each exact M would cost more than it gains.
+    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "IEEE"])
     @triton.jit
-    def _gemm_kernel(A, B, C, BIAS, R, AUX, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+    def _gemm_kernel(A, B, C, BIAS, R, AUX, M, M_BUCKET, N, K, stride_am, stride_ak, stride_bk, stride_bn,
                      stride_cm, stride_rm, stride_auxm, EPILOGUE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr,
@@ -150,7 +159,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, re
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _gemm_kernel[grid](a, b, c, bias if bias is not None else c, res_, aux_, m, n, k,
+    m_bucket = min(triton.next_power_of_2(m), 1 << 16)
+    _gemm_kernel[grid](a, b, c, bias if bias is not None else c, res_, aux_, m, m_bucket, n, k,
                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
                        res_.stride(0), aux_.stride(0), EPILOGUE=EPILOGUES.index(epilogue),
                        HAS_BIAS=bias is not None, HAS_RES=residual is not None,

@@ -65,15 +65,23 @@ def measure_case(case, built: dict, device: torch.device, reps: int, ceil: dict)
     return row
 
 
-def run(cases, device: torch.device, reps: int, ceil: dict, progress=None) -> list[dict]:
+def run(cases, device: torch.device, reps: int, ceil: dict, progress=None,
+        deadline: float | None = None) -> list[dict]:
+    """Measure every case. With a deadline (time.monotonic() value), cases not started by then
+    are recorded as skipped, so a time-boxed run still writes everything it measured."""
+    import time
+
     rows = []
     for case in cases:
         if progress is not None:
             progress.set_description(f"{case.workload} {case.shape} {case.size} {case.impl}")
-        try:
-            built = case.build()
-        except torch.OutOfMemoryError as exc:
-            built = {"skip": f"out of memory: {exc}".splitlines()[0]}
+        if deadline is not None and time.monotonic() > deadline:
+            built = {"skip": "time budget of this run reached"}
+        else:
+            try:
+                built = case.build()
+            except torch.OutOfMemoryError as exc:
+                built = {"skip": f"out of memory: {exc}".splitlines()[0]}
         if "skip" in built:
             rows.append({"workload": case.workload, "variant": case.variant,
                          "shape": case.shape, "size": case.size, "impl": case.impl,
