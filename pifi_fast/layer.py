@@ -62,12 +62,14 @@ class FrozenLlamaLayer(nn.Module):
       attention   None (best available) or one of pifi_fast.attention.BACKENDS
       gemm        "cublas" (the compiled frozen_linear op) or "triton" (GEMMs with fused
                   residual / SwiGLU / SwiGLU-backward epilogues; see pifi_fast.ops)
+      chunk_tokens  the MLP block runs over this many tokens at a time (default 4096; None:
+                  all at once), so its (tokens x MLP)-sized temporaries stay bounded
       causal      False (PiFi's bidirectional attention) or True
     """
 
     def __init__(self, config, rotary: nn.Module, layer_index: int = -1, dtype=None, device=None,
                  *, kernels: str = "auto", recompute: str = "none", attention: str | None = None,
-                 gemm: str = "cublas", causal: bool = False):
+                 gemm: str = "cublas", chunk_tokens: int | None = 4096, causal: bool = False):
         super().__init__()
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
@@ -75,10 +77,13 @@ class FrozenLlamaLayer(nn.Module):
             raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
         if gemm not in GEMM_CHOICES:
             raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
+        if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+            raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
         if attention is not None and attention not in BACKENDS:
             raise ValueError(f"attention must be None or one of {BACKENDS}, got {attention!r}")
         self.kernels, self.recompute, self.attention, self.gemm, self.causal = (
             kernels, recompute, attention, gemm, causal)
+        self.chunk_tokens = chunk_tokens
         self._rope_cache: dict = {}
         if not is_fusable(config):
             raise ValueError(
@@ -282,7 +287,7 @@ class FrozenLlamaLayer(nn.Module):
         cos, sin = (None, None) if s == 1 else self.rope_tables(n_positions, x.device, x.dtype)
         run = LayerRun(layer=self, segments=seg, cos=cos, sin=sin, kernels=self.kernels,
                        recompute=self.recompute, attention=self.attention, gemm=self.gemm,
-                       causal=self.causal, needs_grad=torch.is_grad_enabled() and x.requires_grad)
+                       chunk_tokens=self.chunk_tokens, causal=self.causal, needs_grad=torch.is_grad_enabled() and x.requires_grad)
         out = FrozenLayerFunction.apply(flat.contiguous(), positions.contiguous(), run)
         if seg.indices is not None:
             # padding positions keep their input; real positions get the layer's output

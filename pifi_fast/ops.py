@@ -81,7 +81,8 @@ def elementwise_impl(x: torch.Tensor, choice: str = "auto") -> SimpleNamespace:
 
 class LayerRun(SimpleNamespace):
     """What one call of the layer needs besides x: the layer, the segments, the RoPE tables,
-    the options (kernels, recompute, attention backend, gemm, causal), whether a backward will
+    the options (kernels, recompute, attention backend, gemm, chunk_tokens, causal), whether a
+    backward will
     follow (needs_grad) and, once forward starts, the elementwise implementation (impl)."""
 
 
@@ -176,29 +177,60 @@ def _forward(run, x, positions):
             qkv = rotated  # save the rotated buffer: backward needs no re-rotation
     x2 = _proj(run, a, layer.o_weight, layer.o_bias, residual=x)
     keep_gu = run.needs_grad and run.recompute == "none"
-    if run.gemm == "triton" and not keep_gu:
-        # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
-        h2, _, rstd2 = impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
-        m = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias, epilogue="swiglu")
-        gu = None
-    else:
-        gu, rstd2 = _gate_up(run, x2)
-        m = impl.swiglu_fwd(gu)
-    out = _proj(run, m, layer.down_weight, layer.down_bias, residual=x2)
+    out, rstd2, gu = _mlp_forward(run, x2, keep_gu)
     empty = x.new_empty(0)
     saved = [x, rstd1, x2, rstd2, positions, qkv if qkv is not None else empty,
              gu if keep_gu else empty]
     return out, saved
 
 
+def _chunks(run, t: int):
+    """Token ranges for the MLP block: its (T, I)-sized temporaries (the SwiGLU output, dm,
+    [dg | du], a recomputed gu) then exist for one chunk at a time, which bounds the layer's
+    peak memory; chunks of a few thousand tokens keep the GEMMs large."""
+    step = run.chunk_tokens or t
+    return [(s, min(s + step, t)) for s in range(0, t, step)]
+
+
+def _mlp_forward(run, x2, keep_gu):
+    """out = x2 + swiglu(rms(x2) @Wgu) @Wd, chunked over tokens; returns out, the fp32 1/rms
+    and gu when it is to be kept for backward."""
+    layer, impl = run.layer, run.impl
+    t, inter = x2.shape[0], layer.config.intermediate_size
+    out = torch.empty_like(x2)
+    rstd2 = torch.empty(t, dtype=torch.promote_types(x2.dtype, torch.float32), device=x2.device)
+    gu = torch.empty(t, 2 * inter, dtype=x2.dtype, device=x2.device) if keep_gu else None
+    for s, e in _chunks(run, t):
+        if run.gemm == "triton" and not keep_gu:
+            # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
+            h2, _, rstd2[s:e] = impl.rms_fwd(x2[s:e], layer.post_norm_weight, layer.eps)
+            m = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias, epilogue="swiglu")
+        else:
+            g, rstd2[s:e] = _gate_up(run, x2[s:e])
+            if keep_gu:
+                gu[s:e] = g
+            m = impl.swiglu_fwd(g)
+        out[s:e] = _proj(run, m, layer.down_weight, layer.down_bias, residual=x2[s:e])
+    return out, rstd2, gu
+
+
+def _mlp_input_grad(run, dout, x2, rstd2, gu):
+    """dx2 = dout + the MLP block's input gradient, chunked over tokens (see _chunks)."""
+    layer, impl = run.layer, run.impl
+    dx2 = torch.empty_like(x2)
+    for s, e in _chunks(run, x2.shape[0]):
+        # recompute="mlp": one extra gate/up GEMM per chunk instead of keeping gu
+        g = gu[s:e] if gu.numel() else _gate_up(run, x2[s:e])[0]
+        dgu = _proj_input_grad(run, dout[s:e], layer.down_weight, "swiglu_bwd", aux=g)
+        dh2 = _proj_input_grad(run, dgu, layer.gate_up_weight)
+        dx2[s:e] = impl.rms_bwd(dh2, x2[s:e], layer.post_norm_weight, rstd2[s:e], dout[s:e])
+    return dx2
+
+
 def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
     layer, impl = run.layer, run.impl
     t = x.shape[0]
-    if gu.numel() == 0:  # recompute="mlp": one extra gate/up GEMM instead of keeping gu
-        gu, _ = _gate_up(run, x2)
-    dgu = _proj_input_grad(run, dout, layer.down_weight, "swiglu_bwd", aux=gu)
-    dh2 = _proj_input_grad(run, dgu, layer.gate_up_weight)
-    dx2 = impl.rms_bwd(dh2, x2, layer.post_norm_weight, rstd2, dout)
+    dx2 = _mlp_input_grad(run, dout, x2, rstd2, gu)
     da = _proj_input_grad(run, dx2, layer.o_weight)
     if run.segments.seq == 1:
         w_v, _ = layer.v_weight_and_bias()

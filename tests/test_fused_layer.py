@@ -136,6 +136,25 @@ def test_bad_options_are_rejected():
             FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary, **kw)
 
 
+@pytest.mark.parametrize("kernel_impl", KERNELS)
+@pytest.mark.parametrize("recompute", ["none", "mlp"])
+def test_mlp_chunking_changes_nothing(kernel_impl, recompute):
+    """The MLP block over token chunks (5 tokens here, 4096 by default) equals one pass."""
+    llm, whole = _pair("qwen2", kernels=kernel_impl, recompute=recompute, chunk_tokens=None)
+    chunked = copy.copy(whole)
+    chunked.chunk_tokens = 5
+    x, mask = _ragged([9, 4, 1, 7], llm.config.hidden_size)
+    outs = []
+    for layer in (whole, chunked):
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf, mask.long())
+        out.backward(torch.ones_like(out))
+        outs.append((out.detach(), leaf.grad))
+    assert rel_err(outs[1][0], outs[0][0]) <= 1e-6 and rel_err(outs[1][1], outs[0][1]) <= 1e-6
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary, chunk_tokens=0)
+
+
 def test_recompute_mlp_gives_the_same_gradient_and_saves_less():
     llm, fused = _pair("llama")
     lean = copy.copy(fused)
