@@ -62,14 +62,16 @@ class FrozenLlamaLayer(nn.Module):
       attention   None (best available) or one of pifi_fast.attention.BACKENDS
       gemm        "cublas" (the compiled frozen_linear op) or "triton" (GEMMs with fused
                   residual / SwiGLU / SwiGLU-backward epilogues; see pifi_fast.ops)
-      chunk_tokens  the MLP block runs over this many tokens at a time (default 4096; None:
-                  all at once), so its (tokens x MLP)-sized temporaries stay bounded
+      chunk_tokens  the MLP block runs over this many tokens at a time, so its (tokens x MLP)-
+                  sized temporaries stay bounded; "auto" (default): 4096 on CUDA, 256 on
+                  CPU (the PyTorch twins there make several fp32 temporaries); None: all at once
       causal      False (PiFi's bidirectional attention) or True
     """
 
     def __init__(self, config, rotary: nn.Module, layer_index: int = -1, dtype=None, device=None,
                  *, kernels: str = "auto", recompute: str = "none", attention: str | None = None,
-                 gemm: str = "cublas", chunk_tokens: int | None = 4096, causal: bool = False):
+                 gemm: str = "cublas", chunk_tokens: int | str | None = "auto",
+                 causal: bool = False):
         super().__init__()
         if kernels not in KERNEL_CHOICES:
             raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {kernels!r}")
@@ -77,8 +79,10 @@ class FrozenLlamaLayer(nn.Module):
             raise ValueError(f"recompute must be one of {RECOMPUTE_CHOICES}, got {recompute!r}")
         if gemm not in GEMM_CHOICES:
             raise ValueError(f"gemm must be one of {GEMM_CHOICES}, got {gemm!r}")
-        if chunk_tokens is not None and (not isinstance(chunk_tokens, int) or chunk_tokens < 1):
-            raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
+        if chunk_tokens not in (None, "auto") and (not isinstance(chunk_tokens, int)
+                                                   or chunk_tokens < 1):
+            raise ValueError(f"chunk_tokens must be a positive int, 'auto' or None, got "
+                             f"{chunk_tokens!r}")
         if attention is not None and attention not in BACKENDS:
             raise ValueError(f"attention must be None or one of {BACKENDS}, got {attention!r}")
         self.kernels, self.recompute, self.attention, self.gemm, self.causal = (
@@ -287,12 +291,17 @@ class FrozenLlamaLayer(nn.Module):
         cos, sin = (None, None) if s == 1 else self.rope_tables(n_positions, x.device, x.dtype)
         run = LayerRun(layer=self, segments=seg, cos=cos, sin=sin, kernels=self.kernels,
                        recompute=self.recompute, attention=self.attention, gemm=self.gemm,
-                       chunk_tokens=self.chunk_tokens, causal=self.causal, needs_grad=torch.is_grad_enabled() and x.requires_grad)
+                       chunk_tokens=self._chunk_tokens(x), causal=self.causal, needs_grad=torch.is_grad_enabled() and x.requires_grad)
         out = FrozenLayerFunction.apply(flat.contiguous(), positions.contiguous(), run)
         if seg.indices is not None:
             # padding positions keep their input; real positions get the layer's output
             out = x.reshape(b * s, self.hidden_size).index_copy(0, seg.indices, out)
         return out.view(b, s, self.hidden_size)
+
+    def _chunk_tokens(self, x):
+        if self.chunk_tokens == "auto":
+            return 4096 if x.is_cuda else 256
+        return self.chunk_tokens
 
     def extra_repr(self):
         return (f"{self.config.model_type}, hidden={self.hidden_size}, heads={self.num_heads}/"

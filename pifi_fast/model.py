@@ -18,7 +18,7 @@ class PiFiModel(PiFiBase):
     (freeze=False, the paper's ablation) needs weight gradients and so runs the Hugging Face layer.
     Options of the fused layer (see FrozenLlamaLayer): `kernels` ("auto", "triton", "torch"),
     `recompute` ("none", "mlp"), `attention` (None or a backend name), `gemm` ("cublas",
-    "triton"), `chunk_tokens` (int or None).
+    "triton"), `chunk_tokens` (int, "auto" or None).
     """
 
     def _make_layer(self, llm, freeze: bool, fused: bool | None = None, **fused_options):
@@ -35,7 +35,7 @@ class PiFiModel(PiFiBase):
                                                       **fused_options)
             self.llm_layer.layer_index = llm.index
         else:
-            defaults = (None, "auto", "none", "cublas", 4096)
+            defaults = (None, "auto", "none", "cublas")
             if any(v not in defaults for v in fused_options.values()):
                 raise ValueError(f"options {sorted(fused_options)} apply to the fused layer only, "
                                  "which this model does not use (unfused architecture, "

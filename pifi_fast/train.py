@@ -37,7 +37,8 @@ class TrainConfig:
     recompute: str = "none"  # fused layer memory mode: none | mlp (recompute gate/up in backward)
     attention: str = "auto"  # fused layer attention backend: auto | flash_attn | torch_varlen | sdpa
     gemm: str = "cublas"  # fused layer projections: cublas | triton (fused epilogues)
-    chunk_tokens: int = 4096  # fused layer: MLP block over this many tokens at a time (0: all)
+    chunk_tokens: int = -1  # fused layer: MLP block over this many tokens at a time (-1: auto,
+    # 4096 on CUDA and 256 on CPU; 0: all at once)
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
     seed: int = 42
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
@@ -141,7 +142,8 @@ def build_model(cfg: TrainConfig, num_labels: int):
     llm = resolve_llm(cfg.llm)
     if cls is PiFiModel and llm is not None and cfg.freeze:
         options.update(kernels=cfg.kernels, recompute=cfg.recompute, gemm=cfg.gemm,
-                       chunk_tokens=cfg.chunk_tokens or None,
+                       chunk_tokens={-1: "auto", 0: None}.get(cfg.chunk_tokens,
+                                                              cfg.chunk_tokens),
                        attention=None if cfg.attention == "auto" else cfg.attention)
     llm_dtype = torch.float32 if cfg.authors_setup else None
     model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=cfg.layer, llm_dtype=llm_dtype,

@@ -41,10 +41,27 @@ def measure(fn, device: torch.device, warmup: int = 2, reps: int = 7, setup=None
             "min_s": min(times), "reps": len(times)}
 
 
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
 def peak_memory(fn, device: torch.device) -> int | None:
-    """Peak device memory (bytes) allocated during fn(); None on CPU (not measurable there)."""
+    """Peak memory (bytes) that fn() adds: CUDA's allocator statistics on GPU; on Linux CPUs the
+    process's peak resident set above its size before the call (the peak is reset through
+    /proc/self/clear_refs), an approximation that the malloc caches can blur. None elsewhere."""
     if device.type != "cuda":
-        return None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current resident size
+            base = _rss("VmRSS")
+            fn()
+            return max(_rss("VmHWM") - base, 0)
+        except OSError:
+            return None
     _sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
