@@ -169,6 +169,12 @@ def render_markdown(report: dict) -> str:
                                ("helps" if diff > 0 else "hurts") + " here")
                 lines.append(f"\n{task} {split}: PiFi - SLM alone = {diff:+.2f} points "
                              f"(largest std {spread:.2f}): {verdict}.")
+    for task, variants in report["main"].items():
+        devs = [variants.get(v, {}).get("dev") for v in ("slm_alone", "pifi")]
+        if METRIC[task] == "accuracy" and all(d and d["mean"] < 0.56 for d in devs):
+            lines.append(f"\n{task}: both models stay near chance (50 % for two classes): the "
+                         "SLM does not learn this task in this setting, so the comparison says "
+                         "nothing about PiFi.")
     missing = [t for t in METRIC if t not in report["main"]]
     if missing:
         lines += ["", f"Not run yet: {', '.join(missing)} "
@@ -213,7 +219,9 @@ def render_markdown(report: dict) -> str:
               "and larger.",
               "- SST-2 here is the 6,920-sentence split (not GLUE's 67k phrases); the test "
               "column is its 1,821-sentence test set.",
-              "- Few seeds: a difference smaller than the spread is not a result.", ""]
+              "- Few seeds: a difference smaller than the spread is not a result, and one "
+              "larger than the spread of three seeds is a hint, not a significance test.",
+              "- 2 epochs instead of the paper's 3 (the compute budget of a 2-core CPU).", ""]
     return "\n".join(lines)
 
 
