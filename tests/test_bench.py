@@ -63,3 +63,12 @@ def test_targets_are_read_off_the_rows():
               for t in report.targets(rows)]
     assert values == [(1.5, True), (1.0, False), (1.25, True), (2.5, True), (65.0, False),
                       (None, None), (0.5, True)], values
+
+
+def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
+    out = tmp_path / "res"
+    assert main(["bench", "--sizes", "tiny", "--workloads", "W3", "--reps", "1",
+                 "--time-budget", "0", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows and all(r.get("skipped") == "time budget of this run reached" for r in rows)
+    assert "## Targets of the fused layer" in (out / "results.md").read_text()
