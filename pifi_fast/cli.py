@@ -155,7 +155,7 @@ def bench(args) -> int:
     ceil = report.ceilings(device, dtype)
     reps = args.reps or workloads.size_lists(level, device)["reps"]
     deadline = None
-    if args.time_budget:
+    if args.time_budget is not None:
         # time-boxed: the cases behind the fused-layer targets first, the rest as time allows
         cases.sort(key=lambda c: c.shape != report.TARGET_SHAPE)
         deadline = time.monotonic() + args.time_budget
