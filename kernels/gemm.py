@@ -70,11 +70,11 @@ if HAS_TRITON:
     # and re-tuning for each exact M would cost more than it gains.
     @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "IEEE"])
     @triton.jit
-    def _gemm_kernel(A, B, C, BIAS, R, AUX, M, M_BUCKET, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                     stride_cm, stride_rm, stride_auxm, EPILOGUE: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
-                     BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    def _gemm_kernel(A, B, C, BIAS, R, AUX, M, M_BUCKET, N, K,
+                     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_rm, stride_auxm,
+                     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # grouped tile order: consecutive programs share rows of A in L2
         pid = tl.program_id(0)
         n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)

@@ -86,7 +86,8 @@ def demo(args) -> int:
 
 
 _CHOICES = {"kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
-            "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"), "gemm": ("cublas", "triton")}
+            "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
+            "gemm": ("cublas", "triton")}
 
 
 def _add_train_args(p):
@@ -185,10 +186,10 @@ def info(args) -> int:
     from pifi_fast import attention, kernels
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    triton_note = "not installed" if not kernels.HAS_TRITON else (
-        "used on CUDA" + (", interpreter on (TRITON_INTERPRET=1)" if kernels.interpreting() else ""))
-    print(f"Triton kernels: {triton_note}")
-    print(f"attention backends usable on {device}: {', '.join(attention.available_backends(device))}")
+    interp = ", interpreter on (TRITON_INTERPRET=1)" if kernels.interpreting() else ""
+    print(f"Triton kernels: {'used on CUDA' + interp if kernels.HAS_TRITON else 'not installed'}")
+    usable = ", ".join(attention.available_backends(device))
+    print(f"attention backends usable on {device}: {usable}")
     return 0
 
 

@@ -291,7 +291,8 @@ class FrozenLlamaLayer(nn.Module):
         cos, sin = (None, None) if s == 1 else self.rope_tables(n_positions, x.device, x.dtype)
         run = LayerRun(layer=self, segments=seg, cos=cos, sin=sin, kernels=self.kernels,
                        recompute=self.recompute, attention=self.attention, gemm=self.gemm,
-                       chunk_tokens=self._chunk_tokens(x), causal=self.causal, needs_grad=torch.is_grad_enabled() and x.requires_grad)
+                       chunk_tokens=self._chunk_tokens(x), causal=self.causal,
+                       needs_grad=torch.is_grad_enabled() and x.requires_grad)
         out = FrozenLayerFunction.apply(flat.contiguous(), positions.contiguous(), run)
         if seg.indices is not None:
             # padding positions keep their input; real positions get the layer's output

@@ -257,7 +257,8 @@ def _qk_norm_input_grad(layer, qkv_raw, dqkv):
     raw = qkv_raw.split([layer.q_size, layer.kv_size, layer.kv_size], -1)
     grads = dqkv.split([layer.q_size, layer.kv_size, layer.kv_size], -1)
     out = []
-    for r, g, w in ((raw[0], grads[0], layer.q_norm_weight), (raw[1], grads[1], layer.k_norm_weight)):
+    for r, g, w in ((raw[0], grads[0], layer.q_norm_weight),
+                    (raw[1], grads[1], layer.k_norm_weight)):
         r = r.reshape(t, -1, d)
         _, _, rstd = _rms.rms_norm_fwd_ref(r, w, layer.eps)
         out.append(_rms.rms_norm_bwd_ref(g.reshape(t, -1, d), r, w, rstd).reshape(t, -1))

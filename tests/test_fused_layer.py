@@ -254,7 +254,8 @@ def test_fused_layer_on_gpu_within_twice_the_hf_layer_error(dtype, backend, shap
     grad = torch.randn_like(x) * mask[..., None]
     results = {}
     for name, layer, rot, dt in (("truth", truth_layer.module, truth_layer.rotary, torch.float32),
-                                 ("hf", low.module, low.rotary, dtype), ("fused", fused, None, dtype)):
+                                 ("hf", low.module, low.rotary, dtype),
+                                 ("fused", fused, None, dtype)):
         leaf = x.to(dt).requires_grad_()
         out = (layer(leaf, None if mask_arg is None else mask_arg.long()) if rot is None
                else run_hf_layer(layer, rot, leaf, mask_arg))
