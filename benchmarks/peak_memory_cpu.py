@@ -10,17 +10,14 @@ statistics) comes from `pifi-fast bench` on a GPU.
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_fused_layer import llama_8b_layer_config  # noqa: E402
-
-from pifi_fast.bench.timing import peak_memory  # noqa: E402
-from pifi_fast.hf_layer import run_hf_layer  # noqa: E402
-from pifi_fast.layer import FrozenLlamaLayer  # noqa: E402
-from pifi_fast.loading import random_layer  # noqa: E402
+from pifi_fast.bench.timing import peak_memory
+from pifi_fast.bench.workloads import llm_config
+from pifi_fast.hf_layer import run_hf_layer
+from pifi_fast.layer import FrozenLlamaLayer
+from pifi_fast.loading import random_layer
 
 
 def main():
@@ -28,7 +25,7 @@ def main():
     p.add_argument("--tokens", type=int, default=2048, help="rows of 512 tokens, no padding")
     p.add_argument("--chunks", nargs="+", default=["none", "auto"])
     args = p.parse_args()
-    cfg = llama_8b_layer_config()
+    cfg = llm_config("llama-3.1-8b")
     cfg._attn_implementation = "sdpa"
     hf = random_layer(cfg, 0, dtype=torch.bfloat16, seed=0)
     x = torch.randn(max(1, args.tokens // 512), min(512, args.tokens), cfg.hidden_size,

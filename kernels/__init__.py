@@ -24,6 +24,20 @@ except ImportError:  # CPU-only torch builds come without triton
     HAS_TRITON = False
 
 
+def acc_dtype(t):
+    """t in its accumulation dtype: fp32 for 16-bit inputs, the input's own dtype above that
+    (the twins compute in it)."""
+    import torch
+
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def as_rows(t, n: int):
+    """t as a (rows, n) matrix with unit column stride (a view when possible), for launches."""
+    t = t.reshape(-1, n)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -35,4 +49,4 @@ def can_run(t) -> bool:
     return HAS_TRITON and (t.is_cuda or interpreting())
 
 
-__all__ = ["HAS_TRITON", "interpreting", "can_run"]
+__all__ = ["HAS_TRITON", "interpreting", "can_run", "acc_dtype", "as_rows"]

@@ -18,13 +18,10 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON
+from . import acc_dtype as _acc
+from . import as_rows as _rows
 
 MAX_HIDDEN = 65536
-
-
-def _acc(t):
-    """The accumulation dtype: fp32 for 16-bit inputs, the input's own dtype above that."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 # -- plain PyTorch twins: the meaning ------------------------------------------------------------
@@ -89,11 +86,6 @@ if HAS_TRITON:
         if HAS_DRES:
             ds += tl.load(DRES + row * stride_dres + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(DS + row * stride_ds + cols, to_dtype(ds, DS.dtype.element_ty), mask=m)
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t = t.reshape(-1, n)
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _launch_params(n: int):

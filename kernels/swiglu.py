@@ -15,13 +15,10 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON
+from . import acc_dtype as _acc
+from . import as_rows as _rows
 
 BLOCK = 1024
-
-
-def _acc(t):
-    """The accumulation dtype: fp32 for 16-bit inputs, the input's own dtype above that."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 # -- plain PyTorch twins ---------------------------------------------------------------------------
@@ -72,11 +69,6 @@ if HAS_TRITON:
         du = dm * g * sg
         tl.store(DGU + row * stride_dgu + cols, to_dtype(dg, DGU.dtype.element_ty), mask=msk)
         tl.store(DGU + row * stride_dgu + I + cols, to_dtype(du, DGU.dtype.element_ty), mask=msk)
-
-
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t = t.reshape(-1, n)
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _grid(rows: int, inter: int):

@@ -72,10 +72,6 @@ class Segments:
         indices = torch.nonzero_static(mask.reshape(-1), size=sum(host)).squeeze(1)
         return cls(b, s, indices, cu, max(host), mask)
 
-    @property
-    def key_mask(self) -> torch.Tensor | None:
-        """(B, S) bool mask of real tokens (None when dense)."""
-        return self.mask
 
 
 # -- backend discovery -----------------------------------------------------------------------------
@@ -150,7 +146,7 @@ def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool):
         for t in (q, k, v):
             full = t.new_zeros(b * s, t.shape[1], t.shape[2]).index_copy(0, seg.indices, t)
             dense.append(full.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2))
-        mask = seg.key_mask[:, None, None, :]
+        mask = seg.mask[:, None, None, :]
         if causal:
             mask = mask & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
     o = F.scaled_dot_product_attention(*dense, attn_mask=mask, scale=scale,

@@ -124,10 +124,10 @@ def _proj_input_grad(run, dy, w, epilogue="none", aux=None):
 
 
 def _gate_up(run, x2):
-    """gu = rms(x2) @Wgu: the gate/up projection's output [g | u] and the fp32 1/rms."""
+    """gu = rms(x2) @Wgu, re-made in backward under recompute="mlp"."""
     layer = run.layer
-    h2, _, rstd2 = run.impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
-    return _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias), rstd2
+    h2, _, _ = run.impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
+    return _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias)
 
 
 def _qkv_rotated(run, impl, qkv, positions):
@@ -201,12 +201,12 @@ def _mlp_forward(run, x2, keep_gu):
     rstd2 = torch.empty(t, dtype=torch.promote_types(x2.dtype, torch.float32), device=x2.device)
     gu = torch.empty(t, 2 * inter, dtype=x2.dtype, device=x2.device) if keep_gu else None
     for s, e in _chunks(run, t):
+        h2, _, rstd2[s:e] = impl.rms_fwd(x2[s:e], layer.post_norm_weight, layer.eps)
         if run.gemm == "triton" and not keep_gu:
             # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
-            h2, _, rstd2[s:e] = impl.rms_fwd(x2[s:e], layer.post_norm_weight, layer.eps)
             m = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias, epilogue="swiglu")
         else:
-            g, rstd2[s:e] = _gate_up(run, x2[s:e])
+            g = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias)
             if keep_gu:
                 gu[s:e] = g
             m = impl.swiglu_fwd(g)
@@ -220,7 +220,7 @@ def _mlp_input_grad(run, dout, x2, rstd2, gu):
     dx2 = torch.empty_like(x2)
     for s, e in _chunks(run, x2.shape[0]):
         # recompute="mlp": one extra gate/up GEMM per chunk instead of keeping gu
-        g = gu[s:e] if gu.numel() else _gate_up(run, x2[s:e])[0]
+        g = gu[s:e] if gu.numel() else _gate_up(run, x2[s:e])
         dgu = _proj_input_grad(run, dout[s:e], layer.down_weight, "swiglu_bwd", aux=g)
         dh2 = _proj_input_grad(run, dgu, layer.gate_up_weight)
         dx2[s:e] = impl.rms_bwd(dh2, x2[s:e], layer.post_norm_weight, rstd2[s:e], dout[s:e])

@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 from helpers import rel_err, tiny_llm, tiny_slm
-from transformers import LlamaConfig
 
 from pifi_fast import kernels
 from pifi_fast.bench.timing import saved_activation_bytes
+from pifi_fast.bench.workloads import llm_config
 from pifi_fast.hf_layer import run_hf_layer
 from pifi_fast.layer import FrozenLlamaLayer
 from pifi_fast.loading import make_rotary, random_layer
@@ -171,13 +171,7 @@ def test_recompute_mlp_gives_the_same_gradient_and_saves_less():
 
 
 def llama_8b_layer_config():
-    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                       num_key_value_heads=8, num_hidden_layers=1, rms_norm_eps=1e-5,
-                       max_position_embeddings=131072,
-                       rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
-                                        "factor": 8.0, "low_freq_factor": 1.0,
-                                        "high_freq_factor": 4.0,
-                                        "original_max_position_embeddings": 8192})
+    return llm_config("llama-3.1-8b")  # the benchmark suite's Llama-3.1-8B layer shape
 
 
 @pytest.mark.parametrize("recompute,limit_kb", [("none", 96), ("mlp", 40)])
@@ -220,14 +214,6 @@ def _gpu_backends():
     return available_backends("cuda")
 
 
-def _qwen2_05b_config():
-    from transformers import Qwen2Config
-
-    return Qwen2Config(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
-                       num_key_value_heads=2, num_hidden_layers=1, rms_norm_eps=1e-6,
-                       max_position_embeddings=32768)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", ["sdpa", "torch_varlen", "flash_attn"])
@@ -236,7 +222,7 @@ def _qwen2_05b_config():
 def test_fused_layer_on_gpu_within_twice_the_hf_layer_error(dtype, backend, shape, padded):
     if backend not in _gpu_backends():
         pytest.skip(f"attention backend {backend} not available here")
-    cfg = _qwen2_05b_config() if shape == "qwen2-0.5b" else llama_8b_layer_config()
+    cfg = llm_config(shape)
     cfg._attn_implementation = "sdpa"
     truth_layer = random_layer(cfg, 0, dtype=torch.float32, seed=0)
     truth_layer.module.cuda()
