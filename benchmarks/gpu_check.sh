@@ -1,64 +1,147 @@
 #!/usr/bin/env bash
-# The one prepared call for a lent GPU machine (GUIDE §6), at most ~8 minutes on an H200:
-#   1. build pifi_fast._C for sm_90 (no PyPI there: --no-deps, the machine's own torch),
-#   2. run every `gpu`-marked test and the kernel tests on CUDA (each Triton kernel against its
-#      twin in fp32/fp16/bf16, the 2x rule; the fused layer against the Hugging Face layer per
-#      attention backend, padded and dense; RMSNorm and SwiGLU beyond 2^31 elements), then the
-#      CPU suite's fast equivalence tests on that torch,
-#   3. run the quick benchmark suite (pifi-fast bench --quick),
-# writing logs, JSON and plots under $OUT. Each step runs even if an earlier one failed, and
-# the exit code says whether all passed.
-# Dry run on a CPU machine: GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh (tiny sizes,
-# no CUDA build).
+# The one prepared call for a lent GPU machine (GUIDE §6). At most GPU_CHECK_BUDGET_S seconds
+# (default 510: 8.5 minutes, build included), a one-screen summary at the end, and at most 8
+# files in $OUT, none deeper than $OUT/file:
+#   summary.txt            what passed, what failed, the fused-layer targets, the GEMM picks
+#   logs.txt               every step's full log, one after the other
+#   kernels.md/.json       the kernel compile report for sm_90a (what the tables promise)
+#   autotuner_picks.json   the GEMM autotuner's pick per launch on this GPU vs the table
+#   bench.json/.md         the quick benchmark suite, time-boxed
+#   bench_speedup.png      its speed-up plot
+# Steps, each time-boxed so the whole fits: wheels -> build (sm_90a) -> gpu + kernel tests ->
+# compile report -> quick bench -> autotuner picks -> CPU equivalence tests on this torch.
+# Every step runs even if an earlier one failed; the exit code says whether all passed.
+#
+#   bash benchmarks/gpu_check.sh --prepare   on the CPU machine: the Python 3.12 wheels the GPU
+#                                            image lacks (liger-kernel) into .whl/ (git-ignored
+#                                            via .git/info/exclude; pass carry=[".whl"])
+#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   the CPU dry run: no build, tiny bench
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ] && PY=.venv/bin/python
+
+WHEELS="liger-kernel==0.8.5"  # pure Python; the GPU image has torch, triton, transformers
+if [ "${1:-}" = "--prepare" ]; then
+  mkdir -p .whl
+  grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/exclude
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 -d .whl $WHEELS
+  ls -la .whl
+  exit $?
+fi
+
+BUDGET=${GPU_CHECK_BUDGET_S:-510}
+START=$(date +%s)
+DRY=${GPU_CHECK_DRY_RUN:-0}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+WORK=$(mktemp -d)
+LOG="$OUT/logs.txt"
+SUMMARY="$OUT/summary.txt"
+: > "$LOG"
+: > "$SUMMARY"
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 [ -d /usr/local/cuda ] && export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-PY=${PYTHON:-python3}
 status=0
-step() { echo "== $1 ($(date +%T))" | tee -a "$OUT/steps.log"; }
+failed=()
 
-step "environment"
-{ nvidia-smi || true; $PY -c "import torch, triton, transformers; print(torch.__version__, \
-torch.version.cuda, triton.__version__, transformers.__version__)"; } > "$OUT/environment.txt" 2>&1
+elapsed() { echo $(( $(date +%s) - START )); }
+# seconds a step may take: at most $1, and no more than leaves $2 seconds for the steps after it
+cap() { local l=$(( BUDGET - $(elapsed) - $2 )); [ "$l" -lt "$1" ] && echo $(( l > 5 ? l : 5 )) || echo "$1"; }
+say() { echo "$*" | tee -a "$SUMMARY"; }
+# step NAME SECONDS COMMAND...: run it time-boxed, its output into logs.txt, one line of result
+step() {
+  local name=$1 secs=$2; shift 2
+  local t0; t0=$(date +%s)
+  { echo; echo "======== $name (limit ${secs}s, at $(elapsed)s) ========"; } >> "$LOG"
+  timeout --kill-after=10 "$secs" "$@" > "$WORK/step.log" 2>&1
+  local rc=$?
+  cat "$WORK/step.log" >> "$LOG"
+  local verdict="ok"
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then verdict="TIMED OUT after ${secs}s"; fi
+  if [ "$rc" -ne 0 ] && [ "$verdict" = ok ]; then verdict="FAILED (exit $rc)"; fi
+  if [ "$verdict" != ok ]; then status=1; failed+=("$name"); fi
+  say "$(printf '%-34s %-22s %4ss  %s' "$name" "$verdict" $(( $(date +%s) - t0 )) \
+    "$(grep -E 'passed|failed|error|wrote|configurations' "$WORK/step.log" | tail -1 | cut -c1-90)")"
+  return $rc
+}
 
-step "build the extension"
-if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
-  echo "dry run: build skipped" > "$OUT/build.log"
+say "pifi_fast GPU check, $(date -u +%FT%TZ), budget ${BUDGET}s$([ "$DRY" = 1 ] && echo ', DRY RUN on CPU')"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null \
+    || echo "no nvidia-smi"
+  $PY -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
+'| torch', torch.__version__, 'cuda', torch.version.cuda, '| triton', triton.__version__, \
+'| transformers', transformers.__version__)"; } 2>&1 | tee -a "$SUMMARY"
+
+if ls .whl/*.whl > /dev/null 2>&1; then
+  step "wheels (.whl)" 60 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target "$WORK/site" .whl/*.whl
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 else
-  $PY -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT/build.log" 2>&1 \
-    || { status=1; echo "BUILD FAILED (see build.log)" | tee -a "$OUT/steps.log"; }
+  say "wheels: none in .whl/ (run --prepare and carry .whl): the Liger row will be skipped"
 fi
-$PY -c "import pifi_fast; from pifi_fast import _ext; print('extension', _ext.HAS_EXTENSION, \
-'cuda kernels', _ext.EXTENSION_WITH_CUDA)" | tee -a "$OUT/steps.log"
 
-$PY -m pifi_fast.cli info 2>&1 | tee -a "$OUT/steps.log"
+if [ "$DRY" = 1 ]; then
+  say "build: skipped in the dry run"
+else
+  step "build pifi_fast._C ($TORCH_CUDA_ARCH_LIST)" "$(cap 200 330)" \
+    $PY -m pip install --no-build-isolation --no-deps --no-index -e .
+fi
+$PY -m pifi_fast.cli info >> "$LOG" 2>&1
+grep -E "compiled extension|CUDA device|attention backends|projections" "$LOG" | tail -6 | tee -a "$SUMMARY"
 
-step "gpu tests"
-# (one GEMM tile config in tests: autotuning every test shape would take minutes)
-PIFI_FAST_GEMM_TUNE=0 $PY -m pytest -q -ra -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" \
-  -m "gpu or kernels" tests > "$OUT/gpu_tests.log" 2>&1; rc=$?
-[ $rc -eq 0 ] || [ $rc -eq 5 ] || status=1
-tail -3 "$OUT/gpu_tests.log" | tee -a "$OUT/steps.log"
+# (one GEMM tile in tests, the table's first: autotuning every test shape would take minutes)
+step "gpu + kernel tests" "$(cap 200 260)" env PIFI_FAST_GEMM_TUNE=0 \
+  $PY -m pytest -q -ra -p no:cacheprovider -m "(gpu or kernels) and not compile" tests
 
-step "equivalence tests on this torch"
-$PY -m pytest -q -ra -p no:cacheprovider tests/test_model_equivalence.py tests/test_extension.py \
-  tests/test_fused_layer.py -m "not slow and not gpu" > "$OUT/equivalence_tests.log" 2>&1 \
-  || status=1
-tail -3 "$OUT/equivalence_tests.log" | tee -a "$OUT/steps.log"
+step "kernel compile report (sm_90a)" "$(cap 90 200)" \
+  $PY -m pifi_fast.cli kernels --targets sm_90a --out "$WORK/kernels"
+cp "$WORK/kernels/kernels.md" "$WORK/kernels/kernels.json" "$OUT/" 2>/dev/null
 
-step "quick benchmark"
 SIZES=--quick
-[ "${GPU_CHECK_DRY_RUN:-0}" = 1 ] && SIZES="--sizes tiny"
-# time-boxed so the whole check fits its call: cases not started by then are marked skipped
-$PY -m pifi_fast.cli bench $SIZES --time-budget "${BENCH_BUDGET_S:-270}" --out "$OUT/bench" \
-  > "$OUT/bench.log" 2>&1 || status=1
-tail -5 "$OUT/bench.log" | tee -a "$OUT/steps.log"
-# the fused-layer targets, read off this run
-[ -f "$OUT/bench/results.md" ] && sed -n '/## Targets/,$p' "$OUT/bench/results.md" \
-  | tee -a "$OUT/steps.log"
-step "done, status $status"
+[ "$DRY" = 1 ] && SIZES="--sizes tiny"
+BENCH_S=$(( $(cap 300 110) - 20 ))
+step "quick benchmark (${BENCH_S}s budget)" $(( BENCH_S + 60 )) \
+  $PY -m pifi_fast.cli bench $SIZES --time-budget "$BENCH_S" --out "$WORK/bench"
+cp "$WORK/bench/results.json" "$OUT/bench.json" 2>/dev/null
+cp "$WORK/bench/results.md" "$OUT/bench.md" 2>/dev/null
+cp "$WORK/bench/speedup_vs_tokens.png" "$OUT/bench_speedup.png" 2>/dev/null
+
+if [ "$DRY" = 1 ]; then
+  say "autotuner picks: skipped in the dry run (needs a GPU)"
+else
+  step "GEMM autotuner picks" "$(cap 90 60)" \
+    $PY -m pifi_fast.cli kernels --tuned --out "$WORK/kernels"
+  cp "$WORK/kernels/autotuner_picks.json" "$OUT/" 2>/dev/null
+fi
+
+XDIST=""
+$PY -c "import xdist" 2> /dev/null && XDIST="-n 8"
+step "CPU equivalence tests on this torch" "$(cap 150 5)" \
+  $PY -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_model_equivalence.py \
+  tests/test_extension.py tests/test_fused_layer.py tests/test_mixed_precision.py \
+  -m "not slow and not gpu"
+
+say ""
+if [ -f "$OUT/bench.md" ]; then
+  sed -n '/## Targets/,$p' "$OUT/bench.md" | head -14 | tee -a "$SUMMARY"
+fi
+if [ -f "$OUT/autotuner_picks.json" ]; then
+  $PY - "$OUT/autotuner_picks.json" <<'EOF' | tee -a "$SUMMARY"
+import json, sys
+picks = json.load(open(sys.argv[1]))
+same = sum(bool(p.get("same")) for p in picks if p.get("pick"))
+print(f"GEMM autotuner: {same}/{sum(1 for p in picks if p.get('pick'))} picks equal the table's "
+      "first tile")
+for p in picks:
+    if p.get("pick") and not p.get("same"):
+        print(f"  {p['launch']} M={p['rows']}: picked {p['pick']} (table first: {p['table_first']})")
+EOF
+fi
+say ""
+say "files in \$OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+say "done in $(elapsed)s of ${BUDGET}s, status $status${failed:+ (failed: ${failed[*]})}"
+rm -rf "$WORK"
 exit $status

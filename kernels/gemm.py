@@ -18,8 +18,11 @@ one fewer than the unfused path). Row offsets are 64-bit.
 
 Whether this kernel or cuBLAS plus a separate elementwise kernel is faster is a per-shape
 question for a GPU (GUIDE §4); the layer uses cuBLAS unless asked (gemm="triton").
-Autotuned over a few tile shapes per (M rounded up to a power of two, N, K, epilogue);
-PIFI_FAST_GEMM_TUNE=0 (set before import) uses one fixed tile, for tests.
+Tile configurations come from one table per GPU target (TILES, through tiles() and configs()),
+each entry compiled and checked by pifi_fast.kernels.compile_report (tensor cores, no spills,
+shared memory within the target's limit). The autotuner holds every target's tiles and prunes
+to the launching device's list, then tunes once per (M rounded up to a power of two, N, K,
+epilogue, dtypes); PIFI_FAST_GEMM_TUNE=0 takes the list's first tile and tunes nothing (tests).
 Under Triton's interpreter tl.dot on bf16 is wrong (triton-lang/triton#11584), so CI tests this
 kernel in fp32 and fp16 only.
 """
@@ -47,6 +50,119 @@ def gemm_ref(a, b, epilogue="none", bias=None, residual=None, aux=None):
     return c if residual is None else c + residual
 
 
+# -- tile configurations per GPU target -----------------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) per (target, epilogue), for 16-bit inputs.
+# Every entry is compiled by pifi_fast.kernels.compile_report for its target and must use
+# tensor-core instructions, spill nothing and fit the target's shared memory; the CI test
+# tests/test_compile_report.py fails otherwise. BLOCK_N counts output columns: the "swiglu"
+# epilogue keeps two accumulators (gate and up) and loads two B tiles, so its tiles are half as
+# wide for the same registers and shared memory. No entry: the layer uses cuBLAS there (sm_75:
+# Triton 3.8 compiles tl.dot to FMA on Turing, where even a 64x64x32 tile spills; fp32: the
+# IEEE-exact dot runs on FMA units too, and cuBLAS is faster on every target).
+_SMALL_M = [(32, 64, 128, 3, 4), (16, 128, 64, 4, 4)]  # CLS mode: 32 rows per batch
+TILES: dict[int, dict[str, list[tuple[int, int, int, int, int]]]] = {
+    90: {  # sm_90a: wgmma; 227 KB shared memory
+        "none": [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
+                 (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
+                 (16, 128, 128, 4, 4)],
+        "swiglu": [(128, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 128, 64, 3, 8),
+                   (64, 64, 64, 4, 4), (16, 128, 64, 4, 4)],  # (32x64x128 spills 16 B here)
+        "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
+    },
+    80: {  # sm_80: mma.sync; 163 KB shared memory
+        "none": [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
+                 (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
+                 (16, 128, 128, 4, 4)],
+        "swiglu": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
+        "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
+    },
+}
+# sm_86 and sm_89: as sm_80 but 99 KB of shared memory: fewer stages and no 16x128x128 tile
+TILES[86] = TILES[89] = {
+    "none": [(128, 256, 64, 3, 8), (128, 128, 64, 3, 8), (64, 256, 64, 3, 8),
+             (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
+             (16, 64, 128, 4, 4)],
+    "swiglu": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 3, 4),
+               (32, 64, 128, 3, 4), (32, 64, 64, 5, 2)],  # (16x128x64 needs 102 KB here)
+    "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 3, 4)] + _SMALL_M,
+}
+GPU_ARCHS = (75, 80, 86, 89, 90)
+
+
+def tiles(arch: int, epilogue: str, dtype: str) -> list[tuple[int, int, int, int, int]]:
+    """The tile configurations the GEMM may use on a target (Triton arch number, e.g. 90 for
+    sm_90a), for an epilogue and a dtype name ("bf16", "fp16", "fp32"); [] means cuBLAS."""
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    if dtype == "fp32" or (dtype == "bf16" and arch < 80):
+        return []
+    return list(TILES.get(arch, {}).get(epilogue, []))
+
+
+def configs(arch: int, epilogue: str, dtype: str) -> list:
+    """The one source of the GEMM's autotuner configs: tiles() as triton.Config objects."""
+    import triton
+
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=st, num_warps=w)
+            for bm, bn, bk, st, w in tiles(arch, epilogue, dtype)]
+
+
+def device_arch(device) -> int | None:
+    """The Triton arch number of a CUDA device whose tile lists we verified, else None."""
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 10 * major + minor
+    return arch if arch in GPU_ARCHS else None
+
+
+_DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def supported(a: torch.Tensor, epilogue: str = "none") -> bool:
+    """Whether the Triton GEMM has verified tiles for this tensor's device and dtype (always
+    true under the interpreter, which runs one small tile); otherwise callers use cuBLAS."""
+    if interpreting():
+        return HAS_TRITON
+    if not (HAS_TRITON and a.is_cuda):
+        return False
+    arch = device_arch(a.device)
+    return arch is not None and bool(tiles(arch, epilogue, _DTYPE_NAME.get(a.dtype, "")))
+
+
+def _tile_of(config) -> tuple:
+    kw = config.kwargs
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, config.num_warps)
+
+
+def _prune(all_configs, named_args, **kwargs):
+    """Autotuner hook: keep the launching device's tiles for this epilogue and dtype (only the
+    first with PIFI_FAST_GEMM_TUNE=0, so tests run one tile and tune nothing)."""
+    a = named_args["A"]
+    arch = device_arch(a.device)
+    wanted = tiles(arch, EPILOGUES[kwargs["EPILOGUE"]], _DTYPE_NAME[a.dtype]) if arch else []
+    if os.environ.get("PIFI_FAST_GEMM_TUNE") == "0":
+        wanted = wanted[:1]
+    by_tile = {_tile_of(c): c for c in all_configs}
+    return [by_tile[t] for t in wanted if t in by_tile]  # in the table's order
+
+
+def _all_configs():
+    """Every tile of every target (the autotuner prunes to the device's list at launch); one
+    small tile under the interpreter, which would otherwise run every config."""
+    import triton
+
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
+    seen, out = set(), []
+    for arch in GPU_ARCHS:
+        for epilogue in EPILOGUES:
+            for c in configs(arch, epilogue, "fp16"):
+                if _tile_of(c) not in seen:
+                    seen.add(_tile_of(c))
+                    out.append(c)
+    return out
+
+
 # -- Triton ----------------------------------------------------------------------------------------
 if HAS_TRITON:
     import triton
@@ -54,21 +170,10 @@ if HAS_TRITON:
 
     from ._round import to_dtype
 
-    def _configs():
-        if interpreting():  # the interpreter runs every config: one small one
-            return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
-        if os.environ.get("PIFI_FAST_GEMM_TUNE") == "0":  # tests: one config, no tuning runs
-            return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8},
-                                  num_stages=3, num_warps=4)]
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                              num_stages=s, num_warps=w)
-                for bm, bn, bk, s, w in ((128, 128, 64, 3, 8), (128, 256, 64, 3, 8),
-                                         (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                                         (64, 64, 64, 4, 4), (16, 128, 128, 4, 4))]
-
-    # Tuned once per (rounded-up M, N, K, epilogue): packed batches change M with every batch,
-    # and re-tuning for each exact M would cost more than it gains.
-    @triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "IEEE"])
+    # Tuned once per (rounded-up M, N, K, epilogue, dtypes): packed batches change M with every
+    # batch, and re-tuning for each exact M would cost more than it gains.
+    @triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "IEEE"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _gemm_kernel(A, B, C, BIAS, R, AUX, M, M_BUCKET, N, K,
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_rm, stride_auxm,
@@ -83,13 +188,17 @@ if HAS_TRITON:
         size_m = min(n_m - first_m, GROUP_M)
         pid_m = first_m + (pid % group) % size_m
         pid_n = (pid % group) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # 64-bit offsets only in the per-program scalar bases; in-tile offsets stay 32-bit
+        # (BLOCK x row stride < 2^31), which halves the registers the epilogue's address tiles
+        # take and keeps the SwiGLU-backward epilogue out of local memory
+        row0 = (pid_m * BLOCK_M).to(tl.int64)
+        col0 = pid_n * BLOCK_N
+        lm = tl.arange(0, BLOCK_M)
+        rn = col0 + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        rm64 = rm.to(tl.int64)
-        mm, mn = rm < M, rn < N
-        a_ptr = A + rm64[:, None] * stride_am + rk[None, :] * stride_ak
-        b_ptr = B + rk[:, None].to(tl.int64) * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+        mm, mn = (row0 + lm) < M, rn < N
+        a_ptr = (A + row0 * stride_am) + (lm[:, None] * stride_am + rk[None, :] * stride_ak)
+        b_ptr = B + (rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
@@ -114,11 +223,11 @@ if HAS_TRITON:
             if EPILOGUE == 1:
                 acc_up += tl.load(BIAS + N + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         m2 = mm[:, None] & mn[None, :]
-        c_ptr = C + rm64[:, None] * stride_cm + rn[None, :]
+        c_ptr = (C + row0 * stride_cm) + (lm[:, None] * stride_cm + rn[None, :])
         if EPILOGUE == 1:
             out = acc * tl.sigmoid(acc) * acc_up
         elif EPILOGUE == 2:
-            aux = AUX + rm64[:, None] * stride_auxm + rn[None, :]
+            aux = (AUX + row0 * stride_auxm) + (lm[:, None] * stride_auxm + rn[None, :])
             g = tl.load(aux, mask=m2, other=0.0).to(tl.float32)
             u = tl.load(aux + N, mask=m2, other=0.0).to(tl.float32)
             sg = tl.sigmoid(g)
@@ -127,9 +236,54 @@ if HAS_TRITON:
         else:
             out = acc
         if HAS_RES:
-            out += tl.load(R + rm64[:, None] * stride_rm + rn[None, :], mask=m2,
-                           other=0.0).to(tl.float32)
+            r_ptr = (R + row0 * stride_rm) + (lm[:, None] * stride_rm + rn[None, :])
+            out += tl.load(r_ptr, mask=m2, other=0.0).to(tl.float32)
         tl.store(c_ptr, to_dtype(out, C.dtype.element_ty), mask=m2)
+
+
+
+# the launches the layer makes (pifi_fast.ops), as compile_launches describes them:
+# (name, orientation, epilogue, has_bias, has_residual)
+LAYER_LAUNCHES = (
+    ("gemm_fwd", "forward", "none", False, False),  # qkv
+    ("gemm_fwd+bias", "forward", "none", True, False),  # qkv with q/k/v bias (Qwen2)
+    ("gemm_fwd+residual", "forward", "none", False, True),  # o and down, residual fused
+    ("gemm_fwd+swiglu", "forward", "swiglu", False, False),  # gate/up + SwiGLU
+    ("gemm_fwd+swiglu+bias", "forward", "swiglu", True, False),  # with mlp_bias
+    ("gemm_igrad", "input_grad", "none", False, False),  # dy @ W
+    ("gemm_igrad+swiglu_bwd", "input_grad", "swiglu_bwd", False, False),  # down's dX + SwiGLU'
+)
+
+
+def compile_launches(arch: int, dtype: str, tile_list=None):
+    """Every configuration (pifi_fast.kernels.compile_report): each tile of tiles(arch, ...)
+    for each launch the layer makes, specialized as at the Llama-3.1-8B shape: forward B = W^T
+    (unit stride along K), input gradient B = W (unit stride along N). ``tile_list`` overrides
+    the table (for exploring candidates)."""
+    from ._spec import DTYPE_NAMES, Int, Launch, Ptr
+
+    dt = DTYPE_NAMES[dtype]
+    m = 4099  # a packed token count: not a multiple of 16
+    out = []
+    for name, orientation, epilogue, bias, res in LAYER_LAUNCHES:
+        n, k = (14336, 4096) if epilogue != "none" else (4096, 14336) if res else (6144, 4096)
+        if orientation == "input_grad":
+            n, k = (14336, 4096) if epilogue == "swiglu_bwd" else (4096, 6144)
+        width = 2 * n if epilogue == "swiglu_bwd" else n
+        b_cols = 2 * n if epilogue == "swiglu" else n
+        stride_bk, stride_bn = (1, k) if orientation == "forward" else (b_cols, 1)
+        for bm, bn, bk, stages, warps in (tile_list if tile_list is not None
+                                          else tiles(arch, epilogue, dtype)):
+            out.append(Launch(
+                _gemm_kernel.fn, name, f"{bm}x{bn}x{bk} stages={stages} warps={warps}", dtype,
+                dict(A=Ptr(dt), B=Ptr(dt), C=Ptr(dt), BIAS=Ptr(dt), R=Ptr(dt), AUX=Ptr(dt),
+                     M=Int(m), M_BUCKET=Int(8192), N=Int(n), K=Int(k), stride_am=Int(k),
+                     stride_ak=Int(1), stride_bk=Int(stride_bk), stride_bn=Int(stride_bn),
+                     stride_cm=Int(width), stride_rm=Int(n), stride_auxm=Int(2 * n)),
+                dict(EPILOGUE=EPILOGUES.index(epilogue), HAS_BIAS=bias, HAS_RES=res,
+                     IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+                num_warps=warps, num_stages=stages, uses_dot=True))
+    return out
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, residual=None,
@@ -141,6 +295,12 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, re
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not chain")
+    if not supported(a, epilogue):
+        where = (f"compute capability {torch.cuda.get_device_capability(a.device)}" if a.is_cuda
+                 else f"a {a.device.type} tensor without Triton's interpreter")
+        raise RuntimeError(f"gemm: no verified tile configuration for {a.dtype} on {where} "
+                           f"({epilogue!r} epilogue; see tiles() and `pifi-fast kernels`); "
+                           "use cuBLAS there")
     if a.stride(-1) != 1:
         a = a.contiguous()
     m, k = a.shape

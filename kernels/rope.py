@@ -39,6 +39,15 @@ def rope_ref_(qkv, positions, cos, sin, num_q_heads, num_kv_heads, head_dim, tra
 
 
 # -- Triton ----------------------------------------------------------------------------------------
+# One program rotates BLOCK_H = TILE // BLOCK_D heads (at most MAX_BLOCK_H) of one token
+# (BLOCK_D = half the head dim, rounded up to a power of two): at most 2048 values per half,
+# 16 per thread at 4 warps, whatever the head count (a 405B layer rotates 136 q and k heads per
+# token), so registers never depend on the model. (Without the MAX_BLOCK_H cap, tiny head dims
+# made 1024 x 2 tiles that spill on sm_75.)
+TILE = 2048
+MAX_BLOCK_H = 256
+MAX_HEAD_DIM = 256
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
@@ -50,7 +59,7 @@ if HAS_TRITON:
                      TRANSPOSE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         pos = tl.load(POS + row).to(tl.int64)
-        heads = tl.arange(0, BLOCK_H)[:, None]
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
         cols = tl.arange(0, BLOCK_D)[None, :]
         m = (heads < n_heads) & (cols < half)
         base = QKV + row * stride_t + heads * (2 * half) + cols
@@ -71,6 +80,33 @@ if HAS_TRITON:
         tl.store(base + half, to_dtype(y2, QKV.dtype.element_ty), mask=m)
 
 
+def launch_params(head_dim: int):
+    """(BLOCK_H, BLOCK_D, num_warps) for a head dim: the tile is fixed by the head dim alone."""
+    block_d = 1 << max(head_dim // 2 - 1, 0).bit_length()
+    return min(max(TILE // block_d, 1), MAX_BLOCK_H), block_d, 4
+
+
+def compile_launches(arch: int, dtype: str):
+    """Every configuration (pifi_fast.kernels.compile_report): one per head dim class (2 to
+    MAX_HEAD_DIM), forward and transpose; the cos/sin tables in the compute dtype."""
+    from ._spec import DTYPE_NAMES, Int, Launch, Ptr
+
+    dt = DTYPE_NAMES[dtype]
+    out = []
+    for head_dim in (1 << k for k in range(1, MAX_HEAD_DIM.bit_length())):
+        block_h, block_d, warps = launch_params(head_dim)
+        width = 40 * head_dim  # Llama-3.1-8B's 32 q + 8 k heads (+ v) as the row stride
+        for transpose in (False, True):
+            out.append(Launch(
+                _rope_kernel, "rope" + ("_transpose" if transpose else ""),
+                f"BLOCK_H={block_h} BLOCK_D={block_d} warps={warps}", dtype,
+                dict(QKV=Ptr(dt), POS=Ptr(torch.int64), COS=Ptr(dt), SIN=Ptr(dt),
+                     stride_t=Int(width + 8 * head_dim), stride_cos=Int(head_dim),
+                     stride_sin=Int(head_dim), n_heads=Int(40), half=Int(head_dim // 2)),
+                dict(TRANSPOSE=transpose, BLOCK_H=block_h, BLOCK_D=block_d), num_warps=warps))
+    return out
+
+
 def rope_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
           num_q_heads: int, num_kv_heads: int, head_dim: int, transpose: bool = False):
     """Rotate the q and k heads of qkv (T, W) in place; returns qkv."""
@@ -79,12 +115,16 @@ def rope_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     if head_dim % 2 or cos.shape[-1] != head_dim or sin.shape[-1] != head_dim:
         raise ValueError(f"rope_: head_dim {head_dim} must be even and match the cos/sin tables "
                          f"({tuple(cos.shape)}, {tuple(sin.shape)})")
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"rope_: head_dim {head_dim} > {MAX_HEAD_DIM}, the largest the kernel "
+                         "is compiled and checked for")
     if positions.shape != (qkv.shape[0],):
         raise ValueError(f"rope_: positions {tuple(positions.shape)} must be ({qkv.shape[0]},)")
     n = num_q_heads + num_kv_heads
+    block_h, block_d, warps = launch_params(head_dim)
     if qkv.shape[0]:
-        _rope_kernel[(qkv.shape[0],)](
+        _rope_kernel[(qkv.shape[0], triton.cdiv(n, block_h))](
             qkv, positions, cos, sin, qkv.stride(0), cos.stride(0), sin.stride(0), n,
-            head_dim // 2, TRANSPOSE=transpose, BLOCK_H=triton.next_power_of_2(n),
-            BLOCK_D=triton.next_power_of_2(head_dim // 2), num_warps=4)
+            head_dim // 2, TRANSPOSE=transpose, BLOCK_H=block_h, BLOCK_D=block_d,
+            num_warps=warps)
     return qkv

@@ -76,6 +76,27 @@ def _grid(rows: int, inter: int):
     return (rows, triton.cdiv(inter, block)), block
 
 
+def compile_launches(arch: int, dtype: str):
+    """Every configuration (pifi_fast.kernels.compile_report): one per block width, 16 to
+    BLOCK columns of the intermediate size (BLOCK for every real MLP), forward and backward."""
+    from ._spec import DTYPE_NAMES, Int, Launch, Ptr
+
+    dt = DTYPE_NAMES[dtype]
+    out = []
+    for block in (1 << k for k in range(4, BLOCK.bit_length())):
+        inter = 14336 if block == BLOCK else block  # Llama-3.1-8B's MLP for the full block
+        config = f"BLOCK_I={block} warps=4"
+        out.append(Launch(_swiglu_fwd_kernel, "swiglu_fwd", config, dtype,
+                          dict(GU=Ptr(dt), M=Ptr(dt), stride_gu=Int(2 * inter),
+                               stride_m=Int(inter), I=Int(inter)),
+                          dict(BLOCK_I=block), num_warps=4))
+        out.append(Launch(_swiglu_bwd_kernel, "swiglu_bwd", config, dtype,
+                          dict(GU=Ptr(dt), DM=Ptr(dt), DGU=Ptr(dt), stride_gu=Int(2 * inter),
+                               stride_dm=Int(inter), stride_dgu=Int(2 * inter), I=Int(inter)),
+                          dict(BLOCK_I=block), num_warps=4))
+    return out
+
+
 def swiglu_fwd(gu: torch.Tensor) -> torch.Tensor:
     """silu(g) * u for gu = [g | u] along the last dim; returns (..., I)."""
     if gu.shape[-1] % 2:

@@ -6,12 +6,14 @@ Backends, best first; ``select_backend`` decides and ``backend_used`` reports (a
 call logs once) which one ran:
 
     flash_attn      the flash-attn package (FA3 ``flash_attn_interface`` or FA2), varlen
-                    entry point; CUDA, fp16/bf16; optional extra ``pifi-fast[flash]``
+                    entry point; CUDA sm_80+, fp16/bf16; optional extra ``pifi-fast[flash]``
     torch_varlen    torch.nn.attention.varlen.varlen_attn (PyTorch's own FlashAttention /
-                    cuDNN varlen kernels; torch >= 2.10); CUDA, fp16/bf16
+                    cuDNN varlen kernels; torch >= 2.10); CUDA sm_80+, fp16/bf16
     sdpa            F.scaled_dot_product_attention on the dense (B, H, S, D) layout, with a key
                     mask when the batch had padding (PyTorch picks flash, cuDNN, memory-efficient
-                    or math); runs everywhere, and is the plain twin of the others
+                    or math); runs everywhere, and is the plain twin of the others. On
+                    Turing (T4, sm_75) it is the only one: FlashAttention 2 needs sm_80, and
+                    SDPA takes its memory-efficient kernel there
 
 Attention is bidirectional unless ``causal=True``. All backends are differentiable through
 autograd; pifi_fast.ops differentiates them by recomputing the forward in backward, so no
@@ -102,12 +104,22 @@ backend_used: str | None = None  # the backend of the most recent call
 _failed: dict[str, str] = {}  # backends that raised when chosen automatically, and why
 
 
-def available_backends(device_type: str = "cuda") -> list[str]:
+# FlashAttention 2 (and PyTorch's varlen kernels built on it) need Ampere or newer
+FLASH_MIN_CAPABILITY = (8, 0)
+
+
+def available_backends(device_type: str = "cuda", capability: tuple | None = None) -> list[str]:
+    """Usable backends, best first, for a device type and (CUDA) compute capability (None:
+    the current device's)."""
     found = []
-    if device_type == "cuda" and _FLASH is not None:
-        found.append("flash_attn")
-    if device_type == "cuda" and _VARLEN is not None:
-        found.append("torch_varlen")
+    if device_type == "cuda":
+        if capability is None and torch.cuda.is_available():
+            capability = torch.cuda.get_device_capability()
+        if capability is None or tuple(capability) >= FLASH_MIN_CAPABILITY:
+            if _FLASH is not None:
+                found.append("flash_attn")
+            if _VARLEN is not None:
+                found.append("torch_varlen")
     return [b for b in found if b not in _failed] + ["sdpa"]
 
 
@@ -118,7 +130,8 @@ def select_backend(q: torch.Tensor, requested: str | None = None) -> str:
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"unknown attention backend {requested!r}; choose from {BACKENDS}")
     half = q.dtype in (torch.float16, torch.bfloat16)
-    usable = [b for b in available_backends(q.device.type) if b == "sdpa" or half]
+    capability = torch.cuda.get_device_capability(q.device) if q.is_cuda else None
+    usable = [b for b in available_backends(q.device.type, capability) if b == "sdpa" or half]
     if requested != "auto":
         if requested not in usable:
             raise ValueError(f"attention backend {requested!r} cannot run {q.dtype} on "

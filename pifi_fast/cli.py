@@ -7,6 +7,8 @@
                    fused layer's step time against the reference layer's
   pifi-fast bench  the benchmark workloads against the reference and the Hugging Face layer:
                    a table, JSON, Markdown and PNG plots in a folder (see pifi_fast.bench)
+  pifi-fast kernels  compile every Triton kernel configuration for five GPU targets (no GPU
+                   needed): registers, spills, shared memory, tensor cores; Markdown + JSON
   pifi-fast info   versions, extension and device status
 """
 from __future__ import annotations
@@ -52,14 +54,16 @@ def demo(args) -> int:
     fast = results["pifi"]["model"]
     # The fused layer against the reference (Hugging Face) layer, same weights, CLS mode as in
     # training (batch of [CLS] vectors) and full-sequence mode (a padded batch of snippets).
-    ref = build_model(TrainConfig(llm="smollm2", implementation="reference", **common), 2)
+    ref = build_model(TrainConfig(llm="smollm2", implementation="reference", **common), 2,
+                      results["pifi"]["precision"])  # the layer in the same dtype as trained
     ref.load_state_dict(fast.state_dict())
     device = next(fast.parameters()).device
     ref.to(device)
     torch.manual_seed(0)
     d = fast.llm_config.hidden_size
-    cls_h = torch.randn(args.batch_size, 1, d, device=device)
-    seq_h = torch.randn(args.batch_size, 48, d, device=device)
+    dtype = fast.layer_dtype
+    cls_h = torch.randn(args.batch_size, 1, d, device=device, dtype=dtype)
+    seq_h = torch.randn(args.batch_size, 48, d, device=device, dtype=dtype)
     mask = torch.ones(args.batch_size, 48, dtype=torch.bool, device=device)
     mask[::2, 30:] = False
     timings = {
@@ -160,7 +164,7 @@ def bench(args) -> int:
         # time-boxed: the cases behind the fused-layer targets first, the rest as time allows
         cases.sort(key=lambda c: c.shape != report.TARGET_SHAPE)
         deadline = time.monotonic() + args.time_budget
-    with tqdm(total=len(cases), unit="case") as bar:
+    with tqdm(total=len(cases), unit="case", disable=None) as bar:  # no bar in log files
         rows = report.run(cases, device, reps, ceil, progress=bar, deadline=deadline)
     paths = report.write(rows, env, ceil, out_dir, level)
     print(paths["md"].read_text())
@@ -171,6 +175,33 @@ def bench(args) -> int:
         print("\n".join(flagged) if flagged else f"no case slower than in {args.compare}")
         return 1 if flagged else 0
     return 0
+
+
+def kernels_cmd(args) -> int:
+    from tqdm import tqdm
+
+    from pifi_fast.kernels import compile_report as report
+
+    if args.tuned:  # on a GPU: the autotuner's picks against the tables
+        picks = report.autotuner_picks()
+        for p in picks:
+            print(json.dumps({k: v for k, v in p.items() if k != "timings_ms"}))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "autotuner_picks.json").write_text(json.dumps(picks, indent=1))
+        return 0
+    total = len(report.collect(args.targets, args.dtypes, args.only))
+    t0 = time.monotonic()
+    with tqdm(total=total, unit="kernel", desc="compiling", disable=None) as bar:
+        rows = report.run(args.targets, args.dtypes, args.only, args.jobs,
+                          progress=lambda row: bar.update())
+    print(report.text_table(rows))
+    print(f"({time.monotonic() - t0:.0f} s on {args.jobs or 'all'} worker processes)")
+    if args.out:
+        paths = report.write(rows, args.out, args.targets, args.dtypes)
+        for kind, path in paths.items():
+            print(f"wrote {kind}: {path}")
+    return 0 if all(r["ok"] for r in rows) else 1
 
 
 def info(args) -> int:
@@ -190,6 +221,12 @@ def info(args) -> int:
     print(f"Triton kernels: {'used on CUDA' + interp if kernels.HAS_TRITON else 'not installed'}")
     usable = ", ".join(attention.available_backends(device))
     print(f"attention backends usable on {device}: {usable}")
+    if torch.cuda.is_available():
+        from pifi_fast.ops import gemm_path
+
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            print(f"projections with gemm='triton' in {str(dtype)[6:]}: "
+                  f"{gemm_path(device, dtype)}")
     return 0
 
 
@@ -228,6 +265,20 @@ def main(argv=None) -> int:
                    help="start no case after this many seconds (the rest are marked skipped); "
                         "the target-shape cases run first")
     p.set_defaults(func=bench)
+    from pifi_fast.kernels.compile_report import DTYPES, TARGETS
+
+    p = sub.add_parser("kernels", help="compile every Triton kernel for GPU targets (no GPU "
+                       "needed): registers, spills, shared memory, tensor cores")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS),
+                   help="GPU targets (default: all five)")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
+                   help="data types (default: bf16 fp16 fp32; bf16 only from sm_80)")
+    p.add_argument("--only", default=None, help="only kernels whose name contains this text")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPUs)")
+    p.add_argument("--out", default=None, help="folder for kernels.md and kernels.json")
+    p.add_argument("--tuned", action="store_true", help="on a GPU: run the GEMM's autotuner at "
+                   "the Llama-3.1-8B shape and print its pick against the table's first tile")
+    p.set_defaults(func=kernels_cmd)
     sub.add_parser("info", help="versions, extension and device").set_defaults(func=info)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -256,9 +256,24 @@ class FrozenLlamaLayer(nn.Module):
             raise ValueError(f"FrozenLlamaLayer expects (batch, seq, {self.hidden_size}), got "
                              f"{tuple(x.shape)}")
         w = self.qkv_weight
-        if x.device != w.device or x.dtype != w.dtype:
-            raise ValueError(f"FrozenLlamaLayer: input is {x.dtype} on {x.device} but the layer's "
-                             f"weights are {w.dtype} on {w.device}; cast the input or the layer")
+        if x.device != w.device:
+            raise ValueError(f"FrozenLlamaLayer: input is on {x.device} but the layer's weights "
+                             f"are on {w.device}; move the input or the layer")
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if x.dtype != w.dtype and not autocast:
+            raise ValueError(f"FrozenLlamaLayer: input is {x.dtype} but the layer's weights are "
+                             f"{w.dtype}; cast the input or the layer (under torch.autocast the "
+                             "layer casts for you)")
+        # Mixed precision, the rule: the frozen layer always computes in its own dtype, with
+        # autocast off inside (autocast would otherwise turn some of its products into the
+        # autocast dtype and hand them to ops holding weights of another dtype), and returns
+        # the dtype its input had, as the Hugging Face layer under autocast does (its residual
+        # stream keeps the input's dtype). Load the layer in the autocast dtype to compute in it.
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._forward(x.to(w.dtype), attention_mask, position_ids)
+        return out.to(x.dtype)
+
+    def _forward(self, x, attention_mask, position_ids):
         b, s, _ = x.shape
         if b == 0 or s == 0:
             raise ValueError(f"FrozenLlamaLayer: empty input of shape {tuple(x.shape)}")

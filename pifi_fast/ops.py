@@ -9,7 +9,10 @@ forces the twins, ``"triton"`` the kernels. Projections (``gemm`` option):
               fused into the cuBLAS/cuBLASLt GEMM) forward, dy @ W backward; the default
     "triton"  pifi_fast.kernels.gemm with fused epilogues: residual adds on O and down, SwiGLU
               on the gate/up output when gu need not be kept (inference, recompute="mlp"),
-              SwiGLU-backward on the down projection's input gradient
+              SwiGLU-backward on the down projection's input gradient. Where the GEMM has no
+              verified tile configuration (pifi_fast.kernels.gemm.tiles: sm_75, fp32, GPUs we
+              have no report for) that projection takes the cuBLAS path instead, and the layer
+              says so once.
 
 Chain rule (weights frozen, so only d/dx; ``@W`` is x @ W^T forward and dy @ W backward):
 
@@ -37,6 +40,7 @@ RoPE never touches v, so attention is v repeated over each KV head's query group
 from __future__ import annotations
 
 import os
+import warnings
 from types import SimpleNamespace
 
 import torch
@@ -86,6 +90,38 @@ class LayerRun(SimpleNamespace):
     follow (needs_grad) and, once forward starts, the elementwise implementation (impl)."""
 
 
+_fallback_warned: set = set()
+
+
+def _triton_gemm(run, x, epilogue="none") -> bool:
+    """Whether this projection runs on the Triton GEMM: asked for (gemm="triton") and verified
+    for x's device and dtype (else cuBLAS, with one warning per device and dtype)."""
+    if run.gemm != "triton":
+        return False
+    if _gemm.supported(x, epilogue):
+        return True
+    key = (str(x.device), x.dtype, epilogue)
+    if key not in _fallback_warned:
+        _fallback_warned.add(key)
+        arch = torch.cuda.get_device_capability(x.device) if x.is_cuda else None
+        warnings.warn(f"gemm='triton': no verified tile configuration for the {epilogue!r} "
+                      f"epilogue on compute capability {arch} in {x.dtype} (see `pifi-fast "
+                      "kernels`); that projection uses cuBLAS", RuntimeWarning, stacklevel=4)
+    return False
+
+
+def gemm_path(device, dtype) -> str:
+    """Which projections gemm="triton" runs on a device and dtype: "triton", "cuBLAS" or
+    "triton (+ cuBLAS for <epilogues>)" (for pifi-fast info and the benchmark report)."""
+    probe = torch.empty(0, device=device, dtype=dtype)
+    if not kernels.can_run(probe):
+        return "cuBLAS"
+    missing = [e for e in _gemm.EPILOGUES if not _gemm.supported(probe, e)]
+    if len(missing) == len(_gemm.EPILOGUES):
+        return "cuBLAS"
+    return "triton" + (f" (+ cuBLAS for {', '.join(missing)})" if missing else "")
+
+
 class FrozenLayerFunction(torch.autograd.Function):
     """The whole frozen decoder layer on packed tokens as one autograd node; backward returns
     only dx. apply(x (T, H), positions (T,), run: LayerRun)."""
@@ -103,13 +139,17 @@ class FrozenLayerFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        dx = _input_grad(ctx.run, dout.contiguous(), *ctx.saved_tensors)
+        # the layer computes in its own dtype (pifi_fast.layer: the mixed-precision rule), also
+        # when backward is called inside an autocast region
+        with torch.autocast(dout.device.type, enabled=False):
+            x = ctx.saved_tensors[0]
+            dx = _input_grad(ctx.run, dout.to(x.dtype).contiguous(), *ctx.saved_tensors)
         return dx, None, None
 
 
 def _proj(run, x, w, b=None, residual=None, epilogue="none"):
     """x @ w^T (+ b) (+ residual), or with the swiglu epilogue silu(g) * u of [g | u]."""
-    if run.gemm == "triton":
+    if _triton_gemm(run, x, epilogue):
         return _gemm.gemm(x, w.t(), epilogue, bias=b, residual=residual)
     y = frozen_linear(x, w, b, residual=residual)
     return run.impl.swiglu_fwd(y) if epilogue == "swiglu" else y
@@ -117,7 +157,7 @@ def _proj(run, x, w, b=None, residual=None, epilogue="none"):
 
 def _proj_input_grad(run, dy, w, epilogue="none", aux=None):
     """dy @ w, or with swiglu_bwd: [dg | du] from dm = dy @ w and the saved gu (aux)."""
-    if run.gemm == "triton":
+    if _triton_gemm(run, dy, epilogue):
         return _gemm.gemm(dy, w, epilogue, aux=aux)
     dx = dy @ w
     return run.impl.swiglu_bwd(aux, dx) if epilogue == "swiglu_bwd" else dx
@@ -202,7 +242,7 @@ def _mlp_forward(run, x2, keep_gu):
     gu = torch.empty(t, 2 * inter, dtype=x2.dtype, device=x2.device) if keep_gu else None
     for s, e in _chunks(run, t):
         h2, _, rstd2[s:e] = impl.rms_fwd(x2[s:e], layer.post_norm_weight, layer.eps)
-        if run.gemm == "triton" and not keep_gu:
+        if not keep_gu and _triton_gemm(run, h2, "swiglu"):
             # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
             m = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias, epilogue="swiglu")
         else:

@@ -41,7 +41,8 @@ class TrainConfig:
     # 4096 on CUDA and 256 on CPU; 0: all at once)
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
     seed: int = 42
-    precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16; with
+    # bf16/fp16 the frozen layer is loaded in that dtype (autocast for the rest, loss scaling for fp16)
     epochs: int = 3
     batch_size: int = 32
     lr: float = 5e-5
@@ -130,7 +131,10 @@ def _set_rng_state(state):
 
 
 # -- model ----------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, num_labels: int):
+def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None):
+    """The model for a config. ``precision`` (resolved: fp32, bf16 or fp16) sets the frozen
+    layer's dtype: it computes in its own dtype under autocast (pifi_fast.layer), so it is
+    loaded in the autocast dtype to run at 16-bit speed; fp32 (or None) keeps the source's."""
     from pifi_fast import PiFiModel, reference
 
     cls = reference.PiFiModel if (cfg.implementation == "reference" or cfg.authors_setup) \
@@ -145,7 +149,9 @@ def build_model(cfg: TrainConfig, num_labels: int):
                        chunk_tokens={-1: "auto", 0: None}.get(cfg.chunk_tokens,
                                                               cfg.chunk_tokens),
                        attention=None if cfg.attention == "auto" else cfg.attention)
-    llm_dtype = torch.float32 if cfg.authors_setup else None
+    llm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if cfg.authors_setup:
+        llm_dtype = torch.float32
     model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=cfg.layer, llm_dtype=llm_dtype,
                            seed=cfg.seed, **options)
     if cfg.no_dropout:
@@ -160,7 +166,9 @@ def _autocast(device: torch.device, precision: str):
         if device.type != "cuda":
             precision = "fp32"
         else:
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # bf16 from Ampere (sm_80) on; a T4 (sm_75) only emulates it: fp16 with loss scaling
+            major = torch.cuda.get_device_capability(device)[0]
+            precision = "bf16" if major >= 8 else "fp16"
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False), precision
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -343,10 +351,10 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(resolve_slm(cfg.slm))
     task_data = TaskData(cfg, tokenizer, train_rows)
     num_labels = len(task_data.label_map) if task_data.label_map else 0
-    model = build_model(cfg, num_labels).to(device)
+    autocast, precision = _autocast(device, cfg.precision)
+    model = build_model(cfg, num_labels, precision).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    autocast, precision = _autocast(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     state = {"epoch": 0, "step": 0, "best_metric": None, "history": []}

@@ -72,3 +72,35 @@ def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows and all(r.get("skipped") == "time budget of this run reached" for r in rows)
     assert "## Targets of the fused layer" in (out / "results.md").read_text()
+
+
+def test_liger_baseline_swaps_liger_modules_into_a_copy_sharing_the_weights():
+    """The Liger row (GPU only: Liger's kernels do not run under Triton's interpreter) is the
+    HF layer with Liger's RMSNorm and SwiGLU MLP, the same weight tensors, the original layer
+    untouched; its RoPE is swapped in only around its own call."""
+    import pytest
+
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    from pifi_fast.bench import workloads
+    from pifi_fast.loading import random_layer
+
+    base = random_layer(workloads.llm_config("smollm2-135m"), 0, dtype=torch.float32, seed=0)
+    hf = base.module
+    liger = workloads.liger_layer(hf, base.config)
+    assert isinstance(liger.input_layernorm, LigerRMSNorm)
+    assert isinstance(liger.post_attention_layernorm, LigerRMSNorm)
+    assert isinstance(liger.mlp, LigerSwiGLUMLP)
+    assert not isinstance(hf.mlp, LigerSwiGLUMLP) and hf.input_layernorm is not liger.input_layernorm
+    assert liger.mlp.down_proj.weight is hf.mlp.down_proj.weight
+    assert liger.input_layernorm.weight is hf.input_layernorm.weight
+    assert liger.self_attn is hf.self_attn
+    import importlib
+
+    module = importlib.import_module(type(hf.self_attn).__module__)
+    before = module.apply_rotary_pos_emb
+    with workloads._liger_rope(liger):
+        assert module.apply_rotary_pos_emb is not before
+    assert module.apply_rotary_pos_emb is before

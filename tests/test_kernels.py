@@ -61,6 +61,34 @@ def test_rms_norm_forward_and_backward(dtype, rows, hidden, with_residual):
     check_2x(ds, ds_t, ds_64, dtype, "rms bwd")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_looped_path_for_wide_rows(dtype, monkeypatch):
+    """Rows wider than the one-pass limit (hidden 16384+ in fp32, 32768+ in 16-bit) take the
+    two-pass loop; shrunk limits send hidden 1000 through it here."""
+    monkeypatch.setattr(R, "MAX_BLOCK_BYTES", 256)
+    monkeypatch.setattr(R, "LOOP_BLOCK", 64)
+    assert R.launch_params(1000, 2) == (64, 1, False)
+    rows, hidden = 5, 1000
+    x, res, dy, dres = (randn(rows, hidden, dtype=dtype) for _ in range(4))
+    w = randn(hidden, dtype=dtype, scale=0.5) + 1
+    y, s, rstd = R.rms_norm_fwd(x, w, 1e-5, res)
+    y_t, s_t, rstd_t = R.rms_norm_fwd_ref(x, w, 1e-5, res)
+    y_64, _, rstd_64 = R.rms_norm_fwd_ref(*f64(x, w), 1e-5, *f64(res))
+    assert torch.equal(s, s_t)
+    check_2x(y, y_t, y_64, dtype, "looped rms fwd")
+    check_2x(rstd, rstd_t, rstd_64, torch.float32, "looped rstd")
+    ds = R.rms_norm_bwd(dy, s, w, rstd, dres)
+    check_2x(ds, R.rms_norm_bwd_ref(dy, s_t, w, rstd_t, dres),
+             R.rms_norm_bwd_ref(*f64(dy, s_t, w, rstd_64, dres)), dtype, "looped rms bwd")
+
+
+def test_rms_norm_launch_params_stay_within_the_compiled_configurations():
+    """The one-pass limit is per row in bytes: 16384 16-bit or 8192 fp32 columns."""
+    assert R.launch_params(16384, 2)[2] and not R.launch_params(16385, 2)[2]
+    assert R.launch_params(8192, 4)[2] and not R.launch_params(8193, 4)[2]
+    assert R.launch_params(65536, 2) == (R.LOOP_BLOCK, 16, False)
+
+
 def test_rms_norm_backward_is_the_autograd_gradient():
     x = randn(5, 100, dtype=torch.float64).requires_grad_()
     w = randn(100, dtype=torch.float64)
@@ -107,7 +135,8 @@ def rope_tables(n_pos, head_dim, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,nq,nkv,head_dim", [(7, 6, 2, 12), (1, 4, 4, 64),
-                                                    (100, 12, 4, 128), (9, 3, 1, 64)])
+                                                    (100, 12, 4, 128), (9, 3, 1, 64),
+                                                    (3, 32, 8, 128)])  # 40 heads: 2 programs
 @pytest.mark.parametrize("transpose", [False, True])
 def test_rope_in_place(dtype, tokens, nq, nkv, head_dim, transpose):
     width = (nq + 2 * nkv) * head_dim

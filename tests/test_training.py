@@ -90,6 +90,24 @@ def test_resume_continues_an_interrupted_run_to_the_same_weights(tiny_models, tm
         assert torch.equal(state[k], straight[k]), k
 
 
+@needs_sst2
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_end_to_end_in_each_precision_on_a_gguf_layer(tiny_models, tmp_path, precision):
+    """--precision fp32/bf16/fp16 with SmolLM2's real GGUF layer (fp32 in the file): the layer is
+    loaded in the precision's dtype, the rest runs under autocast, fp16 with loss scaling."""
+    cfg = _tiny_cfg(tiny_models, tmp_path / precision, llm="smollm2", precision=precision,
+                    epochs=1, max_steps=4, limit_train=32, limit_eval=16)
+    res = train(cfg)
+    assert res["precision"] == precision and res["history"][0]["step"] == 4
+    layer_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert res["model"].layer_dtype == layer_dtype[precision]
+    assert res["model"].fused
+    dev = res["history"][0]["dev"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in (dev["loss"], dev["accuracy"])), dev
+    trained = {k: v for k, v in res["model"].state_dict().items() if k.startswith("adapter_in")}
+    assert all(torch.isfinite(v).all() for v in trained.values())
+
+
 def _ddp_worker(rank, world, port, cfg_dict, out_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

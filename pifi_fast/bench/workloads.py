@@ -13,10 +13,12 @@ Implementations compared in one run:
   hf_eager    the Hugging Face layer with eager attention
   hf_compile  the Hugging Face layer under torch.compile
   authors     the authors' setup: fp32 layer, every row padded to 100 tokens, padding attended
-  liger       the Hugging Face layer patched by Liger-Kernel (only when it is installed, on GPU)
+  liger       the Hugging Face layer with Liger-Kernel's RMSNorm, SwiGLU MLP and RoPE (only when
+              it is installed, on GPU; see liger_layer)
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -141,12 +143,61 @@ def _layers(shape: str, device_str: str, dtype_str: str):
     # gemm="triton": the Triton GEMMs with fused epilogues (GPU only), same weights.
     out["pifi_fast_tgemm"] = copy.copy(out["pifi_fast"])
     out["pifi_fast_tgemm"].gemm = "triton"
+    if device.type == "cuda" and _liger_missing() is None:
+        out["liger"] = liger_layer(out["sdpa"], base.config)
     if dtype == torch.float32:
         out["authors"] = out["sdpa"]
     else:
         out["authors"] = build_layer(copy.deepcopy(base.config), 0, sd32,
                                      dtype=torch.float32).module.to(device)
     return out
+
+
+def _liger_missing() -> str | None:
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "Liger-Kernel is not installed"
+    return None
+
+
+def liger_layer(hf_layer, config):
+    """The Hugging Face layer with Liger-Kernel's modules swapped in, same (shared) weights: its
+    RMSNorm for both norms and its SwiGLU MLP. Liger's RoPE replaces a module-level function of
+    Transformers (apply_rotary_pos_emb), which would also change the other baselines of the same
+    run; run_liger applies it only for the duration of this layer's own call."""
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    layer = copy.copy(hf_layer)  # a shallow copy: submodules below are replaced, not mutated
+    layer._modules = dict(hf_layer._modules)
+    ref = next(hf_layer.parameters())
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        old = getattr(hf_layer, name)
+        norm = LigerRMSNorm(config.hidden_size, eps=config.rms_norm_eps, in_place=False)
+        norm.weight = old.weight
+        layer._modules[name] = norm.to(ref.device)
+    mlp = LigerSwiGLUMLP(config).to(device=ref.device, dtype=ref.dtype)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        getattr(mlp, proj).weight = getattr(hf_layer.mlp, proj).weight
+    layer._modules["mlp"] = mlp
+    return layer
+
+
+@contextlib.contextmanager
+def _liger_rope(layer):
+    """Liger's RoPE in the layer's attention module for one call (see liger_layer)."""
+    import importlib
+
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    module = importlib.import_module(type(layer.self_attn).__module__)
+    saved = module.apply_rotary_pos_emb
+    module.apply_rotary_pos_emb = liger_rotary_pos_emb
+    try:
+        yield
+    finally:
+        module.apply_rotary_pos_emb = saved
 
 
 def sst2_lengths(n: int, seed: int = 0) -> list[int]:
@@ -197,13 +248,19 @@ def _layer_fn(layers, impl, x, mask, backward: bool):
 
         def run(inp):
             return layer(inp, mask)
-    elif impl in ("hf_sdpa", "hf_eager", "authors", "liger"):
-        layer = layers["sdpa" if impl in ("hf_sdpa", "liger") else
-                       "eager" if impl == "hf_eager" else "authors"]
+    elif impl in ("hf_sdpa", "hf_eager", "authors"):
+        layer = layers["sdpa" if impl == "hf_sdpa" else "eager" if impl == "hf_eager"
+                       else "authors"]
         layer_mask = None if impl == "authors" else mask  # the authors attend to padding
 
         def run(inp):
             return run_hf_layer(layer, layers["rotary"], inp, layer_mask)
+    elif impl == "liger":
+        layer = layers["liger"]
+
+        def run(inp):
+            with _liger_rope(layer):
+                return run_hf_layer(layer, layers["rotary"], inp, mask)
     elif impl == "hf_compile":
         layer = layers["sdpa"]
         compiled = torch.compile(functools.partial(run_hf_layer, layer, layers["rotary"]))
@@ -244,11 +301,7 @@ def _available(impl: str, device: torch.device) -> str | None:
     if impl == "liger":
         if device.type != "cuda":
             return "Liger-Kernel needs a GPU"
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            return "Liger-Kernel is not installed"
-        return "Liger patching of a lone layer is not wired up yet"
+        return _liger_missing()
     return None
 
 
