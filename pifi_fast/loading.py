@@ -88,8 +88,9 @@ def _takes_device(cls) -> bool:
 
 
 def build_layer(config, index: int, state_dict: dict[str, torch.Tensor], dtype=None,
-                source: str = "") -> LLMLayer:
-    """Instantiate the architecture's own decoder layer from its tensors (no random init)."""
+                source: str = "", origins: dict[str, str] | None = None) -> LLMLayer:
+    """Instantiate the architecture's own decoder layer from its tensors (no random init).
+    ``origins`` maps a layer-local key to the file it came from (for error messages)."""
     layer_cls = decoder_layer_class(config)
     if getattr(config, "_attn_implementation", None) in (None, "eager") and \
             getattr(config, "_attn_implementation_autoset", True):
@@ -107,9 +108,13 @@ def build_layer(config, index: int, state_dict: dict[str, torch.Tensor], dtype=N
         t = state_dict[k]
         want = module.state_dict()[k].shape
         if tuple(t.shape) != tuple(want):
+            where = (origins or {}).get(k) or source or "checkpoint"
             raise CheckpointError(
-                f"{source or 'checkpoint'}: tensor {k} has shape {tuple(t.shape)} but the config "
-                f"(hidden_size {config.hidden_size}) needs {tuple(want)}")
+                f"{where}: tensor {k} of layer {index} has shape {tuple(t.shape)} but the config "
+                f"(hidden_size {config.hidden_size}, intermediate_size "
+                f"{getattr(config, 'intermediate_size', '?')}, heads "
+                f"{config.num_attention_heads}/{getattr(config, 'num_key_value_heads', None)}) "
+                f"needs {tuple(want)}")
         sd[k] = t.to(dtype) if t.is_floating_point() else t
     module.load_state_dict(sd, assign=True, strict=True)
     for p in module.parameters():
@@ -184,15 +189,52 @@ def _layer_keys(all_keys, index: int, source: str):
     return chosen
 
 
+def check_safetensors_file(path) -> None:
+    """Raise CheckpointError naming the file and the first tensor that does not fit when a
+    safetensors file is shorter than its own header says (a cut download or copy)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated: {size} bytes, not even the 8-byte header "
+                                  "length of a safetensors file")
+        n = int.from_bytes(head, "little")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated: the header declares {n:,} bytes of "
+                                  f"metadata but the file has {size:,} bytes in all")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {exc})")
+    spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items()
+                   if k != "__metadata__")
+    expected = 8 + n + (max(end for _, end, _ in spans) if spans else 0)
+    for start, end, name in spans:
+        if 8 + n + end > size:
+            raise CheckpointError(
+                f"{path}: truncated: tensor {name} needs bytes {8 + n + start:,}..{8 + n + end:,}"
+                f" but the file has {size:,} bytes (expected {expected:,})")
+
+
 def _read_safetensors(files_and_keys: dict[str, dict[str, str]]):
     from safetensors import safe_open
 
     out = {}
     for path, keys in files_and_keys.items():
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for ckpt_key, local in keys.items():
-                out[local] = f.get_tensor(ckpt_key)
+        check_safetensors_file(path)
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for ckpt_key, local in keys.items():
+                    out[local] = f.get_tensor(ckpt_key)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors' own errors do not name the file
+            raise CheckpointError(f"{path}: cannot read {sorted(keys)[:3]}...: {exc}") from exc
     return out
+
+
+def _origins(files_and_keys: dict[str, dict[str, str]]) -> dict[str, str]:
+    return {local: path for path, keys in files_and_keys.items() for local in keys.values()}
 
 
 def _load_from_files(config, index, source, fetch, allow_pickle, dtype):
@@ -210,14 +252,18 @@ def _load_from_files(config, index, source, fetch, allow_pickle, dtype):
             if path is None:
                 raise CheckpointError(f"{source}: shard {name} (holding layer {index}) is missing")
             files[path] = by_file[name]
-        return build_layer(config, index, _read_safetensors(files), dtype, source)
+        return build_layer(config, index, _read_safetensors(files), dtype, source,
+                           _origins(files))
     single = fetch(_SAFE_SINGLE)
     if single is not None:
         from safetensors import safe_open
 
+        check_safetensors_file(single)
         with safe_open(single, framework="pt") as f:
             keys = _layer_keys(list(f.keys()), index, source)
-        return build_layer(config, index, _read_safetensors({single: keys}), dtype, source)
+        files = {single: keys}
+        return build_layer(config, index, _read_safetensors(files), dtype, source,
+                           _origins(files))
     bin_index, bin_single = fetch(_BIN_INDEX), None
     if bin_index is None:
         bin_single = fetch(_BIN_SINGLE)
@@ -300,13 +346,53 @@ def unpermute_gguf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
+def _gguf_reader(path: Path):
+    """GGUFReader(path), or a CheckpointError naming the file and, for a cut file, the first
+    tensor that does not fit (GGUFReader itself fails with a bare numpy reshape error)."""
     from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))  # memory-mapped: only the tensors we touch are read
+    except Exception as exc:
+        size = path.stat().st_size
+        for name, start, end in _gguf_extents(path):
+            if end > size:
+                raise CheckpointError(
+                    f"{path}: truncated: tensor {name} needs bytes {start:,}..{end:,} but the "
+                    f"file has {size:,} bytes") from exc
+        raise CheckpointError(f"{path}: unreadable GGUF file ({size:,} bytes): "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+
+def _gguf_extents(path: Path):
+    """[(tensor name, first byte, end byte)] from a GGUF header, without touching tensor data
+    ([] when even the header cannot be parsed)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    class _Extents(GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            self.extents = []
+            for field in fields:
+                _, name, _, dims, raw_type, offset = field.parts
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type[0])]
+                n_bytes = int(np.prod(dims)) * type_size // block
+                start = int(start_offs + offset[0])
+                self.extents.append((str(bytes(name), "utf-8"), start, start + n_bytes))
+
+    try:
+        return sorted(_Extents(str(path)).extents, key=lambda e: e[1])
+    except Exception:
+        return []
+
+
+def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
     from gguf.quants import dequantize
 
+    reader = _gguf_reader(path)  # first: Transformers' config parser fails unclearly on a cut file
     config = _load_config(str(path.parent), gguf_file=path.name)
     index = resolve_index(config, layer)
-    reader = GGUFReader(str(path))  # memory-mapped: only the tensors we touch are read
     arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
     prefix = f"blk.{index}."
     tensors = {}
@@ -325,7 +411,8 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
         tensors[local] = w
     if not tensors:
         raise CheckpointError(f"{path}: the GGUF file has no tensors for block {index}")
-    return build_layer(config, index, tensors, dtype or torch.float32, str(path))
+    return build_layer(config, index, tensors, dtype or torch.float32, str(path),
+                       {k: str(path) for k in tensors})
 
 
 # -- the entry point ------------------------------------------------------------------------------

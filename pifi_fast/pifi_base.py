@@ -66,8 +66,17 @@ class PiFiBase(nn.Module):
 
     def __init__(self, slm: nn.Module, llm: LLMLayer | None, task: str = "classification",
                  num_labels: int = 2, label_smoothing: float = 0.0, head_dropout: float = 0.2,
-                 attend_to_padding: bool = False, freeze: bool = True, **layer_options):
+                 attend_to_padding: bool = False, freeze: bool = True,
+                 validate_inputs: bool | None = None, labels: list | None = None,
+                 **layer_options):
         super().__init__()
+        # Token ids and labels are range-checked in forward when the inputs are on the CPU (free)
+        # or when validate_inputs=True (on a GPU the check costs a device sync): a bad id on a
+        # GPU is a device-side assert that poisons every later CUDA call of the process.
+        self.validate_inputs = validate_inputs
+        # The label vocabulary (class index -> label as the data spells it), saved with the
+        # weights so evaluation and prediction map labels the same way; None when unknown.
+        self.labels = list(labels) if labels is not None else None
         task = _TASK_ALIASES.get(task, task)
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -162,6 +171,42 @@ class PiFiBase(nn.Module):
             raise ValueError(f"sequence length {ref.shape[1]} exceeds the LLM's "
                              f"max_position_embeddings ({max_pos})")
 
+    def check_values(self, input_ids=None, labels=None, rows=None):
+        """ValueError naming the value, the limit and the row when a token id is outside the
+        SLM's vocabulary or a label outside the task's classes. ``rows``: the dataset example
+        index of each batch row, for the message."""
+        def name(i):
+            return f"row {i}" if rows is None else f"batch row {i} (example {rows[i]})"
+
+        if input_ids is not None:
+            vocab = self.slm.get_input_embeddings().num_embeddings
+            bad = (input_ids < 0) | (input_ids >= vocab)
+            if bool(bad.any()):
+                idx = bad.nonzero()[0]
+                at = name(int(idx[0])) + (f", position {int(idx[1])}" if len(idx) > 1 else "")
+                raise ValueError(f"input_ids {at}: token id {int(input_ids[tuple(idx)])} is "
+                                 f"outside the SLM's vocabulary of {vocab} ids (0..{vocab - 1})")
+        if labels is None:
+            return
+        if self.task == "seq2seq":
+            limit = self.slm.get_output_embeddings().out_features
+        elif self.task in ("classification", "token_classification") and self.num_labels > 1:
+            limit = self.num_labels
+        else:
+            return  # QA positions are clamped by design; regression labels are any number
+        bad = ((labels < 0) | (labels >= limit)) & (labels != -100)
+        if bool(bad.any()):
+            idx = bad.nonzero()[0]
+            r = int(idx[0])
+            raise ValueError(f"labels {name(r)}: {int(labels[tuple(idx)])} is outside 0.."
+                             f"{limit - 1} ({'num_labels' if self.task != 'seq2seq' else 'vocab'}"
+                             f"={limit}; -100 means ignore)")
+
+    def _should_validate(self, tensor) -> bool:
+        if self.validate_inputs is not None:
+            return bool(self.validate_inputs)
+        return tensor is not None and not tensor.is_cuda
+
     # -- forward --------------------------------------------------------------------------------
     def _through_layer(self, enc: torch.Tensor, attention_mask) -> torch.Tensor:
         """L_out(layer(L_in(enc))) with the layer run in its own dtype."""
@@ -177,6 +222,9 @@ class PiFiBase(nn.Module):
     def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         """SLM encoder -> adapters and LLM layer. CLS mode returns (B, 1, d), else (B, S, d)."""
         self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        return self._encode(input_ids, attention_mask, token_type_ids, inputs_embeds)
+
+    def _encode(self, input_ids, attention_mask, token_type_ids, inputs_embeds):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "inputs_embeds": inputs_embeds}
         if token_type_ids is not None:
@@ -190,7 +238,10 @@ class PiFiBase(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 inputs_embeds=None, start_positions=None, end_positions=None,
                 decoder_input_ids=None, decoder_attention_mask=None, return_dict=True, **kwargs):
-        h = self.encode(input_ids, attention_mask, token_type_ids, inputs_embeds)
+        self._check_inputs(input_ids, attention_mask, inputs_embeds)
+        if self._should_validate(input_ids if input_ids is not None else inputs_embeds):
+            self.check_values(input_ids, labels)
+        h = self._encode(input_ids, attention_mask, token_type_ids, inputs_embeds)
         if self.task == "seq2seq":
             return self.slm(encoder_outputs=BaseModelOutput(last_hidden_state=h),
                             attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
@@ -261,6 +312,7 @@ class PiFiBase(nn.Module):
             config = {
                 "pifi_fast_version": _version(),
                 "options": self._options,
+                "labels": self.labels,
                 "llm_index": self.llm_index,
                 "layer_dtype": None if self.llm_config is None else
                 str(self.layer_dtype).replace("torch.", ""),
@@ -292,6 +344,9 @@ class PiFiBase(nn.Module):
         if not cfg_path.is_file() or not w_path.is_file():
             raise FileNotFoundError(f"{directory} is not a PiFi checkpoint (needs {CONFIG_NAME} "
                                     f"and {WEIGHTS_NAME})")
+        from pifi_fast.loading import check_safetensors_file
+
+        check_safetensors_file(w_path)  # a cut file: an error naming it, not a header error
         cfg = json.loads(cfg_path.read_text())
         opts = dict(cfg["options"])
         slm_cfg = dict(cfg["slm_config"])
@@ -308,7 +363,7 @@ class PiFiBase(nn.Module):
             dtype = getattr(torch, cfg["layer_dtype"])
             llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype,
                               source=str(directory))
-        model = cls(slm, llm, **opts)
+        model = cls(slm, llm, labels=cfg.get("labels"), **opts)
         model.load_state_dict(state, strict=True)
         return model
 

