@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 _TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                 torch.int64: "i64", torch.int32: "i32"}
+                 torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
 DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 

@@ -62,9 +62,9 @@ def target_for_capability(major: int, minor: int) -> Target | None:
 
 
 def collect(targets, dtypes, only: str | None = None, gemm_tiles=None):
-    """[(target, launch)] in a fixed order: every configuration of every kernel (the GEMM's
-    from its tables, or ``gemm_tiles`` on every target when given: to try candidates)."""
-    from . import gemm, rms_norm, rope, swiglu
+    """[(target, launch)] in a fixed order: every configuration of every kernel (the GEMMs'
+    from their tables, or ``gemm_tiles`` on every target when given: to try candidates)."""
+    from . import gemm, quant, rms_norm, rope, swiglu
 
     out = []
     for tname in targets:
@@ -72,8 +72,9 @@ def collect(targets, dtypes, only: str | None = None, gemm_tiles=None):
         for dtype in dtypes:
             if dtype != "fp32" and dtype not in target.dtypes:
                 continue  # bf16 needs sm_80+
-            for module in (rms_norm, rope, swiglu, gemm):
-                extra = {"tile_list": gemm_tiles} if module is gemm and gemm_tiles else {}
+            for module in (rms_norm, rope, swiglu, gemm, quant):
+                extra = ({"tile_list": gemm_tiles} if module in (gemm, quant) and gemm_tiles
+                         else {})
                 for launch in module.compile_launches(target.capability, dtype, **extra):
                     if only and only not in launch.name:
                         continue
@@ -304,7 +305,8 @@ def markdown(rows: list[dict], env: dict, gemm_fallbacks: list[str]) -> str:
                   "uses cuBLAS there and says so: " + ", ".join(gemm_fallbacks) + "."]
     lines += ["", "## Summary", "",
               "| target | kernel | dtype | configs | failed | max regs | max spill B | "
-              "max shared B | tensor cores | compile s |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "max shared B | tensor cores | compile s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for g in summary(rows):
         lines.append(f"| {g['target']} | {g['kernel']} | {g['dtype']} | {g['configs']} | "
                      f"{g['failed']} | {g['max_registers']} | {g['max_spill']} | "

@@ -11,8 +11,8 @@ along the residual stream; folding it in here saves one elementwise pass and one
 s = x + residual, ds is the gradient of both x and residual.
 
 One program handles one row (any hidden size up to 65536: in one block up to 16384 16-bit or
-8192 fp32 columns, in a two-pass loop above); row offsets are computed in 64 bits so tensors of more than
-2^31 elements are addressed correctly.
+8192 fp32 columns, in a two-pass loop above); row offsets are computed in 64 bits so tensors of
+more than 2^31 elements are addressed correctly.
 """
 from __future__ import annotations
 

@@ -92,8 +92,11 @@ def demo(args) -> int:
 _CHOICES = {"kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
             "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
             "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
-            "precision": ("auto", "fp32", "bf16", "fp16")}
-_HELP = {"on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint "
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+            "layer_weights": ("auto", "int8", "fp8")}
+_HELP = {"layer_weights": "the frozen layer's projection weights: the compute dtype, or stored "
+                          "in 8 bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
+         "on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint "
                          "stays the last good state) or skip that step and count it",
          "precision": "auto: bf16 on Ampere+ GPUs, fp16 with loss scaling before, fp32 on CPU; "
                       "bf16/fp16 also load the frozen layer in that dtype"}

@@ -42,6 +42,7 @@ from __future__ import annotations
 import os
 import warnings
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
@@ -49,6 +50,7 @@ from pifi_fast import attention as attn
 from pifi_fast import kernels
 from pifi_fast._ext import frozen_linear
 from pifi_fast.kernels import gemm as _gemm
+from pifi_fast.kernels import quant as _quant
 from pifi_fast.kernels import rms_norm as _rms
 from pifi_fast.kernels import rope as _rope
 from pifi_fast.kernels import swiglu as _swiglu
@@ -56,6 +58,20 @@ from pifi_fast.kernels import swiglu as _swiglu
 KERNEL_CHOICES = ("auto", "triton", "torch")
 RECOMPUTE_CHOICES = ("none", "mlp")
 GEMM_CHOICES = ("cublas", "triton")
+WEIGHT_CHOICES = ("auto", "int8", "fp8")
+
+
+class QuantWeight(NamedTuple):
+    """An 8-bit frozen projection weight (pifi_fast.kernels.quant): q (R, C) int8 or fp8 e4m3,
+    scale (R, C // G) float32; W ~ q * scale."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def storage(self) -> str:
+        return "fp8" if self.q.dtype == _quant.FP8 else "int8"
+
 
 _TWINS = SimpleNamespace(rms_fwd=_rms.rms_norm_fwd_ref, rms_bwd=_rms.rms_norm_bwd_ref,
                          swiglu_fwd=_swiglu.swiglu_fwd_ref, swiglu_bwd=_swiglu.swiglu_bwd_ref,
@@ -149,6 +165,9 @@ class FrozenLayerFunction(torch.autograd.Function):
 
 def _proj(run, x, w, b=None, residual=None, epilogue="none"):
     """x @ w^T (+ b) (+ residual), or with the swiglu epilogue silu(g) * u of [g | u]."""
+    if isinstance(w, QuantWeight):
+        y = _quant_linear(x, w, b, residual, triton=run.impl.name == "triton")
+        return run.impl.swiglu_fwd(y) if epilogue == "swiglu" else y
     if _triton_gemm(run, x, epilogue):
         return _gemm.gemm(x, w.t(), epilogue, bias=b, residual=residual)
     y = frozen_linear(x, w, b, residual=residual)
@@ -157,17 +176,71 @@ def _proj(run, x, w, b=None, residual=None, epilogue="none"):
 
 def _proj_input_grad(run, dy, w, epilogue="none", aux=None):
     """dy @ w, or with swiglu_bwd: [dg | du] from dm = dy @ w and the saved gu (aux)."""
+    if isinstance(w, QuantWeight):  # the stored 8-bit weight, dequantized in the GEMM's loads
+        dx = (_quant.dequant_gemm(dy, w.q, w.scale, transposed=False)
+              if run.impl.name == "triton" and _quant.supported(dy, w.storage) else
+              _quant.dequant_gemm_ref(dy, w.q, w.scale, transposed=False))
+        return run.impl.swiglu_bwd(aux, dx) if epilogue == "swiglu_bwd" else dx
     if _triton_gemm(run, dy, epilogue):
         return _gemm.gemm(dy, w, epilogue, aux=aux)
     dx = dy @ w
     return run.impl.swiglu_bwd(aux, dx) if epilogue == "swiglu_bwd" else dx
 
 
+def fp8_matmul_available(x: torch.Tensor) -> bool:
+    """torch._scaled_mm runs FP8 GEMMs on CUDA from sm_89 (Ada, Hopper) and on the CPU."""
+    if not hasattr(torch, "_scaled_mm"):
+        return False
+    return (not x.is_cuda) or torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def _quant_linear(x, w: QuantWeight, bias=None, residual=None, triton: bool = True):
+    """x @ W^T (+ bias) (+ residual) for an 8-bit weight: FP8 storage through torch._scaled_mm
+    with the activations quantized per token (W8A8: FP8 tensor cores), INT8 storage (and FP8
+    where _scaled_mm cannot run) through the dequantizing GEMM (W8A16), or its twin when the
+    layer runs the PyTorch twins (``triton=False``: kernels="torch", or CPU tensors)."""
+    if w.storage == "fp8" and fp8_matmul_available(x) and x.shape[1] % 16 == 0 \
+            and w.q.shape[0] % 16 == 0:
+        return fp8_linear(x, w, bias, residual)
+    if triton and _quant.supported(x, w.storage):
+        return _quant.dequant_gemm(x, w.q, w.scale, transposed=True, bias=bias,
+                                   residual=residual)
+    return _quant.dequant_gemm_ref(x, w.q, w.scale, transposed=True, bias=bias,
+                                   residual=residual)
+
+
+def fp8_linear(x, w: QuantWeight, bias=None, residual=None):
+    """W8A8 FP8: x quantized per token (row scale max|x| / 448), the stored e4m3 weight with its
+    per-channel scales, one torch._scaled_mm with rowwise scales, fp32 accumulation, output in
+    x's dtype. cuBLASLt's contract, asserted here so that what passes on the CPU (which accepts
+    any layout) also runs on a GPU: the second operand column-major (the transpose of the
+    row-major weight, a view), K and N multiples of 16 (other shapes take the W8A16 path in
+    _quant_linear); M is padded to a multiple of 16."""
+    m, k = x.shape
+    n = w.q.shape[0]
+    if k % 16 or n % 16 or w.scale.shape[1] != 1:
+        raise ValueError(f"fp8_linear needs K ({k}) and N ({n}) multiples of 16 and one scale per "
+                         f"channel, got scales {tuple(w.scale.shape)}")
+    x32 = x.float()
+    sx = (x32.abs().amax(1, keepdim=True) / _quant.FP8_MAX).clamp_min(1e-12)
+    pad = -m % 16
+    xq = (x32 / sx).to(_quant.FP8)
+    if pad:
+        xq = torch.cat((xq, xq.new_zeros(pad, k)))
+        sx = torch.cat((sx, sx.new_ones(pad, 1)))
+    wt = w.q.t()
+    assert wt.stride(0) == 1, "the FP8 weight operand must be column-major (a transposed view)"
+    y = torch._scaled_mm(xq, wt, scale_a=sx, scale_b=w.scale.t(), out_dtype=x.dtype)[:m]
+    if bias is not None:
+        y = y + bias
+    return y if residual is None else y + residual
+
+
 def _gate_up(run, x2):
     """gu = rms(x2) @Wgu, re-made in backward under recompute="mlp"."""
     layer = run.layer
     h2, _, _ = run.impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
-    return _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias)
+    return _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
 
 
 def _qkv_rotated(run, impl, qkv, positions):
@@ -210,12 +283,12 @@ def _forward(run, x, positions):
         a = a.reshape(t, layer.q_size)
         qkv = None
     else:
-        qkv = _proj(run, h, layer.qkv_weight, layer.qkv_bias)
+        qkv = _proj(run, h, layer.weight("qkv"), layer.qkv_bias)
         rotated = _qkv_rotated(run, impl, qkv, positions)
         a = _attend(run, *_heads(layer, rotated)).reshape(t, layer.q_size)
         if layer.q_norm_weight is None:
             qkv = rotated  # save the rotated buffer: backward needs no re-rotation
-    x2 = _proj(run, a, layer.o_weight, layer.o_bias, residual=x)
+    x2 = _proj(run, a, layer.weight("o"), layer.o_bias, residual=x)
     keep_gu = run.needs_grad and run.recompute == "none"
     out, rstd2, gu = _mlp_forward(run, x2, keep_gu)
     empty = x.new_empty(0)
@@ -244,13 +317,13 @@ def _mlp_forward(run, x2, keep_gu):
         h2, _, rstd2[s:e] = impl.rms_fwd(x2[s:e], layer.post_norm_weight, layer.eps)
         if not keep_gu and _triton_gemm(run, h2, "swiglu"):
             # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
-            m = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias, epilogue="swiglu")
+            m = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias, epilogue="swiglu")
         else:
-            g = _proj(run, h2, layer.gate_up_weight, layer.gate_up_bias)
+            g = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
             if keep_gu:
                 gu[s:e] = g
             m = impl.swiglu_fwd(g)
-        out[s:e] = _proj(run, m, layer.down_weight, layer.down_bias, residual=x2[s:e])
+        out[s:e] = _proj(run, m, layer.weight("down"), layer.down_bias, residual=x2[s:e])
     return out, rstd2, gu
 
 
@@ -261,8 +334,8 @@ def _mlp_input_grad(run, dout, x2, rstd2, gu):
     for s, e in _chunks(run, x2.shape[0]):
         # recompute="mlp": one extra gate/up GEMM per chunk instead of keeping gu
         g = gu[s:e] if gu.numel() else _gate_up(run, x2[s:e])
-        dgu = _proj_input_grad(run, dout[s:e], layer.down_weight, "swiglu_bwd", aux=g)
-        dh2 = _proj_input_grad(run, dgu, layer.gate_up_weight)
+        dgu = _proj_input_grad(run, dout[s:e], layer.weight("down"), "swiglu_bwd", aux=g)
+        dh2 = _proj_input_grad(run, dgu, layer.weight("gate_up"))
         dx2[s:e] = impl.rms_bwd(dh2, x2[s:e], layer.post_norm_weight, rstd2[s:e], dout[s:e])
     return dx2
 
@@ -271,7 +344,7 @@ def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
     layer, impl = run.layer, run.impl
     t = x.shape[0]
     dx2 = _mlp_input_grad(run, dout, x2, rstd2, gu)
-    da = _proj_input_grad(run, dx2, layer.o_weight)
+    da = _proj_input_grad(run, dx2, layer.weight("o"))
     if run.segments.seq == 1:
         w_v, _ = layer.v_weight_and_bias()
         dv = da.view(t, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim).sum(2)
@@ -288,7 +361,7 @@ def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
                    layer.head_dim, transpose=True)
         if qk_norm:
             dqkv = _qk_norm_input_grad(layer, qkv, dqkv)
-        dh = _proj_input_grad(run, dqkv, layer.qkv_weight)
+        dh = _proj_input_grad(run, dqkv, layer.weight("qkv"))
     return impl.rms_bwd(dh, x, layer.input_norm_weight, rstd1, dx2)
 
 

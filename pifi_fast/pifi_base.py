@@ -360,6 +360,12 @@ class PiFiBase(nn.Module):
             llm_config = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
             layer_sd = {k[len("llm_layer."):]: v for k, v in state.items()
                         if k.startswith("llm_layer.")}
+            # 8-bit projections: the Hugging Face module the layer is built from takes their
+            # dequantized values; the stored 8-bit tensors then load as they are (below)
+            from pifi_fast.kernels.quant import dequantize
+
+            layer_sd = {k: dequantize(v, layer_sd[k + "_scale"]) if k + "_scale" in layer_sd
+                        else v for k, v in layer_sd.items() if not k.endswith("_scale")}
             dtype = getattr(torch, cfg["layer_dtype"])
             llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype,
                               source=str(directory))

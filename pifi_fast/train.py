@@ -48,12 +48,13 @@ class TrainConfig:
     recompute: str = "none"  # fused layer memory mode: none | mlp (recompute gate/up in backward)
     attention: str = "auto"  # fused layer attention backend: auto | flash_attn | torch_varlen | sdpa
     gemm: str = "cublas"  # fused layer projections: cublas | triton (fused epilogues)
+    layer_weights: str = "auto"  # fused layer: auto (compute dtype) | int8 | fp8 (8-bit weights)
     chunk_tokens: int = -1  # fused layer: MLP block over this many tokens at a time (-1: auto,
     # 4096 on CUDA and 256 on CPU; 0: all at once)
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
     seed: int = 42
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16; with
-    # bf16/fp16 the frozen layer is loaded in that dtype (autocast for the rest, loss scaling for fp16)
+    # bf16/fp16 the frozen layer is loaded in that dtype (autocast for the rest; fp16 loss scaling)
     epochs: int = 3
     batch_size: int = 32
     lr: float = 5e-5
@@ -157,8 +158,12 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
     if cfg.task == "classification":
         options.update(num_labels=num_labels, head_dropout=cfg.head_dropout)
     llm = resolve_llm(cfg.llm)
+    if cfg.layer_weights != "auto" and (cls is not PiFiModel or llm is None or not cfg.freeze):
+        raise ValueError(f"--layer-weights {cfg.layer_weights} needs the fused frozen layer "
+                         "(implementation fast, an LLM, freeze true, not the authors' setup)")
     if cls is PiFiModel and llm is not None and cfg.freeze:
         options.update(kernels=cfg.kernels, recompute=cfg.recompute, gemm=cfg.gemm,
+                       weights=cfg.layer_weights,
                        chunk_tokens={-1: "auto", 0: None}.get(cfg.chunk_tokens,
                                                               cfg.chunk_tokens),
                        attention=None if cfg.attention == "auto" else cfg.attention)
@@ -359,9 +364,10 @@ def optimizer_step(model, optimizer, scaler, clip: float, loss=None, world: int 
     if not bad:
         if scaler is not None:
             scaler.step(optimizer)
-            scaler.update()
         else:
             optimizer.step()
+    if scaler is not None:  # also after a skipped step: unscale_ must be followed by update
+        scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return not bad
 

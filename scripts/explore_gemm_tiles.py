@@ -1,9 +1,11 @@
-"""Compile candidate tiles of the projection GEMM for GPU targets (no GPU needed) and print which
+"""Compile candidate tiles of the projection GEMMs for GPU targets (no GPU needed) and print which
 use tensor cores, spill nothing and fit shared memory: the method behind the per-target tables
-in kernels/gemm.py (TILES). A tile can join a target's table for an epilogue only if it is clean
-for every launch of that epilogue (pifi_fast.kernels.gemm.LAYER_LAUNCHES). Usage:
+in kernels/gemm.py and kernels/quant.py (TILES). A tile can join a target's table for an
+epilogue (gemm) or a weight storage (dq_gemm) only if it is clean for every launch of it
+(LAYER_LAUNCHES in each module). Usage:
 
     python scripts/explore_gemm_tiles.py --targets sm_80 sm_90a --dtypes bf16 [--out tiles.json]
+    python scripts/explore_gemm_tiles.py --kernel dq_gemm --targets sm_75 --dtypes fp16
 
 About 6 minutes for the four tensor-core targets on 2 cores.
 """
@@ -14,6 +16,14 @@ from tqdm import tqdm
 
 from pifi_fast.kernels import compile_report
 
+DQ_CANDIDATES = [  # BLOCK_K divides 64 (the smallest scale group)
+    (128, 256, 64, 3, 8), (64, 256, 64, 3, 8), (128, 128, 64, 3, 8), (128, 128, 64, 4, 8),
+    (128, 128, 32, 4, 4), (128, 64, 64, 3, 8), (128, 64, 64, 4, 4), (64, 128, 64, 3, 8),
+    (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 4), (64, 64, 32, 3, 4),
+    (32, 128, 64, 4, 4), (32, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 64, 4, 4),
+    (32, 32, 32, 2, 4), (32, 32, 32, 2, 2), (16, 32, 32, 2, 2), (16, 16, 32, 2, 1),
+    (32, 64, 32, 2, 4), (16, 64, 32, 2, 2),
+]
 CANDIDATES = [
     # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps): the usual Triton matmul tiles
     (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 3, 8),
@@ -32,16 +42,23 @@ def main():
     p.add_argument("--targets", nargs="+", default=["sm_80", "sm_86", "sm_89", "sm_90a"])
     p.add_argument("--dtypes", nargs="+", default=["bf16"])
     p.add_argument("--jobs", type=int, default=None)
+    p.add_argument("--kernel", choices=("gemm", "dq_gemm"), default="gemm")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    total = len(compile_report.collect(args.targets, args.dtypes, "gemm", CANDIDATES))
+    candidates = DQ_CANDIDATES if args.kernel == "dq_gemm" else CANDIDATES
+    # "gemm_" also matches "dq_gemm_"; the dequantizing GEMM's rows are filtered out below
+    total = len(compile_report.collect(args.targets, args.dtypes, args.kernel, candidates))
     with tqdm(total=total, unit="kernel") as bar:
-        rows = compile_report.run(args.targets, args.dtypes, "gemm", args.jobs,
-                                  progress=lambda r: bar.update(), gemm_tiles=CANDIDATES)
+        rows = compile_report.run(args.targets, args.dtypes, args.kernel, args.jobs,
+                                  progress=lambda r: bar.update(), gemm_tiles=candidates)
+    rows = [r for r in rows if r["kernel"].startswith("dq_") == (args.kernel == "dq_gemm")]
     verdicts: dict = {}
     for r in rows:
-        epilogue = ("swiglu_bwd" if "swiglu_bwd" in r["kernel"] else
-                    "swiglu" if "swiglu" in r["kernel"] else "none")
+        if args.kernel == "dq_gemm":  # one table per weight storage
+            epilogue = r["kernel"].rsplit(".", 1)[1]
+        else:
+            epilogue = ("swiglu_bwd" if "swiglu_bwd" in r["kernel"] else
+                        "swiglu" if "swiglu" in r["kernel"] else "none")
         v = verdicts.setdefault((r["target"], r["dtype"], epilogue, r["config"]),
                                 {"ok": True, "registers": 0, "shared": 0, "problems": set()})
         v["ok"] &= r["ok"]

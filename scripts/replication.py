@@ -56,7 +56,7 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=["sst2", "cola", "rte"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--only", choices=["main", "ablations", "epoch_time"], default=None)
+    p.add_argument("--only", choices=["main", "ablations", "epoch_time", "quant"], default=None)
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "replication"))
     p.add_argument("--report-only", action="store_true",
                    help="rebuild docs/replication.json from finished runs; train nothing")
@@ -67,7 +67,7 @@ def main(argv=None):
     common = dict(slm="minilm", epochs=args.epochs, batch_size=32, lr=5e-5, max_length=100)
     report = {"settings": {**common, "seeds": args.seeds, "llm": "SmolLM2-135M-Instruct Q4_1 "
                            "GGUF, last layer (29)", "slm": "all-MiniLM-L6-v2"},
-              "main": {}, "ablations": {}, "epoch_time": {}}
+              "main": {}, "ablations": {}, "epoch_time": {}, "quant": {}}
     if args.only in (None, "main"):
         for task in args.tasks:
             # RTE and CoLA: their 'test' files are a re-split dev / out-of-domain dev; we report
@@ -100,6 +100,22 @@ def main(argv=None):
                 devs.append(r["best_dev"])
                 tests.append(r["test"]["accuracy"])
             report["ablations"][name] = {"dev": _mean_std(devs), "test": _mean_std(tests)}
+    if args.only in (None, "quant"):
+        # 8-bit frozen weights (--layer-weights): the end task decides whether they cost accuracy
+        for task in [t for t in args.tasks if t in ("sst2", "cola")]:
+            for mode in ("int8", "fp8"):
+                devs, tests = [], []
+                for seed in args.seeds:
+                    r = run(f"{task}-pifi-{mode}-s{seed}", runs_dir, data=task, llm="smollm2",
+                            seed=seed, layer_weights=mode, **common)
+                    if r is None:
+                        continue
+                    devs.append(r["best_dev"])
+                    if "test" in r:
+                        tests.append(r["test"][METRIC[task]])
+                if devs:
+                    report["quant"].setdefault(task, {})[mode] = {
+                        "metric": METRIC[task], "dev": _mean_std(devs), "test": _mean_std(tests)}
     if args.only in (None, "epoch_time"):
         times = {}
         for name, extra in (("authors_setup", {"authors_setup": True}), ("pifi_fast", {})):
@@ -112,7 +128,7 @@ def main(argv=None):
                                     "speedup": times["authors_setup"] / times["pifi_fast"]}
     out = ROOT / "docs" / "replication.json"
     old = json.loads(out.read_text()) if out.is_file() else {}
-    for key in ("main", "ablations", "epoch_time"):
+    for key in ("main", "ablations", "epoch_time", "quant"):
         if not report[key] and key in old:
             report[key] = old[key]
     # Only tasks/variants with finished runs are reported; empty entries are dropped.
@@ -130,6 +146,40 @@ def _fmt(stats, scale=100.0):
         return "not run"
     return (f"{stats['mean'] * scale:.2f} ± {stats['std'] * scale:.2f} (n={stats['n']}: "
             + ", ".join(f"{v * scale:.2f}" for v in stats["values"]) + ")")
+
+
+def _quant_section(report: dict) -> list[str]:
+    lines = ["", "## 8-bit frozen weights: does the end task notice?", ""]
+    quant = report.get("quant") or {}
+    if not quant:
+        return lines + ["Not run yet: `python scripts/replication.py --only quant --tasks sst2 "
+                        "cola`."]
+    lines += ["PiFi with SmolLM2's last layer stored in 8 bits (`--layer-weights int8|fp8`: int8 "
+              "weight-only, one scale per channel and 128 inputs (64 where 128 does not divide "
+              "the row); fp8 e4m3 W8A8 for o, gate/up and down with int8 q/k/v), against the "
+              "same runs with the layer unquantized (the main PiFi rows above). Same seeds, "
+              "settings and epochs.", "",
+              "| task | split | unquantized | int8 | fp8 |", "|---|---|---|---|---|"]
+    verdicts = []
+    for task, modes in quant.items():
+        base = report.get("main", {}).get(task, {}).get("pifi", {})
+        for split in ("dev", "test"):
+            lines.append(f"| {task} | {split} | {_fmt(base.get(split))} | "
+                         f"{_fmt(modes.get('int8', {}).get(split))} | "
+                         f"{_fmt(modes.get('fp8', {}).get(split))} |")
+            for mode, entry in modes.items():
+                a, b = base.get(split), entry.get(split)
+                if not a or not b:
+                    continue
+                gap = (b["mean"] - a["mean"]) * 100
+                spread = max(a["std"], b["std"]) * 100
+                verdicts.append(
+                    f"- {task} {split}, {mode}: {gap:+.2f} points against the unquantized layer; "
+                    + ("within the seed spread (largest std {:.2f}): no measurable cost."
+                       .format(spread) if abs(gap) <= spread else
+                       "larger than the seed spread ({:.2f}): {}.".format(
+                           spread, "a cost" if gap < 0 else "a gain, not a result on its own")))
+    return lines + [""] + verdicts
 
 
 def render_markdown(report: dict) -> str:
@@ -200,6 +250,7 @@ def render_markdown(report: dict) -> str:
                               if gap <= 2 * spread else "the gap exceeds twice the seed spread."))
     else:
         lines.append("Not run yet: `python scripts/replication.py --only ablations`.")
+    lines += _quant_section(report)
     lines += ["", "## Epoch time: the authors' setup against pifi_fast's defaults", ""]
     et = report.get("epoch_time")
     if et:
@@ -219,6 +270,8 @@ def render_markdown(report: dict) -> str:
               f"python scripts/replication.py --only main --tasks {tasks} --seeds {seeds} "
               f"--epochs {st['epochs']}",
               f"python scripts/replication.py --only ablations --seeds {seeds} "
+              f"--epochs {st['epochs']}",
+              f"python scripts/replication.py --only quant --tasks sst2 cola --seeds {seeds} "
               f"--epochs {st['epochs']}",
               "python scripts/replication.py --only epoch_time   # on an otherwise idle machine",
               f"python scripts/replication.py --report-only --seeds {seeds} --epochs {st['epochs']}",

@@ -178,7 +178,9 @@ def test_diverging_learning_rate_stops_with_a_clear_message_and_keeps_the_checkp
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: with the GradScaler
+def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_dirs, tmp_path, monkeypatch,
+                                                          precision):
     import pifi_fast.train as train_mod
 
     real_collate = train_mod.TaskData.collate
@@ -199,7 +201,8 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_dirs, tmp_path, m
 
     monkeypatch.setattr(train_mod.TaskData, "collate", poisoned)
     monkeypatch.setattr(PiFiModel, "forward", nan_forward)
-    res = train(_cfg(tiny_dirs, tmp_path / "run", on_nonfinite="skip", epochs=1))
+    res = train(_cfg(tiny_dirs, tmp_path / "run", on_nonfinite="skip", epochs=1,
+                     precision=precision))
     assert res["nonfinite_steps_skipped"] == 5 // 3  # 40 rows / 8 = 5 steps: the 3rd is NaN
     weights = res["model"].state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())

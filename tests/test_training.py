@@ -108,6 +108,29 @@ def test_train_end_to_end_in_each_precision_on_a_gguf_layer(tiny_models, tmp_pat
     assert all(torch.isfinite(v).all() for v in trained.values())
 
 
+@needs_sst2
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_train_with_8bit_layer_weights_from_the_cli(tiny_models, tmp_path, mode):
+    """pifi-fast train --layer-weights int8|fp8: the layer is quantized once at build, trains,
+    saves in 8 bits and evaluates from the checkpoint."""
+    from pifi_fast import PiFiModel
+    from pifi_fast.cli import main
+
+    out = tmp_path / mode
+    assert main(["train", "--data", "sst2", "--slm", tiny_models["bert"], "--llm", "smollm2",
+                 "--layer-weights", mode, "--epochs", "1", "--max-steps", "3", "--batch-size",
+                 "8", "--limit-train", "24", "--limit-eval", "16", "--test-split", "none",
+                 "--output-dir", str(out)]) == 0
+    saved = PiFiModel.from_pretrained(out / "best")
+    assert saved.llm_layer.weights == mode
+    assert saved.llm_layer.weight("down").q.dtype == (torch.int8 if mode == "int8"
+                                                      else torch.float8_e4m3fn)
+    assert "accuracy" in evaluate_checkpoint(str(out / "best"), None, "dev", limit=16)
+    with pytest.raises(ValueError, match="--layer-weights int8 needs the fused frozen layer"):
+        train(_tiny_cfg(tiny_models, tmp_path / "ref", layer_weights="int8",
+                        implementation="reference"))
+
+
 def _ddp_worker(rank, world, port, cfg_dict, out_file):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

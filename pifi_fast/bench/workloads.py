@@ -59,6 +59,8 @@ LLM_SHAPES = {
                                                                        "rope_theta": 100000.0})),
 }
 BASELINES = ("hf_sdpa", "hf_eager", "hf_compile", "authors", "liger")
+# the fused layer with 8-bit weights (weights="int8" / "fp8"), the same layer otherwise
+QUANT_IMPLS = ("pifi_fast_int8", "pifi_fast_fp8")
 
 
 @dataclasses.dataclass
@@ -96,7 +98,8 @@ def size_lists(level: str, device: torch.device) -> dict:
                 # Inputs larger than the caches, so memory-bound ops meet the copy ceiling.
                 "kernel_tokens": [16384] if gpu else [8192],
                 "w4_sentences": [32], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
-                "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + BASELINES,
+                "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + QUANT_IMPLS
+                + BASELINES,
                 "reps": 10 if gpu else 5}
     if level == "full":
         return {"shapes": list(LLM_SHAPES),
@@ -106,7 +109,8 @@ def size_lists(level: str, device: torch.device) -> dict:
                 "cls": [1, 2, 4, 8, 16, 32, 64, 128, 256],
                 "kernel_tokens": [4096, 32768] if gpu else [8192, 32768],
                 "w4_sentences": [32, 128], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
-                "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + BASELINES,
+                "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + QUANT_IMPLS
+                + BASELINES,
                 "reps": 20 if gpu else 7}
     raise ValueError(f"unknown size list {level!r}: tiny, quick or full")
 
@@ -143,6 +147,9 @@ def _layers(shape: str, device_str: str, dtype_str: str):
     # gemm="triton": the Triton GEMMs with fused epilogues (GPU only), same weights.
     out["pifi_fast_tgemm"] = copy.copy(out["pifi_fast"])
     out["pifi_fast_tgemm"].gemm = "triton"
+    for mode in ("int8", "fp8"):  # quantized once here, from the same weights
+        out[f"pifi_fast_{mode}"] = FrozenLlamaLayer.from_hf(out["sdpa"], base.config,
+                                                            out["rotary"], weights=mode)
     if device.type == "cuda" and _liger_missing() is None:
         out["liger"] = liger_layer(out["sdpa"], base.config)
     if dtype == torch.float32:
@@ -291,7 +298,8 @@ def _fused_path(layer, x) -> str:
 
     kernels = ops.elementwise_impl(x, layer.kernels).name
     backend = attn.select_backend(x.new_empty(1), layer.attention)
-    return f"kernels={kernels}, attention={backend}, recompute={layer.recompute}"
+    return (f"kernels={kernels}, attention={backend}, recompute={layer.recompute}, "
+            f"weights={layer.weights}")
 
 
 def _available(impl: str, device: torch.device) -> str | None:
@@ -371,8 +379,8 @@ def _build_w2(shape, size, impl, device, dtype):
     layer_dtype = torch.float32 if impl == "authors" else dtype
     x = torch.randn(size, 1, layers["config"].hidden_size, device=device, dtype=layer_dtype)
     fn, forward = _layer_fn(layers, impl, x, None, backward=True)
-    key = "pifi_fast" if impl == "pifi_fast" else "authors" if impl == "authors" else "sdpa"
-    weights = list(layers[key].parameters())
+    key = impl if impl.startswith("pifi_fast") else "authors" if impl == "authors" else "sdpa"
+    weights = list(layers[key].parameters())  # as stored: 8-bit layers stream half the bytes
     weight_bytes = sum(p.numel() * p.element_size() for p in weights)
     return {"fn": fn, "tokens": size, "dtype": str(layer_dtype).replace("torch.", ""),
             "saved_bytes_per_token": saved_activation_bytes(forward, weights) / size,
@@ -390,7 +398,10 @@ def _w3_cases(sizes, device, dtype):
            # the GEMM choice of the issue, per shape: cuBLAS + a separate kernel against the
            # Triton GEMM with the epilogue fused (pifi_fast.kernels.gemm)
            "gate_up+swiglu cublas", "gate_up+swiglu triton", "down_grad+swiglu_bwd cublas",
-           "down_grad+swiglu_bwd triton", "o_proj+residual cublas", "o_proj+residual triton")
+           "down_grad+swiglu_bwd triton", "o_proj+residual cublas", "o_proj+residual triton",
+           # 8-bit weights (pifi_fast.kernels.quant): the forward GEMM and the input gradient
+           "gate_up_proj int8", "gate_up_proj fp8", "gate_up_proj_grad int8",
+           "gate_up_proj_grad fp8")
     return [Case("W3", op, shape, tokens, "pifi_fast",
                  functools.partial(_build_w3, shape, tokens, op, device, dtype))
             for shape in sizes["shapes"] for tokens in sizes["kernel_tokens"] for op in ops]
@@ -448,6 +459,20 @@ def _build_w3(shape, tokens, op, device, dtype):
                 "flops": 4 * b * layer.num_heads * seq * seq * layer.head_dim}
     if "cublas" in op or "triton" in op:
         return _gemm_choice_case(layer, op, impl, rand, t, h, inter)
+    if op.endswith(("int8", "fp8")):
+        q_layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))[
+            "pifi_fast_" + op.rsplit(" ", 1)[1]]
+        w = q_layer.weight("gate_up")
+        flops = 2 * t * w.q.shape[0] * w.q.shape[1]
+        stored = w.q.numel() * w.q.element_size() + w.scale.numel() * 4
+        if "_grad" in op:
+            dy = rand(t, w.q.shape[0])
+            run_ = ops.LayerRun(impl=impl)
+            return {"fn": lambda: ops._proj_input_grad(run_, dy, w), "tokens": t,
+                    "flops": flops, "weight_bytes": stored}
+        x = rand(t, w.q.shape[1])
+        return {"fn": lambda: ops._quant_linear(x, w, triton=impl.name == "triton"),
+                "tokens": t, "flops": flops, "weight_bytes": stored}
     weight = {"qkv_proj": layer.qkv_weight, "o_proj": layer.o_weight,
               "gate_up_proj": layer.gate_up_weight,
               "down_proj": layer.down_weight}[op.removesuffix("_grad")]
@@ -519,9 +544,14 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str):
     ref = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), llm_dtype=dtype)
     fast.load_state_dict(authors.state_dict())
     ref.load_state_dict(authors.state_dict())
+    models = {"pifi_fast": fast, "hf_sdpa": ref, "authors": authors}
+    if pair != "tiny":  # the same model with the frozen layer in 8 bits (quantized on load)
+        for mode in ("int8", "fp8"):
+            model = PiFiModel.from_parts(slm, copy.deepcopy(llm), llm_dtype=dtype, weights=mode)
+            model.load_state_dict(authors.state_dict())
+            models[f"pifi_fast_{mode}"] = model
     vocab = authors.slm.config.vocab_size
-    return {k: m.to(device) for k, m in (("pifi_fast", fast), ("hf_sdpa", ref),
-                                          ("authors", authors))}, vocab
+    return {k: m.to(device) for k, m in models.items()}, vocab
 
 
 def _w4_cases(sizes, device, dtype):
@@ -529,7 +559,8 @@ def _w4_cases(sizes, device, dtype):
     for pair in sizes["w4_shapes"]:
         for n in sizes["w4_sentences"]:
             for train in (True, False):
-                for impl in ("pifi_fast", "hf_sdpa", "authors"):
+                quant = QUANT_IMPLS if pair != "tiny" else ()
+                for impl in ("pifi_fast",) + quant + ("hf_sdpa", "authors"):
                     cases.append(Case("W4", "train step" if train else "inference", pair, n, impl,
                                       functools.partial(_build_w4, pair, n, train, impl, device,
                                                         dtype)))
