@@ -42,8 +42,14 @@ bench: install
 test-gpu: install
 	$(PY) -m pytest -q -ra -m gpu
 
+# A wheel for the installed torch (its version says which: 0.1.0+torch2.14cu130), repaired to a
+# manylinux tag; torch's and CUDA's own libraries stay out of it (torch provides them).
+WHEEL_EXCLUDES = --exclude 'libtorch*' --exclude 'libc10*' --exclude 'libcudart*'
 wheel: install
-	$(PIP) wheel . --no-build-isolation --no-deps -w dist
+	rm -rf dist/raw
+	$(PIP) wheel . --no-build-isolation --no-deps -w dist/raw
+	PATH=$(VENV)/bin:$$PATH $(VENV)/bin/auditwheel repair $(WHEEL_EXCLUDES) -w dist \
+		dist/raw/pifi_fast-*.whl
 
 clean:
 	rm -rf build dist *.egg-info pifi_fast/_C*.so

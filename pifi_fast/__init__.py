@@ -14,4 +14,16 @@ from pifi_fast.model import PiFiModel
 
 __all__ = ["PiFiModel", "FrozenLlamaLayer", "LLMLayer", "load_llm_layer", "frozen_linear",
            "HAS_EXTENSION"]
-__version__ = "0.1.0"
+
+def _installed_version() -> str:
+    """The installed distribution's version: a build with the compiled extension names the torch
+    it was compiled against (0.1.0+torch2.14cu130)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("pifi-fast")
+    except metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+__version__ = _installed_version()

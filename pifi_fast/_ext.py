@@ -10,16 +10,40 @@ import warnings
 
 import torch
 
-try:
-    from pifi_fast import _C  # noqa: F401  (import registers the ops)
+def _release(version: str | None) -> str | None:
+    return ".".join(version.split("+")[0].split(".")[:2]) if version else None
 
-    HAS_EXTENSION = True
-    EXTENSION_WITH_CUDA = bool(getattr(_C, "with_cuda", 0))
-    _IMPORT_ERROR: Exception | None = None
-except ImportError as exc:  # pragma: no cover - exercised by the PIFI_FAST_NO_EXT test
-    HAS_EXTENSION = False
-    EXTENSION_WITH_CUDA = False
-    _IMPORT_ERROR = exc
+
+def _torch_mismatch() -> str | None:
+    """Why the built extension cannot load with this torch (it was compiled against another
+    release: loading it would fail with an undefined-symbol error), else None."""
+    try:
+        from pifi_fast import _build_info
+    except ImportError:  # a source tree that was never built
+        return None
+    built = getattr(_build_info, "TORCH_VERSION", None)
+    if built and _release(built) != _release(torch.__version__):
+        return (f"it was compiled against torch {built} but torch {torch.__version__} is "
+                "installed; rebuild it for this torch (pip install --no-build-isolation "
+                "--force-reinstall --no-deps <pifi_fast source>) or install the pifi_fast wheel "
+                f"built for torch {_release(torch.__version__)}")
+    return None
+
+
+_IMPORT_ERROR: Exception | str | None = _torch_mismatch()
+HAS_EXTENSION = EXTENSION_WITH_CUDA = False
+if _IMPORT_ERROR is None:
+    try:
+        from pifi_fast import _C  # noqa: F401  (import registers the ops)
+
+        HAS_EXTENSION = True
+        EXTENSION_WITH_CUDA = bool(getattr(_C, "with_cuda", 0))
+    except ImportError as exc:  # pragma: no cover - exercised by the PIFI_FAST_NO_EXT test
+        _IMPORT_ERROR = exc
+        if "undefined symbol" in str(exc):
+            _IMPORT_ERROR = (f"{exc.__class__.__name__}: {str(exc)[:120]} (built for another "
+                             "torch? rebuild: pip install --no-build-isolation "
+                             "--force-reinstall --no-deps <pifi_fast source>)")
 
 _warned = False
 

@@ -371,7 +371,60 @@ class PiFiBase(nn.Module):
                               source=str(directory))
         model = cls(slm, llm, labels=cfg.get("labels"), **opts)
         model.load_state_dict(state, strict=True)
+        if (directory / "tokenizer").is_dir():  # pifi-fast train saves it beside the weights
+            from transformers import AutoTokenizer
+
+            model.tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         return model
+
+    # -- prediction -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, texts, pairs=None, *, tokenizer=None, batch_size: int = 64,
+                max_length: int = 100, progress=None) -> list[dict]:
+        """Classify raw texts (and second sentences for pair tasks): for each, the predicted
+        label (as the training data spelled it, when the model knows its labels) and every
+        label's probability. The tokenizer saved beside the model is used unless one is given.
+        Sentences are batched by length (little padding) and run in inference mode, under
+        bf16/fp16 autocast on a GPU; results come back in the input order. ``progress``: a
+        callable taking the number of sentences just done (e.g. a tqdm bar's update)."""
+        if self.task != "classification":
+            raise ValueError(f"predict() classifies; this model's task is {self.task!r}")
+        tok = tokenizer or getattr(self, "tokenizer", None)
+        if tok is None:
+            raise ValueError("predict() needs a tokenizer: pass tokenizer=..., or load a "
+                             "checkpoint saved with one (pifi-fast train saves it)")
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if pairs is not None and len(pairs) != len(texts):
+            raise ValueError(f"{len(pairs)} pairs for {len(texts)} texts")
+        device = next(self.parameters()).device
+        names = self.labels or list(range(self.num_labels))
+        dtype = (torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(
+            device)[0] >= 8 else torch.float16)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[dict | None] = [None] * len(texts)
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                enc = tok([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
+                          truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt").to(device)
+                with torch.inference_mode(), autocast:
+                    logits = self(**{k: v for k, v in enc.items() if k in (
+                        "input_ids", "attention_mask", "token_type_ids")}).logits
+                probs = logits.float().softmax(-1).cpu()
+                for row, i in enumerate(idx):
+                    p = probs[row].tolist()
+                    best = max(range(len(p)), key=p.__getitem__)
+                    results[i] = {"label": names[best],
+                                  "probabilities": {str(n): v for n, v in zip(names, p)}}
+                if progress is not None:
+                    progress(len(idx))
+        finally:
+            self.train(was_training)
+        return results
 
 
 def _version() -> str:

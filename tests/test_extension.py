@@ -102,26 +102,45 @@ def test_package_works_without_the_extension():
 
 
 @pytest.mark.slow
-def test_wheel_builds_and_installs_into_a_fresh_venv(tmp_path):
-    """pip wheel . --no-build-isolation, then install it into a new venv that sees torch."""
+def test_wheel_knows_its_torch_and_runs_in_a_fresh_venv_without_a_compiler(tmp_path):
+    """`make wheel`'s steps on a copy of the source: pip wheel, auditwheel repair to a manylinux
+    tag (torch's and CUDA's libraries excluded); the wheel pins and names the torch it was
+    compiled against; installed into a fresh venv whose PATH holds no compiler, it runs a tiny
+    PiFi model through the compiled op; told it was built for another torch, it says so in one
+    line and runs the plain path instead of failing on an undefined symbol."""
+    import re
     import shutil
+    import zipfile
+
+    import torch as _torch
 
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".git", ".pytest_cache"))
+        ".venv", "build", "dist", "*.egg-info", "*.so", "__pycache__", ".git", ".pytest_cache",
+        "_build_info.py", ".whl", "runs", "benchmarks"))
     env = dict(os.environ, MAX_JOBS="2", TORCH_CUDA_ARCH_LIST=os.environ.get(
         "PIFI_FAST_TEST_ARCHS", "8.0;9.0a"))
-    wheel_dir = tmp_path / "wheels"
+    raw, dist = tmp_path / "raw", tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-build-isolation",
-                    "--no-deps", "-w", str(wheel_dir)], check=True, env=env, cwd=tmp_path,
+                    "--no-deps", "-w", str(raw)], check=True, env=env, cwd=tmp_path,
                    capture_output=True)
-    wheels = list(wheel_dir.glob("pifi_fast-*.whl"))
-    assert len(wheels) == 1
-    import zipfile
-
-    names = zipfile.ZipFile(wheels[0]).namelist()
+    tools = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    subprocess.run([sys.executable, "-m", "auditwheel", "repair", "--exclude", "libtorch*",
+                    "--exclude", "libc10*", "--exclude", "libcudart*", "-w", str(dist),
+                    *map(str, raw.glob("*.whl"))], check=True, capture_output=True, env=tools)
+    wheels = list(dist.glob("pifi_fast-*.whl"))
+    assert len(wheels) == 1, wheels
+    release = ".".join(_torch.__version__.split("+")[0].split(".")[:2])
+    flavour = f"cu{_torch.version.cuda.replace('.', '')}" if _torch.version.cuda else "cpu"
+    assert wheels[0].name.startswith(f"pifi_fast-0.1.0+torch{release}{flavour}-"), wheels[0].name
+    assert re.search(r"manylinux_\d+_\d+_x86_64", wheels[0].name), wheels[0].name
+    archive = zipfile.ZipFile(wheels[0])
+    names = archive.namelist()
     assert any(n.startswith("pifi_fast/_C") and n.endswith(".so") for n in names), names
-    assert "pifi_fast/kernels/__init__.py" in names and "pifi_fast/kernels/rms_norm.py" in names
+    assert "pifi_fast/kernels/__init__.py" in names and "pifi_fast/_build_info.py" in names
+    assert not any("libtorch" in n or "libc10" in n for n in names)  # torch's stay out
+    metadata = archive.read(next(n for n in names if n.endswith("METADATA"))).decode()
+    assert f"Requires-Dist: torch=={release}.*" in metadata
     # A fresh venv; torch and the other dependencies come from this environment's site-packages
     # through a .pth file placed *after* the venv's own, so pifi_fast can only come from the wheel.
     fresh = tmp_path / "fresh"
@@ -129,18 +148,35 @@ def test_wheel_builds_and_installs_into_a_fresh_venv(tmp_path):
     py = fresh / "bin" / "python"
     site = subprocess.run([str(py), "-c", "import site; print(site.getsitepackages()[0])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    import torch as _torch
-
     host_site = str(Path(_torch.__file__).parents[1])
     Path(site, "zz_host_site.pth").write_text(host_site + "\n")
+    bare = {"PATH": str(fresh / "bin"), "HOME": str(tmp_path)}  # no gcc, nvcc, ninja here
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheels[0])],
-                   check=True, capture_output=True)
-    check = ("import pifi_fast, pifi_fast._C, torch, sys\n"
-             "assert pifi_fast.__file__.startswith(sys.prefix), pifi_fast.__file__\n"
-             "assert pifi_fast.HAS_EXTENSION\n"
-             "x = torch.randn(2, 3); w = torch.randn(4, 3)\n"
-             "assert torch.allclose(torch.ops.pifi_fast.frozen_linear(x, w), x @ w.T)\n"
-             "print(pifi_fast._C.__file__)\n")
-    out = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert str(fresh) in out.stdout
+                   check=True, capture_output=True, env=bare)
+    run_model = ("import sys, torch, pifi_fast\n"
+                 "from transformers import BertConfig, LlamaConfig\n"
+                 "from pifi_fast import PiFiModel\n"
+                 "assert pifi_fast.__file__.startswith(sys.prefix), pifi_fast.__file__\n"
+                 "slm = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,"
+                 " intermediate_size=48, vocab_size=100)\n"
+                 "llm = LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,"
+                 " num_key_value_heads=2, num_hidden_layers=1)\n"
+                 "m = PiFiModel.from_parts(slm, llm, seed=0)\n"
+                 "out = m(input_ids=torch.randint(3, 100, (2, 5)))\n"
+                 "assert torch.isfinite(out.logits).all()\n"
+                 "print('extension', pifi_fast.HAS_EXTENSION)\n")
+    out = subprocess.run([str(py), "-c", run_model], capture_output=True, text=True,
+                         cwd=tmp_path, env=bare)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "extension True" in out.stdout
+    # Built for another torch: one clear line, the plain path, no undefined-symbol error
+    info = Path(site, "pifi_fast", "_build_info.py")
+    info.write_text(info.read_text().replace(f"TORCH_VERSION = '{_torch.__version__}'",
+                                             "TORCH_VERSION = '2.99.0+cu999'"))
+    out = subprocess.run([str(py), "-W", "always", "-c", run_model], capture_output=True,
+                         text=True, cwd=tmp_path, env=bare)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "extension False" in out.stdout
+    warning = [line for line in out.stderr.splitlines() if "compiled against torch" in line]
+    assert len(warning) == 1 and "2.99.0+cu999" in warning[0] and _torch.__version__ in warning[0]
+    assert "undefined symbol" not in out.stderr

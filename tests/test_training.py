@@ -222,3 +222,32 @@ def test_metrics_against_known_values():
     assert qa["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
     assert metrics.bleu(["the cat sat on the mat"], ["the cat sat on the mat"])["bleu"] == \
         pytest.approx(100.0)
+
+
+@needs_sst2
+def test_batch_prediction_from_the_cli_and_python(tiny_models, tmp_path):
+    """pifi-fast predict: a csv in, JSONL out in the input order, labels as the data spelled
+    them, probabilities summing to 1; model.predict(texts) with the saved tokenizer agrees."""
+    from pifi_fast import PiFiModel
+    from pifi_fast.cli import main
+
+    out = tmp_path / "run"
+    train(_tiny_cfg(tiny_models, out, epochs=1, max_steps=2))
+    texts = ["a warm, funny film", "dull", "the plot makes no sense at all, and it is long",
+             "fine"]
+    (tmp_path / "in.csv").write_text("text,label\n" + "\n".join(f'"{t}",1' for t in texts))
+    preds = tmp_path / "p.jsonl"
+    assert main(["predict", str(out / "best"), "--data", str(tmp_path / "in.csv"),
+                 "--output", str(preds), "--batch-size", "3"]) == 0
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["text"] for r in lines] == texts and all(r["gold"] == 1 for r in lines)
+    model = PiFiModel.from_pretrained(out / "best")
+    assert model.labels == [0, 1] and model.tokenizer is not None
+    direct = model.predict(texts, batch_size=2)
+    for r, d in zip(lines, direct):
+        assert r["label"] == d["label"] and r["label"] in (0, 1)
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
+        assert r["probabilities"] == pytest.approx(d["probabilities"], abs=1e-5)
+    assert model.predict("one sentence")[0]["label"] in (0, 1)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        PiFiModel.from_parts(tiny_models["bert"], None, seed=0).predict(["x"])
