@@ -138,6 +138,8 @@ _TRAIN_HELP = {
     "text_column": "column holding the text (csv/tsv/jsonl)",
     "pair_column": "column holding the second sentence of a pair",
     "label_column": "column holding the label",
+    "full_checkpoints": "store the frozen layer in every checkpoint (default: lean checkpoints "
+                        "that reference its source and re-read it, checking a sha256)",
     "on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint stays "
                     "the last good state) or skip that step and count it",
     "deterministic": "GPU: deterministic algorithms only (slower; see the README)",

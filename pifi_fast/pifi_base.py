@@ -28,7 +28,8 @@ from transformers.modeling_outputs import (
     TokenClassifierOutput,
 )
 
-from pifi_fast.loading import LLMLayer, build_layer, load_llm_layer, random_layer
+from pifi_fast.loading import (CheckpointError, LLMLayer, build_layer, load_llm_layer,
+                               random_layer)
 
 TASKS = ("classification", "question_answering", "token_classification", "seq2seq")
 _TASK_ALIASES = {"sequence_classification": "classification", "pair_classification":
@@ -96,6 +97,9 @@ class PiFiBase(nn.Module):
         # llm=None is the SLM alone with the same head: the baseline PiFi is compared with.
         self.llm_config = llm.config if llm is not None else None
         self.llm_index = llm.index if llm is not None else None
+        # where the frozen layer came from (a folder, Hub id or .gguf): lean checkpoints store
+        # this reference instead of the layer's tensors
+        self.llm_source = getattr(llm, "source", None) if llm is not None else None
         if llm is not None:
             d_llm = llm.config.hidden_size
             self.adapter_in = nn.Linear(d_slm, d_llm, bias=False)
@@ -292,13 +296,48 @@ class PiFiBase(nn.Module):
                                  attention_mask=attention_mask, **generate_kwargs)
 
     # -- save / load ----------------------------------------------------------------------------
-    def save_pretrained(self, directory, extra_files: dict | None = None) -> Path:
+    def frozen_layer_sha256(self) -> str:
+        """sha256 over the frozen layer's tensors as this model holds them (names, dtypes,
+        shapes and bytes, in key order): what a lean checkpoint verifies on load."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for key, t in sorted(self.llm_layer.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return digest.hexdigest()
+
+    def can_reference_frozen_layer(self) -> str | None:
+        """None when a lean checkpoint can reference the frozen layer, else why not."""
+        if self.llm_config is None:
+            return "the model has no LLM layer"
+        if not self.freeze:
+            return "the layer is trained (freeze=False): its weights must be stored"
+        source = self.llm_source
+        if not source or source == "random":
+            return "the layer has no source to re-read (random weights, or built from a module)"
+        if (Path(source) / CONFIG_NAME).is_file():
+            return "the layer came from a PiFi checkpoint, not from an LLM's own files"
+        return None
+
+    def save_pretrained(self, directory, extra_files: dict | None = None,
+                        into_existing: bool = False, frozen_layer: str = "full") -> Path:
         """One folder: pifi_config.json + model.safetensors (the single LLM layer stored once).
+
+        frozen_layer="reference" writes a lean checkpoint: the trainable weights only, and a
+        reference to the frozen layer (its source, layer index, dtype, 8-bit mode and a sha256
+        over its tensors); from_pretrained re-reads just that layer from its source and checks
+        the hash. A layer that cannot be referenced (random, trained, or itself from a PiFi
+        checkpoint) makes this a ValueError naming why.
 
         Written into a temporary sibling folder and renamed into place, so an interrupted save
         never leaves a folder that loads as a checkpoint (an existing one is replaced only
         after the new one is complete). extra_files: {name: writer(path)} written inside it too
         (a tokenizer, a trainer state), so they are replaced atomically with the weights.
+        into_existing=True keeps whatever else the folder holds (a Trainer's output folder with
+        its checkpoints) and moves only our files in, the weights last: a folder with the new
+        config but old weights can exist for an instant, never one without weights.
         """
         from safetensors.torch import save_file
 
@@ -306,13 +345,28 @@ class PiFiBase(nn.Module):
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
+            if frozen_layer not in ("full", "reference"):
+                raise ValueError(f"frozen_layer must be 'full' or 'reference', got "
+                                 f"{frozen_layer!r}")
+            reference = None
+            if frozen_layer == "reference":
+                why = self.can_reference_frozen_layer()
+                if why:
+                    raise ValueError(f"cannot write a lean checkpoint: {why}")
+                reference = {"source": str(self.llm_source), "layer": self.llm_index,
+                             "dtype": str(self.layer_dtype).replace("torch.", ""),
+                             "weights": self._options.get("weights", "auto"),
+                             "sha256": self.frozen_layer_sha256()}
             state = {k: v.detach().to("cpu").contiguous().clone()
-                     for k, v in self.state_dict().items()}
+                     for k, v in self.state_dict().items()
+                     if reference is None or not k.startswith("llm_layer.")}
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             config = {
                 "pifi_fast_version": _version(),
                 "options": self._options,
                 "labels": self.labels,
+                "llm_source": self.llm_source,
+                "frozen_layer": reference,
                 "llm_index": self.llm_index,
                 "layer_dtype": None if self.llm_config is None else
                 str(self.layer_dtype).replace("torch.", ""),
@@ -322,6 +376,14 @@ class PiFiBase(nn.Module):
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
             for name, writer in (extra_files or {}).items():
                 writer(tmp / name)
+            if into_existing and target.is_dir():
+                for item in sorted(tmp.iterdir(), key=lambda p: p.name == WEIGHTS_NAME):
+                    dest = target / item.name
+                    if dest.is_dir():
+                        shutil.rmtree(dest)
+                    os.replace(item, dest)
+                shutil.rmtree(tmp, ignore_errors=True)
+                return target
             old = None
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -335,7 +397,9 @@ class PiFiBase(nn.Module):
         return target
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu"):
+    def from_pretrained(cls, directory, map_location="cpu", llm_source: str | None = None):
+        """A saved model, full or lean. For a lean checkpoint the frozen layer is re-read from
+        the recorded source (or ``llm_source``, when the files moved) and its sha256 checked."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
@@ -355,7 +419,10 @@ class PiFiBase(nn.Module):
         slm_cls = AutoModelForSeq2SeqLM if opts["task"] == "seq2seq" else AutoModel
         slm = slm_cls.from_config(slm_config)
         llm = None
-        if cfg["llm_config"] is not None:
+        reference = cfg.get("frozen_layer")
+        if reference is not None:
+            llm = _reread_frozen_layer(reference, llm_source, directory)
+        elif cfg["llm_config"] is not None:
             llm_cfg = dict(cfg["llm_config"])
             llm_config = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
             layer_sd = {k[len("llm_layer."):]: v for k, v in state.items()
@@ -370,7 +437,21 @@ class PiFiBase(nn.Module):
             llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype,
                               source=str(directory))
         model = cls(slm, llm, labels=cfg.get("labels"), **opts)
-        model.load_state_dict(state, strict=True)
+        if reference is not None:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith("llm_layer.")]
+            if missing or unexpected:
+                raise RuntimeError(f"{directory}: lean checkpoint does not fit the model: "
+                                   f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            got = model.frozen_layer_sha256()
+            if got != reference["sha256"]:
+                raise CheckpointError(
+                    f"{directory}: the frozen layer re-read from {llm.source} (layer "
+                    f"{reference['layer']}) differs from the one trained with: sha256 {got} "
+                    f"!= {reference['sha256']} (the source changed?)")
+        else:
+            model.load_state_dict(state, strict=True)
+        model.llm_source = cfg.get("llm_source", model.llm_source)
         if (directory / "tokenizer").is_dir():  # pifi-fast train saves it beside the weights
             from transformers import AutoTokenizer
 
@@ -425,6 +506,19 @@ class PiFiBase(nn.Module):
         finally:
             self.train(was_training)
         return results
+
+
+def _reread_frozen_layer(reference: dict, override: str | None, directory: Path):
+    """The frozen layer of a lean checkpoint, read again from its source."""
+    source = override or reference["source"]
+    local = Path(source).expanduser()
+    looks_local = source.startswith((".", "/", "~")) or local.suffix == ".gguf"
+    if looks_local and not local.exists():
+        raise FileNotFoundError(
+            f"{directory} is a lean checkpoint: its frozen layer is layer {reference['layer']} of "
+            f"{source}, which is missing here; pass from_pretrained(..., llm_source=PATH) to "
+            "point at it, or use a full checkpoint")
+    return load_llm_layer(source, reference["layer"], dtype=getattr(torch, reference["dtype"]))
 
 
 def _version() -> str:

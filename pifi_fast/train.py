@@ -74,6 +74,8 @@ class TrainConfig:
     text_column: str = "text"
     pair_column: str | None = None
     label_column: str = "label"
+    full_checkpoints: bool = False  # store the frozen layer in every checkpoint (default: a
+    # reference to its source and a sha256, re-read on load: lean checkpoints)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (default) | skip the step
     deterministic: bool = False  # GPU: deterministic algorithms only (see README, Reliability)
     no_dropout: bool = False  # turn every dropout off (exact comparisons, e.g. DDP tests)
@@ -480,9 +482,7 @@ def _train(cfg: TrainConfig) -> dict:
 
     state = {"epoch": 0, "step": 0, "best_metric": None, "history": [], "nonfinite_skipped": 0}
     if cfg.resume and (last_dir / "trainer_state.pt").is_file():
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(last_dir / "model.safetensors"), device=str(device)))
+        _load_weights(model, last_dir, device)
         saved = torch.load(last_dir / "trainer_state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(saved["optimizer"])
         if scaler is not None and saved.get("scaler"):
@@ -576,16 +576,35 @@ def _train(cfg: TrainConfig) -> dict:
         except (FileNotFoundError, KeyError):
             test_rows = None
         if test_rows:
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(str(best_dir / "model.safetensors"),
-                                            device=str(device)))
+            _load_weights(model, best_dir, device)
             results["test"] = evaluate(model, task_data, test_rows, device, precision)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     results["model"] = model
     return results
+
+
+def _load_weights(model, directory: Path, device) -> None:
+    """A checkpoint's weights into the model being trained: full, or lean (no frozen layer:
+    the model's own, read from the same source, must be the one the checkpoint names)."""
+    from safetensors.torch import load_file
+
+    from pifi_fast.pifi_base import CONFIG_NAME
+
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    reference = config.get("frozen_layer")
+    if reference is not None and model.frozen_layer_sha256() != reference["sha256"]:
+        raise RuntimeError(f"{directory}: the frozen layer of this run differs from the one the "
+                           f"checkpoint was trained with ({reference['source']}, layer "
+                           f"{reference['layer']}): not resuming from it")
+    missing, unexpected = model.load_state_dict(
+        load_file(str(directory / "model.safetensors"), device=str(device)),
+        strict=reference is None)
+    if reference is not None and (unexpected or any(not k.startswith("llm_layer.")
+                                                    for k in missing)):
+        raise RuntimeError(f"{directory}: checkpoint does not fit the model ({missing[:5]}, "
+                           f"{unexpected[:5]})")
 
 
 def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, scaler=None):
@@ -601,7 +620,10 @@ def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, s
                         "scaler": scaler.state_dict() if scaler is not None else None}, p)
 
         extra["trainer_state.pt"] = write_state
-    model.save_pretrained(directory, extra_files=extra)
+    # lean by default: the frozen layer never changes, so it is referenced, not copied
+    lean = not cfg.full_checkpoints and model.can_reference_frozen_layer() is None
+    model.save_pretrained(directory, extra_files=extra,
+                          frozen_layer="reference" if lean else "full")
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=None,

@@ -103,3 +103,59 @@ def test_slm_kind_must_fit_the_task(tmp_path):
     AutoModel.from_config(tiny_slm("bert")).save_pretrained(folder)
     with pytest.raises(ValueError, match="needs an encoder-decoder SLM"):
         PiFiModel.from_parts(str(folder), tiny_llm("llama"), task="seq2seq")
+
+
+# -- lean checkpoints: the frozen layer referenced, not copied -----------------------------------
+def _llm_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(tmp_path / "llm")
+    return tmp_path / "llm"
+
+
+@pytest.mark.parametrize("weights", ["auto", "int8"])
+def test_lean_checkpoint_rereads_and_verifies_the_frozen_layer(tmp_path, weights):
+    import json
+    import shutil
+
+    from pifi_fast.loading import CheckpointError
+
+    src = _llm_folder(tmp_path)
+    model = PiFiModel.from_parts(tiny_slm("bert"), str(src), weights=weights, seed=0,
+                                 head_dropout=0.0)
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "lean", frozen_layer="reference")
+    full_bytes = (tmp_path / "full" / "model.safetensors").stat().st_size
+    lean_bytes = (tmp_path / "lean" / "model.safetensors").stat().st_size
+    assert lean_bytes < full_bytes
+    ref = json.loads((tmp_path / "lean" / "pifi_config.json").read_text())["frozen_layer"]
+    assert ref["source"] == str(src) and ref["layer"] == 2 and ref["weights"] == weights
+    ids = torch.randint(3, 120, (2, 6))
+    again = PiFiModel.from_pretrained(tmp_path / "lean")
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    # the files moved: say where to point, then follow the pointer
+    moved = tmp_path / "moved"
+    shutil.move(str(src), str(moved))
+    with pytest.raises(FileNotFoundError, match="lean checkpoint.*llm_source"):
+        PiFiModel.from_pretrained(tmp_path / "lean")
+    again = PiFiModel.from_pretrained(tmp_path / "lean", llm_source=str(moved))
+    assert torch.equal(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    # the source changed: the hash says so
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(moved / "model.safetensors"))
+    sd["model.layers.2.mlp.up_proj.weight"] += 1e-3
+    save_file(sd, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="differs from the one trained with: sha256"):
+        PiFiModel.from_pretrained(tmp_path / "lean", llm_source=str(moved))
+
+
+def test_lean_checkpoint_refuses_layers_it_cannot_reference(tmp_path):
+    random_model = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), seed=0)
+    with pytest.raises(ValueError, match="random weights"):
+        random_model.save_pretrained(tmp_path / "x", frozen_layer="reference")
+    src = _llm_folder(tmp_path)
+    unfrozen = PiFiModel.from_parts(tiny_slm("bert"), str(src), freeze=False, seed=0)
+    with pytest.raises(ValueError, match="freeze=False"):
+        unfrozen.save_pretrained(tmp_path / "y", frozen_layer="reference")

@@ -185,6 +185,56 @@ def test_pifi_model_trains_under_transformers_trainer(tiny_models, tmp_path):
     assert pred.predictions.shape == (4, 2)
 
 
+def _trainer(model, tok, out, max_steps, seed=0):
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from pifi_fast.trainer import PiFiTrainer
+
+    texts = ["good film", "bad film", "a fine, warm story", "dull and long"] * 4
+    rows = [dict(tok(t), labels=i % 2) for i, t in enumerate(texts)]
+    args = TrainingArguments(output_dir=str(out), max_steps=max_steps,
+                             per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             save_strategy="steps", save_steps=2, learning_rate=1e-3, seed=seed,
+                             data_seed=seed, lr_scheduler_type="constant")
+    return PiFiTrainer(model=model, args=args, train_dataset=rows, processing_class=tok,
+                       data_collator=DataCollatorWithPadding(tok))
+
+
+def test_trainer_checkpoints_are_pifi_checkpoints_and_resume(tiny_models, tmp_path):
+    """PiFiTrainer: checkpoint-N folders load with PiFiModel.from_pretrained, and
+    resume_from_checkpoint continues to the same weights as an uninterrupted run."""
+    from transformers import AutoTokenizer
+
+    from pifi_fast import PiFiModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["bert"])
+
+    def fresh():
+        return PiFiModel.from_parts(tiny_models["bert"], tiny_models["llama"], num_labels=2,
+                                    seed=0, head_dropout=0.0)
+
+    straight = fresh()
+    _trainer(straight, tok, tmp_path / "a", max_steps=4).train()
+    ckpt = tmp_path / "a" / "checkpoint-2"
+    loaded = PiFiModel.from_pretrained(ckpt)
+    assert loaded.tokenizer is not None
+    assert (tmp_path / "a" / "checkpoint-4" / "pifi_config.json").is_file()
+    final = PiFiModel.from_pretrained(tmp_path / "a" / "checkpoint-4").state_dict()
+    assert all(torch.equal(final[k], v) for k, v in straight.state_dict().items())
+    # interrupted after step 2, resumed from its checkpoint
+    _trainer(fresh(), tok, tmp_path / "b", max_steps=2).train()
+    resumed = fresh()
+    _trainer(resumed, tok, tmp_path / "b", max_steps=4).train(
+        resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    for k, v in straight.state_dict().items():
+        assert torch.allclose(resumed.state_dict()[k], v, rtol=1e-5, atol=1e-7), k
+    # the final save of a Trainer's output folder keeps its checkpoints
+    trainer = _trainer(resumed, tok, tmp_path / "b", max_steps=4)
+    trainer.save_model(str(tmp_path / "b"))
+    assert (tmp_path / "b" / "checkpoint-2").is_dir()
+    assert PiFiModel.from_pretrained(tmp_path / "b").labels is None
+
+
 def test_question_answering_and_seq2seq_runs(tiny_models, tmp_path):
     ctx = "the film was shot in paris in the spring of 1999 by a small crew"
     qa = [{"question": "where was it shot?", "context": ctx,
@@ -251,3 +301,17 @@ def test_batch_prediction_from_the_cli_and_python(tiny_models, tmp_path):
     assert model.predict("one sentence")[0]["label"] in (0, 1)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         PiFiModel.from_parts(tiny_models["bert"], None, seed=0).predict(["x"])
+
+
+@needs_sst2
+def test_train_writes_lean_checkpoints_unless_asked_for_full_ones(tiny_models, tmp_path):
+    lean = tmp_path / "lean"
+    train(_tiny_cfg(tiny_models, lean, epochs=1, max_steps=2))
+    config = json.loads((lean / "checkpoint-last" / "pifi_config.json").read_text())
+    assert config["frozen_layer"]["source"] == tiny_models["llama"]
+    assert "accuracy" in evaluate_checkpoint(str(lean / "best"), None, "dev", limit=8)
+    full = tmp_path / "full"
+    train(_tiny_cfg(tiny_models, full, epochs=1, max_steps=2, full_checkpoints=True))
+    assert json.loads((full / "best" / "pifi_config.json").read_text())["frozen_layer"] is None
+    sizes = [(d / "best" / "model.safetensors").stat().st_size for d in (lean, full)]
+    assert sizes[0] < sizes[1]
