@@ -6,6 +6,7 @@
                    layer, fine-tuned on Rotten Tomatoes snippets; dev accuracy of both, and the
                    fused layer's step time against the reference layer's
   pifi-fast predict  label a csv/tsv/jsonl file with a saved model (JSONL out)
+  pifi-fast push   upload a saved model with its model card to the Hugging Face Hub
   pifi-fast bench  the benchmark workloads against the reference and the Hugging Face layer:
                    a table, JSON, Markdown and PNG plots in a folder (see pifi_fast.bench)
   pifi-fast kernels  compile every Triton kernel configuration for five GPU targets (no GPU
@@ -229,6 +230,15 @@ def predict_cmd(args) -> int:
     return 0
 
 
+def push_cmd(args) -> int:
+    from pifi_fast import PiFiModel
+
+    model = PiFiModel.from_pretrained(args.checkpoint)
+    url = model.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    print(f"uploaded {args.checkpoint} to {args.repo_id}: {url}")
+    return 0
+
+
 def bench(args) -> int:
     from tqdm import tqdm
 
@@ -363,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.set_defaults(func=predict_cmd)
+    p = sub.add_parser("push", help="upload a saved model with its model card to the Hugging "
+                       "Face Hub")
+    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
+    p.add_argument("repo_id", help="org/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repo private "
+                   "(default: public)")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    p.set_defaults(func=push_cmd)
     p = sub.add_parser("demo", help="the offline default job: MiniLM alone and with SmolLM2's "
                        "last layer on Rotten Tomatoes snippets (no Hub needed)")
     # 2 epochs: 7m32s for the whole demo on 2 CPU cores (measured), under its 10-minute budget.

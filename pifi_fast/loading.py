@@ -304,19 +304,63 @@ def _load_hub(repo_id: str, layer: int, dtype, allow_pickle: bool, revision=None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    ensure_hub_reachable()
+
     def fetch(name):
         try:
             # hf_hub_download shows its own tqdm progress bar for each file.
             return hf_hub_download(repo_id, name, revision=revision)
-        except EntryNotFoundError:
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: caught first)
+            if hub_offline():
+                return None  # not in the cache
+            raise ConnectionError(HUB_UNREACHABLE) from None
+        except EntryNotFoundError:  # the repository has no such file
             return None
 
     config_path = fetch("config.json")
     if config_path is None:
-        raise CheckpointError(f"{repo_id}: the repository has no config.json")
+        where = ("is not in the local Hub cache (HF_HUB_OFFLINE=1)" if hub_offline()
+                 else "has no config.json")
+        raise CheckpointError(f"{repo_id}: the repository {where}")
     config = _load_config(str(Path(config_path).parent))
     index = resolve_index(config, layer)
     return _load_from_files(config, index, repo_id, fetch, allow_pickle, dtype)
+
+
+# -- reaching the Hub -----------------------------------------------------------------------------
+HUB_UNREACHABLE = ("cannot reach the Hugging Face Hub; pass a local folder, or set "
+                   "HF_HUB_OFFLINE=1 to use the cache")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE=1: huggingface_hub answers from its cache only."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def ensure_hub_reachable(timeout: float = 3.0) -> None:
+    """One TCP connection to the Hub's endpoint, within `timeout` seconds, before any download
+    (huggingface_hub itself retries for about 25 s before it gives up): a ConnectionError with
+    one clear line when it fails. Skipped offline (the cache answers) and behind a proxy (whose
+    route a direct connection does not test)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if hub_offline() or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy",
+                                                          "ALL_PROXY", "all_proxy")):
+        return
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"{HUB_UNREACHABLE} ({host}:{port}: {exc})") from None
 
 
 # -- GGUF -----------------------------------------------------------------------------------------

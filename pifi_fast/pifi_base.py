@@ -403,7 +403,11 @@ class PiFiBase(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
-        directory = Path(directory)
+        if not Path(directory).expanduser().exists() and _looks_like_repo_id(str(directory)):
+            from pifi_fast import hub
+
+            directory = hub.download(str(directory))  # or the cache, with HF_HUB_OFFLINE=1
+        directory = Path(directory).expanduser()
         cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not cfg_path.is_file() or not w_path.is_file():
             raise FileNotFoundError(f"{directory} is not a PiFi checkpoint (needs {CONFIG_NAME} "
@@ -452,11 +456,22 @@ class PiFiBase(nn.Module):
         else:
             model.load_state_dict(state, strict=True)
         model.llm_source = cfg.get("llm_source", model.llm_source)
+        model.loaded_from = directory
         if (directory / "tokenizer").is_dir():  # pifi-fast train saves it beside the weights
             from transformers import AutoTokenizer
 
             model.tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         return model
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
+                    commit_message: str = "Upload PiFi model") -> str:
+        """Upload this model with a model card to the Hugging Face Hub (pifi_fast.hub); a model
+        loaded from a checkpoint folder uploads that folder (tokenizer and results too)."""
+        from pifi_fast import hub
+
+        return hub.push_to_hub(self, repo_id, private=private, token=token,
+                               commit_message=commit_message,
+                               source_folder=getattr(self, "loaded_from", None))
 
     # -- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -506,6 +521,12 @@ class PiFiBase(nn.Module):
         finally:
             self.train(was_training)
         return results
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    """org/name (one slash, no path syntax): a Hub repo id rather than a missing folder."""
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~"))
+            and not name.endswith("/"))
 
 
 def _reread_frozen_layer(reference: dict, override: str | None, directory: Path):

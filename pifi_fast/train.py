@@ -581,6 +581,11 @@ def _train(cfg: TrainConfig) -> dict:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        if best_dir.exists():  # the exported model carries its numbers and a model card
+            from pifi_fast.hub import write_model_card
+
+            (best_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+            write_model_card(model, best_dir, results)
     results["model"] = model
     return results
 

@@ -71,6 +71,7 @@ def test_hub_downloads_only_config_index_and_needed_shards(tmp_path, monkeypatch
         return str(path)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("pifi_fast.loading.ensure_hub_reachable", lambda: None)
     layer = load_llm_layer("someone/tiny-llama")
     assert layer.index == 2
     assert set(requested) == {"config.json", "model.safetensors.index.json"} | needed
@@ -194,3 +195,20 @@ def test_truncated_gguf_names_file_tensor_and_sizes(tmp_path):
     cut.write_bytes(cut.read_bytes()[:1000])  # cut inside the header
     with pytest.raises(CheckpointError, match="SmolLM2-cut.gguf: unreadable GGUF file"):
         load_llm_layer(cut)
+
+
+def test_an_unreachable_hub_is_one_clear_line_within_seconds(monkeypatch):
+    """Without network, huggingface_hub retries for about 25 s and then says the repository
+    has no config.json; we say what happened, at once."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="cannot reach the Hugging Face Hub; pass a local "
+                                              "folder, or set HF_HUB_OFFLINE=1 to use the cache"):
+        load_llm_layer("meta-llama/Llama-3.1-8B")
+    assert time.monotonic() - t0 < 10

@@ -310,6 +310,9 @@ def test_train_writes_lean_checkpoints_unless_asked_for_full_ones(tiny_models, t
     config = json.loads((lean / "checkpoint-last" / "pifi_config.json").read_text())
     assert config["frozen_layer"]["source"] == tiny_models["llama"]
     assert "accuracy" in evaluate_checkpoint(str(lean / "best"), None, "dev", limit=8)
+    card = (lean / "best" / "README.md").read_text()  # the exported model explains itself
+    assert "pifi-fast train --data sst2" in card and "| dev accuracy |" in card
+    assert json.loads((lean / "best" / "results.json").read_text())["metric"] == "accuracy"
     full = tmp_path / "full"
     train(_tiny_cfg(tiny_models, full, epochs=1, max_steps=2, full_checkpoints=True))
     assert json.loads((full / "best" / "pifi_config.json").read_text())["frozen_layer"] is None
