@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "with label and probabilities")
     p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
     p.add_argument("--data", required=True, help="a csv/tsv/jsonl file, a folder of {split}."
-                   f"{{csv,tsv,jsonl}} or a built-in name ({_DATA_NAMES})")
+                   f"{{csv,tsv,jsonl}} or a built-in name ({_DATA_NAMES}) (required)")
     p.add_argument("--split", default="test", help="split, for folders and built-in names "
                    "(default: %(default)s)")
     p.add_argument("--text-column", default="text", help="(default: %(default)s)")
