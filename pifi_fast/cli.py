@@ -117,6 +117,11 @@ _TRAIN_HELP = {
     "layer_weights": "the frozen layer's projection weights: the compute dtype, or stored in 8 "
                      "bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
     "chunk_tokens": "fused layer: tokens per MLP chunk (-1: 4096 on CUDA, 256 on CPU; 0: all)",
+    "lora_r": "LoRA rank on the SLM through peft (0: full fine-tuning); the adapters and the "
+              "head stay fully trained, the exported best model is merged",
+    "lora_alpha": "LoRA scaling alpha", "lora_dropout": "dropout on the LoRA path",
+    "lora_targets": "comma list of SLM modules to adapt (default: peft's choice for the "
+                    "architecture, e.g. query,value for BERT)",
     "authors_setup": "the authors' setup: fp32, padding to max length, padding attended, HF "
                      "layer (for comparisons)",
     "seed": "random seed (data order, initialisation, dropout)",

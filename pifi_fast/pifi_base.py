@@ -69,7 +69,7 @@ class PiFiBase(nn.Module):
                  num_labels: int = 2, label_smoothing: float = 0.0, head_dropout: float = 0.2,
                  attend_to_padding: bool = False, freeze: bool = True,
                  validate_inputs: bool | None = None, labels: list | None = None,
-                 **layer_options):
+                 lora: dict | None = None, **layer_options):
         super().__init__()
         # Token ids and labels are range-checked in forward when the inputs are on the CPU (free)
         # or when validate_inputs=True (on a GPU the check costs a device sync): a bad id on a
@@ -94,6 +94,10 @@ class PiFiBase(nn.Module):
             for p in pooler.parameters():
                 p.requires_grad_(False)
         d_slm = _hidden(slm.config)
+        if lora:
+            # LoRA on the SLM (peft): its own weights frozen, low-rank updates trained; the
+            # adapters around the LLM layer and the head stay fully trained
+            slm = self.slm = _with_lora(slm, lora)
         # llm=None is the SLM alone with the same head: the baseline PiFi is compared with.
         self.llm_config = llm.config if llm is not None else None
         self.llm_index = llm.index if llm is not None else None
@@ -114,7 +118,8 @@ class PiFiBase(nn.Module):
             self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(d_slm, num_labels))
         self._options = dict(task=task, num_labels=num_labels, label_smoothing=label_smoothing,
                              head_dropout=head_dropout, attend_to_padding=attend_to_padding,
-                             freeze=freeze, **layer_options)
+                             freeze=freeze, **({"lora": dict(lora)} if lora else {}),
+                             **layer_options)
 
     # -- hooks for the subclasses ---------------------------------------------------------------
     def _make_layer(self, llm: LLMLayer, freeze: bool, **layer_options):
@@ -463,6 +468,14 @@ class PiFiBase(nn.Module):
             model.tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")
         return model
 
+    def merge_lora(self) -> None:
+        """Fold the SLM's LoRA updates into its weights (for export): the model then saves and
+        loads as a plain one, without peft."""
+        if "lora" not in self._options:
+            return
+        self.slm = self.slm.merge_and_unload()
+        del self._options["lora"]
+
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token=None,
                     commit_message: str = "Upload PiFi model") -> str:
         """Upload this model with a model card to the Hugging Face Hub (pifi_fast.hub); a model
@@ -521,6 +534,26 @@ class PiFiBase(nn.Module):
         finally:
             self.train(was_training)
         return results
+
+
+def _with_lora(slm: nn.Module, lora: dict) -> nn.Module:
+    """The SLM wrapped by peft with LoRA: lora = {"r", "alpha", "dropout", "targets"}; targets
+    None takes peft's default modules for the architecture (BERT: query, value)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("LoRA needs peft: pip install peft (or pifi-fast[train])") from exc
+    targets = lora.get("targets")
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    config = LoraConfig(r=int(lora["r"]), lora_alpha=float(lora.get("alpha", 16)),
+                        lora_dropout=float(lora.get("dropout", 0.0)),
+                        target_modules=targets or None, bias="none")
+    try:
+        return get_peft_model(slm, config)
+    except ValueError as exc:
+        raise ValueError(f"LoRA on {slm.config.model_type}: {exc} (name the modules with "
+                         "--lora-targets, e.g. query,value)") from exc
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -49,6 +49,10 @@ class TrainConfig:
     attention: str = "auto"  # fused layer attention backend: auto | flash_attn | torch_varlen | sdpa
     gemm: str = "cublas"  # fused layer projections: cublas | triton (fused epilogues)
     layer_weights: str = "auto"  # fused layer: auto (compute dtype) | int8 | fp8 (8-bit weights)
+    lora_r: int = 0  # LoRA rank on the SLM (0: full fine-tuning); the export is merged
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None  # comma list of SLM module names (default: peft's for it)
     chunk_tokens: int = -1  # fused layer: MLP block over this many tokens at a time (-1: auto,
     # 4096 on CUDA and 256 on CPU; 0: all at once)
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
@@ -159,6 +163,9 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
                    attend_to_padding=cfg.authors_setup)
     if cfg.task == "classification":
         options.update(num_labels=num_labels, head_dropout=cfg.head_dropout)
+    if cfg.lora_r:
+        options["lora"] = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                           "targets": cfg.lora_targets}
     llm = resolve_llm(cfg.llm)
     if cfg.layer_weights != "auto" and (cls is not PiFiModel or llm is None or not cfg.freeze):
         raise ValueError(f"--layer-weights {cfg.layer_weights} needs the fused frozen layer "
@@ -583,6 +590,11 @@ def _train(cfg: TrainConfig) -> dict:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         if best_dir.exists():  # the exported model carries its numbers and a model card
             from pifi_fast.hub import write_model_card
+
+            if cfg.lora_r:  # exported merged: loads without peft, runs at full speed
+                _load_weights(model, best_dir, device)
+                model.merge_lora()
+                _save_checkpoint(model, task_data, None, state, cfg, best_dir)
 
             (best_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
             write_model_card(model, best_dir, results)

@@ -318,3 +318,40 @@ def test_train_writes_lean_checkpoints_unless_asked_for_full_ones(tiny_models, t
     assert json.loads((full / "best" / "pifi_config.json").read_text())["frozen_layer"] is None
     sizes = [(d / "best" / "model.safetensors").stat().st_size for d in (lean, full)]
     assert sizes[0] < sizes[1]
+
+
+@needs_sst2
+def test_lora_on_the_slm_trains_resumes_and_exports_merged(tiny_models, tmp_path):
+    """--lora-r: peft LoRA on MiniLM (the real one); far fewer trainable parameters; a run
+    stopped after epoch 1 and resumed equals the straight run; best/ is merged and loads
+    without LoRA, giving the same logits as the LoRA model it came from."""
+    from pifi_fast import PiFiModel
+    from pifi_fast.pifi_base import CONFIG_NAME
+
+    common = dict(slm="minilm", lora_r=4, limit_train=32, limit_eval=16, batch_size=8,
+                  lr=1e-3)
+    full = train(_tiny_cfg(tiny_models, tmp_path / "full", epochs=1, max_steps=1,
+                           **{**common, "lora_r": 0}))
+    straight = train(_tiny_cfg(tiny_models, tmp_path / "a", **common))
+    assert straight["trainable_parameters"] < full["trainable_parameters"] / 5
+    lora_keys = [k for k in straight["model"].state_dict() if "lora_" in k]
+    assert not lora_keys  # the returned model was merged for export ...
+    config = json.loads((tmp_path / "a" / "checkpoint-last" / CONFIG_NAME).read_text())
+    assert config["options"]["lora"]["r"] == 4  # ... while checkpoint-last keeps LoRA to resume
+    assert "lora" not in json.loads((tmp_path / "a" / "best" / CONFIG_NAME).read_text())[
+        "options"]
+    train(_tiny_cfg(tiny_models, tmp_path / "b", **{**common, "epochs": 1}))
+    resumed = train(_tiny_cfg(tiny_models, tmp_path / "b", resume=True, **common))
+    for h in resumed["history"] + straight["history"]:
+        h.pop("epoch_seconds")
+    assert resumed["history"] == straight["history"]
+    last_a = PiFiModel.from_pretrained(tmp_path / "a" / "checkpoint-last").state_dict()
+    last_b = PiFiModel.from_pretrained(tmp_path / "b" / "checkpoint-last").state_dict()
+    assert all(torch.equal(last_a[k], last_b[k]) for k in last_a)
+    PiFiModel.from_pretrained(tmp_path / "a" / "best")  # loads as a plain model
+    lora_model = PiFiModel.from_pretrained(tmp_path / "a" / "checkpoint-last").eval()
+    ids = torch.randint(1000, 20000, (3, 7))
+    before = lora_model(input_ids=ids).logits
+    lora_model.merge_lora()
+    assert not any("lora_" in k for k in lora_model.state_dict())
+    assert torch.allclose(lora_model(input_ids=ids).logits, before, atol=1e-5)
