@@ -129,7 +129,10 @@ _TRAIN_HELP = {
                  "bf16/fp16 also load the frozen layer in that dtype",
     "epochs": "training epochs", "batch_size": "sentences per optimiser step",
     "lr": "Adam learning rate", "weight_decay": "Adam weight decay",
-    "max_length": "tokens per input (longer inputs are cut)",
+    "max_length": "tokens per input, question included for QA (longer inputs are cut; QA "
+                  "contexts into overlapping windows) (None: 384 for question_answering, 100 "
+                  "otherwise)",
+    "doc_stride": "question_answering: tokens shared by consecutive windows of a long context",
     "clip": "gradient-norm clipping (0: off)",
     "label_smoothing": "label smoothing of the cross entropy",
     "head_dropout": "dropout in the classification head",
@@ -166,7 +169,7 @@ def _add_train_args(p):
                            default=default, metavar="true|false", help=help_)
         elif f.name in _CHOICES:
             p.add_argument(flag, default=default, choices=_CHOICES[f.name], help=help_)
-        elif f.name in ("max_steps", "limit_train", "limit_eval"):
+        elif f.name in ("max_steps", "limit_train", "limit_eval", "max_length"):
             p.add_argument(flag, type=int, default=default, help=help_)
         elif default is None or isinstance(default, str):
             p.add_argument(flag, default=default, help=help_)

@@ -63,7 +63,9 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-5
     weight_decay: float = 0.0
-    max_length: int = 100
+    max_length: int | None = None  # tokens per input (default: 384 for question_answering,
+    # 100 otherwise: the authors' value)
+    doc_stride: int = 128  # question_answering: tokens shared by consecutive context windows
     clip: float = 5.0
     label_smoothing: float = 0.05
     head_dropout: float = 0.2
@@ -250,23 +252,33 @@ class TaskData:
         return self._collate_qa(rows)
 
     def _collate_qa(self, rows):
+        """Extractive QA as Hugging Face's recipe does it: each context cut into windows of
+        max_length tokens (question included) overlapping by doc_stride tokens, every window a
+        feature of the batch; a window that does not hold the answer points at [CLS]. The
+        authors' setup keeps one truncated window per example (answers past the cut are lost)."""
+        windows = not self.cfg.authors_setup
         enc = self.tok([r["question"] for r in rows], [r["context"] for r in rows],
                        truncation="only_second", max_length=self.cfg.max_length, padding=True,
-                       return_offsets_mapping=True, return_tensors="pt")
+                       stride=self.cfg.doc_stride if windows else 0,
+                       return_overflowing_tokens=windows, return_offsets_mapping=True,
+                       return_tensors="pt")
+        example = (enc["overflow_to_sample_mapping"].tolist() if windows
+                   else list(range(len(rows))))
         starts, ends = [], []
-        for i, r in enumerate(rows):
+        for f, i in enumerate(example):
+            r = rows[i]
             a_start = int(r["answer_start"])
             a_end = a_start + len(r["answer_text"])
-            seq_ids = enc.sequence_ids(i)
-            s_tok = e_tok = 0  # [CLS]: answer truncated away
-            for t, (off, sid) in enumerate(zip(enc["offset_mapping"][i].tolist(), seq_ids)):
+            seq_ids = enc.sequence_ids(f)
+            s_tok = e_tok = 0  # [CLS]: the answer is not in this window
+            for t, (off, sid) in enumerate(zip(enc["offset_mapping"][f].tolist(), seq_ids)):
                 if sid != 1:
                     continue
                 if off[0] <= a_start < off[1] and s_tok == 0:
                     s_tok = t
                 if off[0] < a_end <= off[1]:
                     e_tok = t
-            if e_tok < s_tok:
+            if e_tok < s_tok or (s_tok == 0) != (e_tok == 0):
                 s_tok = e_tok = 0
             starts.append(s_tok)
             ends.append(e_tok)
@@ -274,7 +286,8 @@ class TaskData:
         batch["start_positions"] = torch.tensor(starts)
         batch["end_positions"] = torch.tensor(ends)
         batch["_offsets"] = enc["offset_mapping"]
-        batch["_sequence_ids"] = [enc.sequence_ids(i) for i in range(len(rows))]
+        batch["_sequence_ids"] = [enc.sequence_ids(f) for f in range(len(example))]
+        batch["_example"] = example
         return batch
 
 
@@ -314,10 +327,13 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
         if cfg.task == "classification":
             preds += out.logits.argmax(-1).tolist()
             golds += batch["labels"].tolist()
-        else:
+        else:  # the best span over all windows of each example
             for i, r in enumerate(chunk):
-                preds.append(_qa_answer(out.start_logits[i], out.end_logits[i],
-                                        raw["_offsets"][i], raw["_sequence_ids"][i], r["context"]))
+                feats = [f for f, e in enumerate(raw["_example"]) if e == i]
+                preds.append(qa_answer([out.start_logits[f] for f in feats],
+                                       [out.end_logits[f] for f in feats],
+                                       [raw["_offsets"][f] for f in feats],
+                                       [raw["_sequence_ids"][f] for f in feats], r["context"]))
                 golds.append(r.get("answers_all") or [r["answer_text"]])
     model.train(was_training)
     if cfg.task == "classification":
@@ -331,20 +347,31 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
     return result
 
 
-def _qa_answer(start_logits, end_logits, offsets, sequence_ids, context, max_answer=30):
-    ctx = [t for t, s in enumerate(sequence_ids) if s == 1]
-    if not ctx:
-        return ""
-    lo, hi = ctx[0], ctx[-1]
-    s = start_logits[lo:hi + 1].float()
-    e = end_logits[lo:hi + 1].float()
-    scores = s[:, None] + e[None, :]
-    length = torch.arange(len(s))
-    valid = (length[None, :] >= length[:, None]) & (length[None, :] - length[:, None] < max_answer)
-    scores = scores.masked_fill(~valid.to(scores.device), float("-inf"))
-    flat = int(scores.argmax())
-    i, j = divmod(flat, scores.shape[1])
-    return context[int(offsets[lo + i][0]):int(offsets[lo + j][1])]
+def qa_answer(start_logits, end_logits, offsets, sequence_ids, context, max_answer: int = 30,
+              n_best: int = 20) -> str:
+    """The answer text of one example from all its windows (lists, one entry per window):
+    the n_best start and end positions inside the context of each window, every valid pair
+    (end >= start, at most max_answer tokens) scored start + end, the best over all windows
+    (Hugging Face's recipe). "" when no window holds a valid span."""
+    best, text = float("-inf"), ""
+    for s_logits, e_logits, offs, seq_ids in zip(start_logits, end_logits, offsets,
+                                                  sequence_ids):
+        ctx = [t for t, sid in enumerate(seq_ids) if sid == 1]
+        if not ctx:
+            continue
+        lo, hi = ctx[0], ctx[-1]
+        s = s_logits[lo:hi + 1].float().cpu()
+        e = e_logits[lo:hi + 1].float().cpu()
+        k = min(n_best, len(s))
+        for i in s.topk(k).indices.tolist():
+            for j in e.topk(k).indices.tolist():
+                if j < i or j - i >= max_answer:
+                    continue
+                score = float(s[i] + e[j])
+                if score > best:
+                    best = score
+                    text = context[int(offs[lo + i][0]):int(offs[lo + j][1])]
+    return text
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -459,6 +486,9 @@ def _train(cfg: TrainConfig) -> dict:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
+    if cfg.max_length is None:  # 384 for extractive QA (the Hugging Face recipe), else 100
+        cfg = dataclasses.replace(cfg, max_length=384 if cfg.task == "question_answering"
+                                  and not cfg.authors_setup else 100)
     if cfg.authors_setup:
         cfg = dataclasses.replace(cfg, precision="fp32", group_by_length=False)
     out_dir = Path(cfg.output_dir)

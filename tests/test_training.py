@@ -355,3 +355,56 @@ def test_lora_on_the_slm_trains_resumes_and_exports_merged(tiny_models, tmp_path
     lora_model.merge_lora()
     assert not any("lora_" in k for k in lora_model.state_dict())
     assert torch.allclose(lora_model(input_ids=ids).logits, before, atol=1e-5)
+
+
+def test_qa_answer_takes_the_best_span_across_windows():
+    """Two windows of one context: the best start/end pair sits in the second."""
+    from pifi_fast.train import qa_answer
+
+    context = "alpha beta gamma delta epsilon"
+    # per window: tokens [CLS] q [SEP] c c c [SEP]; offsets into the context for c tokens
+    seq = [None, 0, None, 1, 1, 1, None]
+    offsets = [[(0, 0), (0, 0), (0, 0), (0, 5), (6, 10), (11, 16), (0, 0)],
+               [(0, 0), (0, 0), (0, 0), (11, 16), (17, 22), (23, 30), (0, 0)]]
+    low = torch.full((7,), -5.0)
+    s1, e1 = low.clone(), low.clone()
+    s1[3], e1[4] = 2.0, 2.0  # "alpha beta": score 4
+    s2, e2 = low.clone(), low.clone()
+    s2[4], e2[5] = 3.0, 3.0  # "delta epsilon": score 6
+    assert qa_answer([s1, s2], [e1, e2], offsets, [seq, seq], context) == "delta epsilon"
+    e2[5] = -9.0
+    e2[3] = 3.0  # an end before its start is not a span: the first window wins
+    assert qa_answer([s1, s2], [e1, e2], offsets, [seq, seq], context) == "alpha beta"
+    assert qa_answer([s1], [e1], offsets[:1], [seq], context, max_answer=1) in ("alpha", "beta",
+                                                                                 "")
+
+
+def test_qa_with_the_answer_in_the_last_window(tiny_models, tmp_path):
+    """A context several windows long with the answer in the last one: the windows hold it and
+    the model learns it (F1 100); the authors' truncation cannot reach it."""
+    filler = " ".join(f"word{i}" for i in range(60))
+    ctx = f"{filler} the film was shot in paris by a small crew"
+    qa = [{"question": "where was it shot?", "context": ctx,
+           "answers": {"text": ["paris"], "answer_start": [ctx.index("paris")]}}] * 8
+    folder = tmp_path / "qa"
+    folder.mkdir()
+    for split in ("train", "dev"):
+        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in qa))
+    common = dict(data=str(folder), task="question_answering", slm=tiny_models["bert"],
+                  llm=tiny_models["llama"], epochs=10, batch_size=4, lr=3e-3,
+                  test_split=None, head_dropout=0.0, no_dropout=True, max_length=64,
+                  doc_stride=16)  # the tiny LLM has 64 positions
+    from pifi_fast.train import TaskData
+
+    tok_cfg = TrainConfig(**{**common, "output_dir": str(tmp_path / "x")})
+    from transformers import AutoTokenizer
+
+    batch = TaskData(tok_cfg, AutoTokenizer.from_pretrained(tiny_models["bert"]))._collate_qa(
+        [train_mod._squad_record(qa[0])])
+    assert len(batch["_example"]) >= 3  # several windows of one example
+    assert batch["start_positions"][-1] > 0 and batch["start_positions"][0] == 0
+    res = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "windows")}))
+    assert res["best_dev"] == pytest.approx(100.0), res["history"]
+    cut = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "authors"),
+                               "authors_setup": True, "epochs": 2}))
+    assert cut["best_dev"] < 100.0  # the answer lies beyond the authors' 64-token cut
