@@ -207,10 +207,10 @@ def predict_cmd(args) -> int:
     from pifi_fast import PiFiModel
     from pifi_fast import data as data_mod
 
-    model = PiFiModel.from_pretrained(args.checkpoint)
+    model = PiFiModel.from_pretrained(args.checkpoint)  # a folder or a Hub repo
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
-    saved = Path(args.checkpoint) / "train_config.json"
+    saved = Path(model.loaded_from) / "train_config.json"
     max_length = args.max_length or (json.loads(saved.read_text()).get("max_length", 100)
                                      if saved.is_file() else 100)
     columns = {"text": args.text_column, "text_pair": args.pair_column}
@@ -356,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=train_cmd)
     p = sub.add_parser("eval", help="metrics of a saved checkpoint on a dataset split")
-    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
+    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train, or a "
+                   "Hub repo id")
     p.add_argument("--data", default=None, help=f"dataset, as for train ({_DATA_NAMES}, a "
                    "folder or file) (default: the one it was trained on)")
     p.add_argument("--split", default="dev", help="split to evaluate (default: %(default)s)")

@@ -675,12 +675,17 @@ def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, s
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=None,
                         device=None) -> dict:
-    """Metrics of a saved checkpoint (pifi-fast eval)."""
+    """Metrics of a saved checkpoint, a local folder or a Hub repo (pifi-fast eval)."""
     from transformers import AutoTokenizer
 
     from pifi_fast import PiFiModel
+    from pifi_fast.pifi_base import _looks_like_repo_id
 
-    ckpt = Path(checkpoint)
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.exists() and _looks_like_repo_id(str(checkpoint)):
+        from pifi_fast import hub
+
+        ckpt = hub.download(str(checkpoint))
     saved = json.loads((ckpt / "train_config.json").read_text())
     labels = saved.pop("label_map")
     cfg = dataclasses.replace(TrainConfig(**saved), data=data or saved["data"])
