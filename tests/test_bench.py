@@ -93,7 +93,8 @@ def test_liger_baseline_swaps_liger_modules_into_a_copy_sharing_the_weights():
     assert isinstance(liger.input_layernorm, LigerRMSNorm)
     assert isinstance(liger.post_attention_layernorm, LigerRMSNorm)
     assert isinstance(liger.mlp, LigerSwiGLUMLP)
-    assert not isinstance(hf.mlp, LigerSwiGLUMLP) and hf.input_layernorm is not liger.input_layernorm
+    assert not isinstance(hf.mlp, LigerSwiGLUMLP)
+    assert hf.input_layernorm is not liger.input_layernorm
     assert liger.mlp.down_proj.weight is hf.mlp.down_proj.weight
     assert liger.input_layernorm.weight is hf.input_layernorm.weight
     assert liger.self_attn is hf.self_attn

@@ -332,7 +332,8 @@ def test_fused_layer_in_16_bit_within_twice_the_hf_layer_error(dtype, kernel_imp
     grad = (torch.randn_like(x) * mask[..., None]).to(dtype).double()
     results = {}
     for name, layer, rot, dt in (("truth", truth.module, truth.rotary, torch.float64),
-                                 ("hf", low.module, low.rotary, dtype), ("fused", fused, None, dtype)):
+                                 ("hf", low.module, low.rotary, dtype),
+                                 ("fused", fused, None, dtype)):
         leaf = x.detach().to(dt).clone().requires_grad_()
         out = (layer(leaf, mask.long()) if rot is None else run_hf_layer(layer, rot, leaf, mask))
         out.backward(grad.to(dt))

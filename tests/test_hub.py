@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import tiny_llm, tiny_slm
 
-from pifi_fast import PiFiModel, hub
+from pifi_fast import PiFiModel
 
 
 @pytest.fixture

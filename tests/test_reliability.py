@@ -55,7 +55,7 @@ def test_labels_outside_the_classes_name_value_limit_and_row(cls_model):
         cls_model.check_values(ids, torch.tensor([0, 7, 1]), rows=[3, 17, 9])
 
 
-# -- labels as users write them ---------------------------------------------------------------------
+# -- labels as users write them --------------------------------------------------------------
 def test_numeric_labels_are_numbers_in_numeric_order():
     rows = [{"label": v} for v in ("10", "2", " 1 ", "2.0", 1.0, 10)]
     normalized = [data_mod.normalize_label(r["label"]) for r in rows]
@@ -140,7 +140,7 @@ def test_unknown_dev_label_stops_before_training(tiny_dirs, tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was trained or written
 
 
-# -- non-finite guard ---------------------------------------------------------------------------------
+# -- non-finite guard -------------------------------------------------------------------------
 def test_diverging_learning_rate_stops_with_a_clear_message_and_keeps_the_checkpoint(
         tiny_dirs, tmp_path, monkeypatch):
     """Epoch 1 trains sanely; epoch 2 runs at a learning rate that diverges. The run stops

@@ -1,7 +1,6 @@
 """Training and evaluation: a short real run, resume, DDP, Trainer, QA and seq2seq, metrics."""
 import json
 import os
-import shutil
 
 import pytest
 import torch

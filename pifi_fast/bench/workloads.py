@@ -515,7 +515,7 @@ def _gemm_choice_case(layer, op, impl, rand, t, h, inter):
 # -- W4: a whole PiFi step ------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
 def _pifi_models(pair: str, device_str: str, dtype_str: str):
-    from transformers import AutoTokenizer, BertConfig
+    from transformers import BertConfig
 
     from pifi_fast import PiFiModel, reference
     from pifi_fast.loading import random_layer
