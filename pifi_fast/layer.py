@@ -361,6 +361,21 @@ class FrozenLlamaLayer(nn.Module):
         return out.to(x.dtype)
 
     def _forward(self, x, attention_mask, position_ids):
+        if torch.compiler.is_compiling():
+            # under torch.compile the layer is one custom op (pifi_fast::frozen_layer): the
+            # unpadding, its host sync and every data-dependent size stay inside it, so the
+            # model around it traces into one graph
+            from pifi_fast.ops import frozen_layer_op
+
+            return frozen_layer_op(self, x, attention_mask, position_ids)
+        flat, positions, seg, run = self.pack(x, attention_mask, position_ids,
+                                              torch.is_grad_enabled() and x.requires_grad)
+        out = FrozenLayerFunction.apply(flat, positions, run)
+        return self.unpack(x, out, seg)
+
+    def pack(self, x, attention_mask, position_ids, needs_grad: bool):
+        """(flat (T, H) real tokens, their positions (T,), Segments, LayerRun) for x (B, S, H):
+        the checks, the unpadding (one host sync for the row lengths) and the RoPE tables."""
         b, s, _ = x.shape
         if b == 0 or s == 0:
             raise ValueError(f"FrozenLlamaLayer: empty input of shape {tuple(x.shape)}")
@@ -394,12 +409,15 @@ class FrozenLlamaLayer(nn.Module):
         run = LayerRun(layer=self, segments=seg, cos=cos, sin=sin, kernels=self.kernels,
                        recompute=self.recompute, attention=self.attention, gemm=self.gemm,
                        chunk_tokens=self._chunk_tokens(x), causal=self.causal,
-                       needs_grad=torch.is_grad_enabled() and x.requires_grad)
-        out = FrozenLayerFunction.apply(flat.contiguous(), positions.contiguous(), run)
+                       needs_grad=needs_grad)
+        return flat.contiguous(), positions.contiguous(), seg, run
+
+    def unpack(self, x, out, seg):
+        """(B, S, H) from the packed output: padding positions keep their input."""
+        b, s, h = x.shape
         if seg.indices is not None:
-            # padding positions keep their input; real positions get the layer's output
-            out = x.reshape(b * s, self.hidden_size).index_copy(0, seg.indices, out)
-        return out.view(b, s, self.hidden_size)
+            out = x.reshape(b * s, h).index_copy(0, seg.indices, out)
+        return out.view(b, s, h)
 
     def _chunk_tokens(self, x):
         if self.chunk_tokens == "auto":

@@ -39,10 +39,13 @@ RoPE never touches v, so attention is v repeated over each KV head's query group
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import warnings
+import weakref
 from types import SimpleNamespace
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -352,7 +355,7 @@ def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
     else:
         qk_norm = layer.q_norm_weight is not None
         rotated = _qkv_rotated(run, impl, qkv, positions) if qk_norm else qkv
-        with torch.enable_grad():
+        with _autograd_admitted(), torch.enable_grad():
             q, k, v = (p.detach().requires_grad_() for p in _heads(layer, rotated))
             o = _attend(run, q, k, v)
             dq, dk, dv = torch.autograd.grad(o, (q, k, v), da.view_as(o))
@@ -363,6 +366,23 @@ def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
             dqkv = _qk_norm_input_grad(layer, qkv, dqkv)
         dh = _proj_input_grad(run, dqkv, layer.weight("qkv"))
     return impl.rms_bwd(dh, x, layer.input_norm_weight, rstd1, dx2)
+
+
+@contextlib.contextmanager
+def _autograd_admitted():
+    """Autograd recording even inside a custom op's implementation (pifi_fast::frozen_layer_
+    backward under torch.compile), where PyTorch excludes autograd's dispatch keys: the attention
+    backward differentiates its recomputed forward with autograd, whatever the backend."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    if not (exclude.has(torch._C.DispatchKey.AutogradOther)
+            or exclude.has(torch._C.DispatchKey.AutogradCPU)):
+        yield  # the usual case: nothing excluded
+        return
+    autograd = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradCPU)
+                | torch._C.DispatchKeySet(torch._C.DispatchKey.ADInplaceOrView))
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                         exclude - autograd):
+        yield
 
 
 def _qk_norm_input_grad(layer, qkv_raw, dqkv):
@@ -376,3 +396,125 @@ def _qk_norm_input_grad(layer, qkv_raw, dqkv):
         _, _, rstd = _rms.rms_norm_fwd_ref(r, w, layer.eps)
         out.append(_rms.rms_norm_bwd_ref(g.reshape(t, -1, d), r, w, rstd).reshape(t, -1))
     return torch.cat((out[0], out[1], grads[2]), -1)
+
+
+# -- the layer as one custom op, for torch.compile -----------------------------------------------
+# Under torch.compile the whole layer (unpadding with its host sync, every data-dependent size,
+# the kernels and GEMMs) is the opaque op pifi_fast::frozen_layer, so the model around it traces
+# into one graph. The backward is a second op fed by what the forward returns besides the output:
+# the tensors FrozenLayerFunction saves (x is the op's own input, re-packed in backward from the
+# mask). Those hold the T real tokens in their first T rows of B*S: static shapes, so a plain
+# torch.compile needs no data-dependent sizes (the price, in compiled mode with padding only: the
+# saved tensors are sized for every position and copied there once). Frozen weights are read
+# from the layer object, found through a registry of live layers by an integer id.
+_LAYER_IDS = itertools.count()
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+@torch.compiler.assume_constant_result  # run eagerly while tracing: a constant of the graph
+def _layer_id(layer) -> int:
+    """The registry id of a layer (a shallow copy with other options gets its own)."""
+    lid = getattr(layer, "_op_id", None)
+    if lid is None or _LAYERS.get(lid) is not layer:
+        lid = next(_LAYER_IDS)
+        _LAYERS[lid] = layer
+        layer._op_id = lid
+    return lid
+
+
+def _lookup(layer_id: int):
+    layer = _LAYERS.get(layer_id)
+    if layer is None:
+        raise RuntimeError(f"pifi_fast::frozen_layer: layer {layer_id} no longer exists")
+    return layer
+
+
+def frozen_layer_op(layer, x, attention_mask, position_ids):
+    """The layer through pifi_fast::frozen_layer (the path torch.compile traces)."""
+    mask = None if attention_mask is None or x.shape[1] == 1 else attention_mask
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    return torch.ops.pifi_fast.frozen_layer(x, mask, position_ids, _layer_id(layer),
+                                            needs_grad)[0]
+
+
+@torch.library.custom_op("pifi_fast::frozen_layer", mutates_args=())
+def _frozen_layer(x: torch.Tensor, mask: Optional[torch.Tensor],
+                  position_ids: Optional[torch.Tensor], layer_id: int,
+                  needs_grad: bool) -> list[torch.Tensor]:
+    layer = _lookup(layer_id)
+    flat, positions, seg, run = layer.pack(x, mask, position_ids, needs_grad)
+    run.impl = elementwise_impl(flat, run.kernels)
+    out, saved = _forward(run, flat, positions)
+    _, rstd1, x2, rstd2, _, qkv, gu = saved
+    rows = x.shape[0] * x.shape[1]
+    return [layer.unpack(x, out, seg)] + [_padded(t, rows) for t in (rstd1, x2, rstd2, qkv, gu)]
+
+
+def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t's T rows as the first rows of a (rows, ...) tensor (t itself when nothing is padded;
+    an empty placeholder stays empty, a fresh one: a custom op's outputs may not alias)."""
+    if t.numel() == 0:
+        return t.new_empty(0)
+    if t.shape[0] == rows:
+        return t
+    full = t.new_empty((rows,) + tuple(t.shape[1:]))
+    full[: t.shape[0]] = t
+    return full
+
+
+@_frozen_layer.register_fake
+def _frozen_layer_fake(x, mask, position_ids, layer_id, needs_grad):
+    layer = _lookup(layer_id)
+    b, s, h = x.shape
+    t = b * s  # saved rows are padded to every position (see above)
+    stat = torch.promote_types(x.dtype, torch.float32)
+    qkv = (x.new_empty(t, layer.q_size + 2 * layer.kv_size) if s > 1 else x.new_empty(0))
+    keep_gu = needs_grad and layer.recompute == "none"
+    gu = x.new_empty(t, 2 * layer.config.intermediate_size) if keep_gu else x.new_empty(0)
+    return [torch.empty_like(x), x.new_empty(t, dtype=stat), x.new_empty(t, h),
+            x.new_empty(t, dtype=stat), qkv, gu]
+
+
+@torch.library.custom_op("pifi_fast::frozen_layer_backward", mutates_args=())
+def _frozen_layer_backward(dout: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor],
+                           position_ids: Optional[torch.Tensor], rstd1: torch.Tensor,
+                           x2: torch.Tensor, rstd2: torch.Tensor, qkv: torch.Tensor,
+                           gu: torch.Tensor, layer_id: int) -> torch.Tensor:
+    layer = _lookup(layer_id)
+    flat, positions, seg, run = layer.pack(x, mask, position_ids, True)
+    run.impl = elementwise_impl(flat, run.kernels)
+    t = flat.shape[0]  # the saved tensors' first t rows are the real tokens'
+    rstd1, x2, rstd2 = rstd1[:t], x2[:t], rstd2[:t]
+    qkv, gu = (v[:t] if v.numel() else v for v in (qkv, gu))
+    b, s, h = x.shape
+    d = dout.reshape(b * s, h)
+    if seg.indices is not None:
+        d = d.index_select(0, seg.indices)
+    with torch.autocast(dout.device.type, enabled=False):
+        dx = _input_grad(run, d.to(flat.dtype).contiguous(), flat, rstd1, x2, rstd2,
+                         positions, qkv, gu)
+    if seg.indices is not None:  # padding passes its gradient straight through
+        return dout.reshape(b * s, h).index_copy(0, seg.indices, dx.to(dout.dtype)).view(b, s, h)
+    return dx.view(b, s, h).to(dout.dtype)
+
+
+@_frozen_layer_backward.register_fake
+def _frozen_layer_backward_fake(dout, x, mask, position_ids, rstd1, x2, rstd2, qkv, gu,
+                                layer_id):
+    return torch.empty_like(x)
+
+
+def _frozen_layer_setup(ctx, inputs, output):
+    x, mask, position_ids, layer_id, _ = inputs
+    ctx.layer_id = layer_id
+    ctx.save_for_backward(x, mask, position_ids, *output[1:])
+
+
+def _frozen_layer_grad(ctx, grads):
+    x, mask, position_ids, rstd1, x2, rstd2, qkv, gu = ctx.saved_tensors
+    dx = torch.ops.pifi_fast.frozen_layer_backward(grads[0], x, mask, position_ids, rstd1, x2,
+                                                   rstd2, qkv, gu, ctx.layer_id)
+    return dx, None, None, None, None
+
+
+_frozen_layer.register_autograd(_frozen_layer_grad, setup_context=_frozen_layer_setup)
