@@ -152,6 +152,9 @@ _TRAIN_HELP = {
     "on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint stays "
                     "the last good state) or skip that step and count it",
     "deterministic": "GPU: deterministic algorithms only (slower; see the README)",
+    "compile": "torch.compile the model (the fused layer is one custom op: one graph); batch "
+               "lengths padded to multiples of --length-bucket to bound recompiles",
+    "length_bucket": "with --compile: pad batch lengths to multiples of this",
     "no_dropout": "turn every dropout off (exact comparisons)",
     "device": "cuda, cpu, cuda:1, ... (default: cuda if present)",
 }
@@ -195,8 +198,8 @@ def train_cmd(args) -> int:
 def eval_cmd(args) -> int:
     from pifi_fast.train import evaluate_checkpoint
 
-    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.split, args.limit),
-                     indent=2))
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.split, args.limit,
+                                         compile=args.compile), indent=2))
     return 0
 
 
@@ -363,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", help="split to evaluate (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N examples (default: all)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
+                   "padded to multiples of 16 (default: off)")
     p.set_defaults(func=eval_cmd)
     p = sub.add_parser("predict", help="label a csv/tsv/jsonl file with a saved model: JSONL "
                        "with label and probabilities")

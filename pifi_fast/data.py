@@ -246,12 +246,34 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
     return batches
 
 
+def pad_to_bucket(enc, bucket: int | None, max_length: int, pad_token_id: int):
+    """Pad a tokenized batch (padding=True) further, to the next multiple of `bucket` (at most
+    max_length): a compiled model then sees a few distinct lengths, not every one. The
+    tokenizers' own pad_to_multiple_of refuses a max_length that is not a multiple."""
+    if not bucket or "input_ids" not in enc:
+        return enc
+    length = enc["input_ids"].shape[1]
+    target = min(-(-length // bucket) * bucket, max(max_length, length))
+    if target == length:
+        return enc
+    extra = target - length
+    fill = {"input_ids": pad_token_id, "offset_mapping": 0}
+    for key in list(enc.keys()):
+        t = enc[key]
+        if torch.is_tensor(t) and t.dim() >= 2 and t.shape[1] == length:
+            pad = t.new_full((t.shape[0], extra) + tuple(t.shape[2:]), fill.get(key, 0))
+            enc[key] = torch.cat((t, pad), dim=1)
+    return enc
+
+
 def collate_classification(tokenizer, rows, max_length: int, label_map: dict | None,
-                           pad_to_max: bool = False):
+                           pad_to_max: bool = False, pad_to_multiple_of: int | None = None):
     texts = [r["text"] for r in rows]
     pairs = [r["text_pair"] for r in rows] if rows and rows[0].get("text_pair") else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length,
                     padding="max_length" if pad_to_max else True, return_tensors="pt")
+    if not pad_to_max:
+        enc = pad_to_bucket(enc, pad_to_multiple_of, max_length, tokenizer.pad_token_id)
     if label_map is not None and rows and "label" in rows[0]:
         enc["labels"] = torch.tensor([encode_label(label_map, r["label"]) for r in rows])
     return dict(enc)

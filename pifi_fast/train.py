@@ -84,6 +84,9 @@ class TrainConfig:
     # reference to its source and a sha256, re-read on load: lean checkpoints)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (default) | skip the step
     deterministic: bool = False  # GPU: deterministic algorithms only (see README, Reliability)
+    compile: bool = False  # torch.compile the model (the fused layer is one custom op in it);
+    # batch lengths are padded to multiples of length_bucket so recompilation stays bounded
+    length_bucket: int = 16
     no_dropout: bool = False  # turn every dropout off (exact comparisons, e.g. DDP tests)
     device: str | None = None
 
@@ -238,14 +241,21 @@ class TaskData:
 
     def collate(self, rows):
         cfg = self.cfg
+        # compiled models see few distinct lengths: batches padded to bucket multiples
+        bucket = cfg.length_bucket if cfg.compile else None
         if cfg.task == "classification":
             return data_mod.collate_classification(self.tok, rows, cfg.max_length, self.label_map,
-                                                   pad_to_max=cfg.authors_setup)
+                                                   pad_to_max=cfg.authors_setup,
+                                                   pad_to_multiple_of=bucket)
         if cfg.task == "seq2seq":
-            enc = self.tok([r["source"] for r in rows], truncation=True, max_length=cfg.max_length,
-                           padding=True, return_tensors="pt")
-            tgt = self.tok(text_target=[r["target"] for r in rows], truncation=True,
-                           max_length=cfg.max_length, padding=True, return_tensors="pt")
+            enc = data_mod.pad_to_bucket(
+                self.tok([r["source"] for r in rows], truncation=True, max_length=cfg.max_length,
+                         padding=True, return_tensors="pt"), bucket, cfg.max_length,
+                self.tok.pad_token_id)
+            tgt = data_mod.pad_to_bucket(
+                self.tok(text_target=[r["target"] for r in rows], truncation=True,
+                         max_length=cfg.max_length, padding=True, return_tensors="pt"), bucket,
+                cfg.max_length, self.tok.pad_token_id)
             labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                     "labels": labels}
@@ -264,12 +274,19 @@ class TaskData:
                        return_tensors="pt")
         example = (enc["overflow_to_sample_mapping"].tolist() if windows
                    else list(range(len(rows))))
+        sequence_ids = [enc.sequence_ids(f) for f in range(len(example))]
+        if self.cfg.compile:  # padded positions: no sequence, offsets (0, 0)
+            before = enc["input_ids"].shape[1]
+            enc = data_mod.pad_to_bucket(enc, self.cfg.length_bucket, self.cfg.max_length,
+                                         self.tok.pad_token_id)
+            sequence_ids = [ids + [None] * (enc["input_ids"].shape[1] - before)
+                            for ids in sequence_ids]
         starts, ends = [], []
         for f, i in enumerate(example):
             r = rows[i]
             a_start = int(r["answer_start"])
             a_end = a_start + len(r["answer_text"])
-            seq_ids = enc.sequence_ids(f)
+            seq_ids = sequence_ids[f]
             s_tok = e_tok = 0  # [CLS]: the answer is not in this window
             for t, (off, sid) in enumerate(zip(enc["offset_mapping"][f].tolist(), seq_ids)):
                 if sid != 1:
@@ -286,7 +303,7 @@ class TaskData:
         batch["start_positions"] = torch.tensor(starts)
         batch["end_positions"] = torch.tensor(ends)
         batch["_offsets"] = enc["offset_mapping"]
-        batch["_sequence_ids"] = [enc.sequence_ids(f) for f in range(len(example))]
+        batch["_sequence_ids"] = sequence_ids
         batch["_example"] = example
         return batch
 
@@ -297,8 +314,11 @@ def _to_device(batch, device):
 
 
 @torch.no_grad()
-def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_size=64) -> dict:
-    """Per-task metrics of `model` on `rows`."""
+def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_size=64,
+             runner=None) -> dict:
+    """Per-task metrics of `model` on `rows` (run through `runner`, e.g. its compiled form,
+    when given)."""
+    runner = model if runner is None else runner
     cfg = task_data.cfg
     was_training = model.training
     model.eval()
@@ -320,7 +340,7 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
                 preds += task_data.tok.batch_decode(gen, skip_special_tokens=True)
                 golds += [r["target"] for r in chunk]
                 continue
-            out = model(**batch)
+            out = runner(**batch)
         if out.loss is not None:
             loss_sum += out.loss.item() * len(chunk)
             n += len(chunk)
@@ -531,10 +551,11 @@ def _train(cfg: TrainConfig) -> dict:
     elif cfg.resume and rank == 0:
         print(f"--resume: no checkpoint in {last_dir}, starting fresh")
 
-    runner = model
+    compiled = torch.compile(model) if cfg.compile else None
+    runner = compiled if compiled is not None else model
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            runner, device_ids=[device.index] if device.type == "cuda" else None)
     metric_name = data_mod.TASK_METRIC.get(cfg.data, {"classification": "accuracy",
                                                        "question_answering": "f1",
                                                        "seq2seq": "bleu"}[cfg.task])
@@ -579,7 +600,8 @@ def _train(cfg: TrainConfig) -> dict:
                 done = True
                 break
         epoch_times.append(time.perf_counter() - t_epoch)
-        result = evaluate(model, task_data, dev_rows, device, precision) if rank == 0 else {}
+        result = (evaluate(model, task_data, dev_rows, device, precision, runner=compiled)
+                  if rank == 0 else {})
         state["history"].append({"epoch": epoch + 1, "step": state["step"],
                                  "epoch_seconds": epoch_times[-1],
                                  f"{cfg.eval_split}": result})
@@ -614,7 +636,8 @@ def _train(cfg: TrainConfig) -> dict:
             test_rows = None
         if test_rows:
             _load_weights(model, best_dir, device)
-            results["test"] = evaluate(model, task_data, test_rows, device, precision)
+            results["test"] = evaluate(model, task_data, test_rows, device, precision,
+                                       runner=compiled)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -674,7 +697,7 @@ def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, s
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=None,
-                        device=None) -> dict:
+                        device=None, compile: bool = False) -> dict:
     """Metrics of a saved checkpoint, a local folder or a Hub repo (pifi-fast eval)."""
     from transformers import AutoTokenizer
 
@@ -688,7 +711,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
         ckpt = hub.download(str(checkpoint))
     saved = json.loads((ckpt / "train_config.json").read_text())
     labels = saved.pop("label_map")
-    cfg = dataclasses.replace(TrainConfig(**saved), data=data or saved["data"])
+    known = {f.name for f in dataclasses.fields(TrainConfig)}  # (older checkpoints: fewer)
+    cfg = dataclasses.replace(TrainConfig(**{k: v for k, v in saved.items() if k in known}),
+                              data=data or saved["data"], compile=compile)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     task_data = TaskData(cfg, tokenizer, label_map=None if labels is None else
@@ -698,4 +723,5 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
         task_data.label_map = {data_mod.normalize_label(k): i for i, k in enumerate(model.labels)}
     rows = _load_rows(cfg, split, limit)
     task_data.check_rows(rows, split)
-    return evaluate(model, task_data, rows, device, cfg.precision)
+    return evaluate(model, task_data, rows, device, cfg.precision,
+                    runner=torch.compile(model) if compile else None)

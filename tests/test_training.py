@@ -407,3 +407,43 @@ def test_qa_with_the_answer_in_the_last_window(tiny_models, tmp_path):
     cut = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "authors"),
                                "authors_setup": True, "epochs": 2}))
     assert cut["best_dev"] < 100.0  # the answer lies beyond the authors' 64-token cut
+
+
+@needs_sst2
+def test_compiled_sst2_epoch_recompiles_a_bounded_number_of_times(tiny_models, tmp_path,
+                                                                  monkeypatch):
+    """--compile: one whole SST-2 epoch (6,920 sentences, 217 batches of every length) and its
+    evaluation make at most 6 graphs: batch lengths are padded to multiples of 16, and after
+    the second length Dynamo makes the length dynamic. (Measured 2026-11-29: 4 = training and
+    evaluation, each a static then a dynamic graph.) Through AOTAutograd without Inductor's
+    code generation, to keep CI fast; the graphs are Dynamo's either way."""
+    import functools
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", functools.partial(real, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    res = train(_tiny_cfg(tiny_models, tmp_path / "run", epochs=1, limit_train=None,
+                          limit_eval=200, batch_size=32, compile=True))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert res["history"][0]["step"] == 217
+    assert 1 <= graphs <= 6, graphs
+    torch._dynamo.reset()
+
+
+@needs_sst2
+def test_eval_compile_gives_the_same_metrics(tiny_models, tmp_path, monkeypatch):
+    import functools
+
+    from pifi_fast.cli import main
+
+    train(_tiny_cfg(tiny_models, tmp_path / "run", epochs=1, max_steps=2))
+    plain = evaluate_checkpoint(str(tmp_path / "run" / "best"), None, "dev", limit=40)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    compiled = evaluate_checkpoint(str(tmp_path / "run" / "best"), None, "dev", limit=40,
+                                   compile=True)
+    assert compiled["accuracy"] == plain["accuracy"]
+    assert compiled["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert main(["eval", str(tmp_path / "run" / "best"), "--limit", "8", "--compile"]) == 0
+    torch._dynamo.reset()
