@@ -16,7 +16,9 @@ dequant_gemm computes, with fp32 accumulation,
 
 reading q in 8 bits (half the bytes of bf16) and converting each tile to A's dtype right after
 the load (q * s in fp32, rounded to A's dtype: exactly what the twin does), so one stored weight
-serves both directions with no transposed copy. This is the W8A16 path: INT8 weights on every
+serves both directions with no transposed copy. Any group G that divides C works: groups that
+are multiples of 64 (or a whole row) take one scale per K tile, finer ones (GGUF Q8_0 blocks of
+32, loaded as the file stores them) one per input. This is the W8A16 path: INT8 weights on every
 target, FP8 weights' input gradient, and the q/k/v projections of the FP8 mode (whose error they
 dominate); the FP8 mode's other forward GEMMs run through torch._scaled_mm (pifi_fast.ops).
 
@@ -44,6 +46,12 @@ def group_size(columns: int, preferred: int = 128) -> int:
         if columns % g == 0 and g < columns:
             return g
     return columns
+
+
+def fine_groups(group: int, columns: int) -> bool:
+    """Whether the forward GEMM loads one scale per input within a K tile (groups finer than or
+    not aligned to its 64-deep tiles: GGUF Q8_0's blocks of 32) instead of one per tile."""
+    return group != columns and group % 64 != 0
 
 
 def quantize(w: torch.Tensor, mode: str, group: int | None = None):
@@ -113,20 +121,28 @@ TILES[86] = {"int8": [(128, 128, 32, 4, 4), (128, 64, 64, 3, 8), (64, 128, 64, 3
                       (64, 64, 64, 4, 4)] + _SMALL_99KB}
 TILES[89] = {"int8": TILES[86]["int8"],
              "fp8": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)] + _SMALL_99KB}
+# Tiles that spill with finer scale groups (one scale per input; its offsets and scales take
+# registers): left out for them (pifi-fast kernels, "int8-g32" launches)
+_FINE_SPILLS = {80: {(32, 128, 64, 4, 4)},  # 8-12 B
+                86: {(128, 128, 32, 4, 4), (128, 64, 64, 3, 8)},  # 8-24 B
+                89: {(128, 128, 32, 4, 4), (128, 64, 64, 3, 8)}}
 GPU_ARCHS = (75, 80, 86, 89, 90)
 FP8_MIN_ARCH = 89  # e4m3 storage is a Hopper/Ada format; older GPUs use int8
 
 
-def tiles(arch: int, storage: str, dtype: str) -> list[tuple[int, int, int, int, int]]:
+def tiles(arch: int, storage: str, dtype: str,
+          fine: bool = False) -> list[tuple[int, int, int, int, int]]:
     """The tiles of the dequantizing GEMM on a target for a storage ("int8" / "fp8") and an
-    activation dtype name; [] means the plain path (dequantize, then cuBLAS)."""
+    activation dtype name (fine: the forward with fine_groups scales); [] means the plain path
+    (dequantize, then cuBLAS)."""
     if storage not in MODES:
         raise ValueError(f"storage must be one of {MODES}, got {storage!r}")
     if dtype == "fp32" or (dtype == "bf16" and arch < 80):
         return []
     if storage == "fp8" and arch < FP8_MIN_ARCH:
         return []
-    return list(TILES.get(arch, {}).get(storage, []))
+    table = TILES.get(arch, {}).get(storage, [])
+    return [t for t in table if not (fine and t in _FINE_SPILLS.get(arch, ()))]
 
 
 def _tile_of(config) -> tuple:
@@ -153,7 +169,7 @@ def _prune(all_configs, named_args, **kwargs):
     a = named_args["A"]
     major, minor = torch.cuda.get_device_capability(a.device)
     storage = "fp8" if kwargs["FP8"] else "int8"
-    wanted = tiles(10 * major + minor, storage, _DTYPE_NAME[a.dtype])
+    wanted = tiles(10 * major + minor, storage, _DTYPE_NAME[a.dtype], kwargs["FINE"])
     if os.environ.get("PIFI_FAST_GEMM_TUNE") == "0":
         wanted = wanted[:1]
     by_tile = {_tile_of(c): c for c in all_configs}
@@ -184,12 +200,13 @@ if HAS_TRITON:
 
     from ._round import to_dtype
 
-    @triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N", "K", "TRANSPOSED", "FP8"],
+    @triton.autotune(configs=_all_configs(),
+                     key=["M_BUCKET", "N", "K", "TRANSPOSED", "FP8", "FINE"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _dequant_gemm_kernel(A, Q, S, C, BIAS, R, M, M_BUCKET, N, K, stride_am, stride_qr,
                              stride_sr, stride_cm, stride_rm, G,
-                             TRANSPOSED: tl.constexpr, FP8: tl.constexpr,
+                             TRANSPOSED: tl.constexpr, FP8: tl.constexpr, FINE: tl.constexpr,
                              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -220,7 +237,11 @@ if HAS_TRITON:
                 b = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
             else:
                 b = q.to(tl.float32)
-            if TRANSPOSED:  # scale s[n, k // G]: one per column within a BLOCK_K | G tile
+            if TRANSPOSED and FINE:  # scale s[n, k // G] per input: groups finer than the tile
+                s = tl.load(S + rn[None, :] * stride_sr + (rk[:, None] + k0) // G,
+                            mask=mk[:, None] & mn[None, :], other=0.0)
+                b = b * s
+            elif TRANSPOSED:  # scale s[n, k // G]: one per column within a BLOCK_K | G tile
                 s = tl.load(S + rn * stride_sr + k0 // G, mask=mn, other=0.0)
                 b = b * s[None, :]
             else:  # scale s[k, n // G]
@@ -258,29 +279,35 @@ LAYER_LAUNCHES = (
 def compile_launches(arch: int, dtype: str, tile_list=None):
     """Every configuration (pifi_fast.kernels.compile_report): each tile of each storage this
     target runs, for each launch the layer makes, specialized at the Llama-3.1-8B shape (scale
-    groups of 128). ``tile_list`` overrides the tables (exploring candidates)."""
+    groups of 128; int8 forward launches also with GGUF Q8_0's groups of 32, "int8-g32").
+    ``tile_list`` overrides the tables (exploring candidates)."""
     from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 
     dt = DTYPE_NAMES[dtype]
     out = []
-    for storage in MODES:
-        table = tiles(arch, storage, dtype) if tile_list is None else (
-            [] if dtype == "fp32" or (storage == "fp8" and arch < FP8_MIN_ARCH) else tile_list)
+    # (storage, its name in the report, scale group: None = one per channel)
+    variants = [("int8", "int8", 128), ("int8", "int8-g32", 32), ("fp8", "fp8", None)]
+    for storage, label, group in variants:
         for name, transposed, bias, res in LAYER_LAUNCHES:
             rows, cols = (4096, 14336) if res else (6144, 4096)  # the weight (R, C)
             n, k = (rows, cols) if transposed else (cols, rows)
+            g = group or cols
+            fine = transposed and fine_groups(g, cols)
+            if group == 32 and not fine:
+                continue  # the input gradient's code does not depend on the group
+            table = tiles(arch, storage, dtype, fine) if tile_list is None else (
+                [] if dtype == "fp32" or (storage == "fp8" and arch < FP8_MIN_ARCH)
+                else tile_list)
             for bm, bn, bk, stages, warps in table:
                 out.append(Launch(
-                    _dequant_gemm_kernel.fn, f"{name}.{storage}",
+                    _dequant_gemm_kernel.fn, f"{name}.{label}",
                     f"{bm}x{bn}x{bk} stages={stages} warps={warps}", dtype,
                     dict(A=Ptr(dt), Q=Ptr(torch.int8 if storage == "int8" else torch.uint8),
                          S=Ptr(torch.float32), C=Ptr(dt), BIAS=Ptr(dt), R=Ptr(dt), M=Int(4099),
                          M_BUCKET=Int(8192), N=Int(n), K=Int(k), stride_am=Int(k),
-                         stride_qr=Int(cols), stride_sr=Int(cols // 128 if storage == "int8"
-                                                             else 1),
-                         stride_cm=Int(n), stride_rm=Int(n),
-                         G=Int(128 if storage == "int8" else cols)),
-                    dict(TRANSPOSED=transposed, FP8=storage == "fp8", HAS_BIAS=bias,
+                         stride_qr=Int(cols), stride_sr=Int(cols // g), stride_cm=Int(n),
+                         stride_rm=Int(n), G=Int(g)),
+                    dict(TRANSPOSED=transposed, FP8=storage == "fp8", FINE=fine, HAS_BIAS=bias,
                          HAS_RES=res, IEEE=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                          GROUP_M=8),
                     num_warps=warps, num_stages=stages, uses_dot=True))
@@ -306,8 +333,6 @@ def dequant_gemm(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, transpos
     if not supported(a, storage):
         raise RuntimeError(f"dequant_gemm: no verified tiles for {storage} weights with {a.dtype}"
                            f" activations on this device; use dequant_gemm_ref")
-    if transposed and group % 16 and group != cols:
-        raise ValueError(f"dequant_gemm: scale group {group} must be a multiple of 16")
     if residual is not None and residual.shape != (a.shape[0], n):
         raise ValueError("residual must have shape (M, N)")
     a = a if a.stride(-1) == 1 else a.contiguous()
@@ -325,6 +350,7 @@ def dequant_gemm(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, transpos
                                min(triton.next_power_of_2(m), 1 << 16), n, k, a.stride(0),
                                q.stride(0), scale.stride(0), c.stride(0), res.stride(0), group,
                                TRANSPOSED=transposed, FP8=q.dtype == FP8,
+                               FINE=transposed and fine_groups(group, cols),
                                HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                                IEEE=a.dtype == torch.float32)
     return c

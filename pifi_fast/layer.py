@@ -171,9 +171,11 @@ class FrozenLlamaLayer(nn.Module):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf_layer: nn.Module, config=None, rotary: nn.Module | None = None,
-                **options):
+                quantized: dict | None = None, **options):
         """Build from a Hugging Face decoder layer (its weights are copied and merged); options
-        as in the constructor."""
+        as in the constructor. ``quantized``: projection weights the source already holds in
+        8 bits (LLMLayer.quantized: Hugging Face key -> (q int8, scale)), which projections
+        stored in int8 take as they are instead of quantizing the module's float weights."""
         config = config or hf_layer.self_attn.config
         if rotary is None:
             from pifi_fast.loading import make_rotary
@@ -182,8 +184,26 @@ class FrozenLlamaLayer(nn.Module):
         ref = next(hf_layer.parameters())
         layer = cls(config, rotary, getattr(hf_layer.self_attn, "layer_idx", -1),
                     dtype=ref.dtype, device=ref.device, **options)
-        layer.load_hf_state_dict(hf_layer.state_dict())
+        state = hf_layer.state_dict()
+        state.update(layer._prequantized(quantized or {}))
+        layer.load_hf_state_dict(state)
         return layer
+
+    def _prequantized(self, quantized: dict) -> dict[str, torch.Tensor]:
+        """State-dict entries (key, key + "_scale") for the int8-stored projections whose every
+        part the source holds in 8 bits (a merged projection needs all of its parts)."""
+        out = {}
+        if self.weights == "auto":
+            return out
+        for name in PROJECTIONS:
+            if STORAGE[self.weights][name] != "int8":
+                continue
+            attr = name + "_weight"
+            keys = _MERGED.get(attr) or (_SINGLE[attr],)
+            if all(k in quantized for k in keys):
+                for k in keys:
+                    out[k], out[k + "_scale"] = quantized[k]
+        return out
 
     def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         self.load_state_dict(state_dict, strict=True)
@@ -275,6 +295,15 @@ class FrozenLlamaLayer(nn.Module):
             error_msgs.append(f"{prefix}{label}: the checkpoint stores {value.dtype}, this layer "
                               f"(weights={self.weights!r}) stores {target.dtype}")
             return
+        elif (target.dtype == torch.int8 and scale.dim() == 2 and scale.shape[1] > 0
+              and scale.shape[0] == target_scale.shape[0] and scale.shape != target_scale.shape
+              and target.shape[1] % scale.shape[1] == 0):
+            # int8 with another scale group (GGUF Q8_0's 32 inputs, or a layer saved with them):
+            # kept as stored, so the weights are the file's, bit for bit
+            target_scale = nn.Parameter(torch.empty(scale.shape, dtype=torch.float32,
+                                                    device=target_scale.device),
+                                        requires_grad=False)
+            setattr(self, name + "_scale", target_scale)
         self._copy_checked(prefix, label, target, value, error_msgs)
         self._copy_checked(prefix, label + "_scale", target_scale, scale, error_msgs)
 

@@ -6,7 +6,8 @@ load_llm_layer(source, layer=-1) reads only the tensors of that layer:
   * a Hub repo id: config.json, the index, and only the shard(s) holding the layer are
     downloaded (with a progress bar);
   * a GGUF file: only that block's tensors are dequantized, with llama.cpp's q/k row
-    permutation undone exactly as Transformers does.
+    permutation undone exactly as Transformers does; Q8_0 projections are also kept as their
+    int8 blocks and scales (LLMLayer.quantized), which an int8 layer stores without requantizing.
 Pickle checkpoints (.bin) load only with allow_pickle=True, and then with weights_only=True.
 trust_remote_code is never turned on.
 """
@@ -39,6 +40,10 @@ class LLMLayer:
     module: nn.Module  # the Hugging Face decoder layer, weights loaded, requires_grad=False
     rotary: nn.Module | None  # the LLM's own rotary embedding module (None if it has none)
     source: str = ""
+    # projection weights the file already stores in 8 bits (GGUF Q8_0): Hugging Face key ->
+    # (q int8 (R, C), scale float32 (R, C // 32)), for an int8 FrozenLlamaLayer to take as they
+    # are; the module above holds their dequantized values
+    quantized: dict = dataclasses.field(default_factory=dict)
 
     @property
     def model_type(self) -> str:
@@ -432,6 +437,7 @@ def _gguf_extents(path: Path):
 
 
 def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
+    from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
     reader = _gguf_reader(path)  # first: Transformers' config parser fails unclearly on a cut file
@@ -439,7 +445,7 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
     index = resolve_index(config, layer)
     arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
     prefix = f"blk.{index}."
-    tensors = {}
+    tensors, quantized = {}, {}
     for t in reader.tensors:
         if not t.name.startswith(prefix):
             continue
@@ -449,14 +455,34 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         w = w.reshape(shape[0], -1) if len(shape) == 2 else w.reshape(shape)
+        pair = (_q8_0_blocks(t.data, shape) if t.tensor_type == GGMLQuantizationType.Q8_0
+                and local.endswith("proj.weight") else None)
         if arch == "llama" and local in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
             heads = config.num_attention_heads if "q_proj" in local else config.num_key_value_heads
             w = unpermute_gguf_rows(w, heads)
+            if pair is not None:  # rows move with their scales
+                pair = tuple(unpermute_gguf_rows(p, heads) for p in pair)
         tensors[local] = w
+        if pair is not None:
+            quantized[local] = pair
     if not tensors:
         raise CheckpointError(f"{path}: the GGUF file has no tensors for block {index}")
-    return build_layer(config, index, tensors, dtype or torch.float32, str(path),
-                       {k: str(path) for k in tensors})
+    llm = build_layer(config, index, tensors, dtype or torch.float32, str(path),
+                      {k: str(path) for k in tensors})
+    llm.quantized = quantized
+    return llm
+
+
+def _q8_0_blocks(data, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (R, C), scale float32 (R, C // 32)) from a GGUF Q8_0 tensor's raw blocks: each
+    block of 32 inputs is a float16 scale d then 32 int8 values, and W = d * q exactly."""
+    import numpy as np
+
+    rows, cols = shape
+    blocks = np.ascontiguousarray(data).view(np.uint8).reshape(rows, cols // 32, 34)
+    d = blocks[..., :2].copy().view(np.float16).reshape(rows, cols // 32)
+    q = blocks[..., 2:].copy().view(np.int8).reshape(rows, cols)
+    return torch.from_numpy(q), torch.from_numpy(d.astype(np.float32))
 
 
 # -- the entry point ------------------------------------------------------------------------------

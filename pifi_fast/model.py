@@ -32,6 +32,7 @@ class PiFiModel(PiFiBase):
         self.fused = bool(fusable and freeze and fused is not False)
         if self.fused:
             self.llm_layer = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary,
+                                                      getattr(llm, "quantized", None),
                                                       **fused_options)
             self.llm_layer.layer_index = llm.index
         else:

@@ -81,6 +81,30 @@ def test_dequant_gemm_within_twice_the_twin_error(dtype, mode, rows, cols, m, tr
     assert e_k <= 2 * e_t + 2 * torch.finfo(torch.float32).eps, (e_k, e_t)
 
 
+@pytest.mark.skipif(not INTERPRETER, reason="needs Triton's interpreter (or CUDA)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("cols,group", [(160, 32), (144, 24), (120, 40)])
+@pytest.mark.parametrize("transposed", [True, False], ids=["forward", "input_grad"])
+def test_dequant_gemm_with_groups_finer_than_its_tiles(dtype, cols, group, transposed):
+    """GGUF Q8_0 keeps one scale per 32 inputs: the forward loads a scale per input within
+    each K tile (fine_groups), the input gradient one per output; both against the twin. The
+    interpreter's tiles are 16 deep, so groups of 24 and 40 straddle them as 32 straddles the
+    GPU's 64-deep tiles."""
+    assert Q.fine_groups(group, cols)
+    w = torch.randn(40, cols) * cols ** -0.5
+    w[:, :group] *= 8  # groups of very different scales: a wrong scale index shows
+    q, s = Q.quantize(w, "int8", group=group)
+    k, n = (cols, 40) if transposed else (40, cols)
+    a = torch.randn(21, k).to(dtype)
+    res = torch.randn(21, n).to(dtype) if transposed else None
+    out = Q.dequant_gemm(a, q, s, transposed, residual=res)
+    twin = Q.dequant_gemm_ref(a, q, s, transposed, residual=res)
+    truth = Q.dequant_gemm_ref(a.double(), q, s, transposed,
+                               residual=None if res is None else res.double())
+    e_k, e_t = rel(out, truth), rel(twin, truth)
+    assert e_k <= 2 * e_t + 2 * torch.finfo(torch.float32).eps, (e_k, e_t)
+
+
 def test_dequant_gemm_rejects_bad_arguments():
     q, s = Q.quantize(torch.randn(8, 16), "int8")
     with pytest.raises(ValueError, match="do not chain"):
@@ -255,3 +279,93 @@ def test_weights_option_is_checked():
     base = random_layer(_cfg(), -1, seed=0)
     with pytest.raises(ValueError, match="weights must be one of"):
         FrozenLlamaLayer.from_hf(base.module, base.config, base.rotary, weights="int4")
+
+
+# -- GGUF Q8_0: int8 blocks taken as the file stores them -----------------------------------------
+def _q8_0_gguf(path):
+    """SmolLM2's GGUF with its last block re-stored as llama.cpp stores a Q8_0 model: the 2-D
+    projections in Q8_0 (in the file's own row order: q/k rows permuted), the norms in F32.
+    Only that block's tensors are written (load_llm_layer reads no others)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    offline = pytest.importorskip("pifi_fast.offline")
+    reader = gguf.GGUFReader(str(offline.smollm2_gguf()))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        writer.add_key_value(name, field.contents(), field.types[0],
+                             field.types[1] if len(field.types) > 1 else None)
+    last = int(reader.fields["llama.block_count"].contents()) - 1
+    for t in reader.tensors:
+        if not t.name.startswith(f"blk.{last}."):
+            continue
+        w = dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        if w.ndim == 2:
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(t.name, quantize(w.astype(np.float32), q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(t.name, w.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_q8_0_blocks_become_the_int8_layer_without_a_round_trip(tmp_path):
+    from pifi_fast.loading import load_llm_layer
+
+    path = _q8_0_gguf(tmp_path / "smollm2-q8_0.gguf")
+    llm = load_llm_layer(path, -1, dtype=torch.float32)
+    assert sorted(llm.quantized) == sorted(f"{m}.{p}_proj.weight" for m, ps in
+                                          (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down")))
+                                          for p in ps)
+    for key, (q, s) in llm.quantized.items():
+        w = llm.module.get_parameter(key)
+        assert q.dtype == torch.int8 and s.shape == (w.shape[0], w.shape[1] // 32)
+        # the blocks (unpermuted with their rows for q/k) are exactly the dequantized weight
+        assert torch.equal(Q.dequantize(q, s), w)
+
+    int8 = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary, llm.quantized,
+                                    weights="int8")
+    sd = int8.state_dict()
+    for key, (q, s) in llm.quantized.items():
+        assert torch.equal(sd[key], q) and torch.equal(sd[key + "_scale"], s)
+    # without the blocks the int8 layer re-quantizes the float weights (its own groups)
+    requant = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary, weights="int8")
+    assert requant.state_dict()["self_attn.o_proj.weight_scale"].shape[1] == 576 // 64
+    # the file's 8-bit weights are the layer's: the int8 layer computes what the dense layer
+    # from the same file computes, to fp32 rounding (the re-quantized one does not)
+    dense = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary)
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, llm.config.hidden_size)
+    with torch.no_grad():
+        want = dense(x) - x
+        assert rel(int8(x) - x, want) < 1e-5
+        assert rel(requant(x) - x, want) > 1e-4
+    # the price: a float32 scale per 32 inputs (1.125 bytes a weight against bf16's 2)
+    ratio = int8.weight_bytes() / (dense.weight_bytes() / 2)  # dense: fp32 here
+    assert 0.55 < ratio < 0.57, ratio
+
+
+def test_q8_0_int8_model_saves_and_reloads_bit_for_bit(tmp_path):
+    from pifi_fast.loading import load_llm_layer
+
+    llm = load_llm_layer(_q8_0_gguf(tmp_path / "q8.gguf"), -1, dtype=torch.float32)
+    model = PiFiModel.from_parts(tiny_slm("bert"), llm, weights="int8", seed=0, head_dropout=0.0)
+    sd = model.state_dict()
+    assert sd["llm_layer.mlp.up_proj.weight_scale"].shape == (1536, 576 // 32)
+    model.save_pretrained(tmp_path / "m")
+    again = PiFiModel.from_pretrained(tmp_path / "m")
+    sd2 = again.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    ids = torch.randint(3, 120, (2, 5))
+    assert torch.equal(model(input_ids=ids).logits, again(input_ids=ids).logits)
+    # a lean checkpoint re-reads the blocks from the file and finds the same layer
+    model.save_pretrained(tmp_path / "lean", frozen_layer="reference")
+    lean = PiFiModel.from_pretrained(tmp_path / "lean")
+    assert lean.frozen_layer_sha256() == model.frozen_layer_sha256()
+    assert torch.equal(model(input_ids=ids).logits, lean(input_ids=ids).logits)
