@@ -2,8 +2,10 @@
 
 all-MiniLM-L6-v2 alone against all-MiniLM-L6-v2 + PiFi (SmolLM2-135M's last layer) on SST-2,
 CoLA and RTE from ../shared/data, several seeds each; the paper's ablations on SST-2 (layer
-position first/middle/last, frozen/unfrozen); and the epoch time of the authors' setup (fp32,
-padding to 100, Hugging Face layer) against pifi_fast's defaults.
+position first/middle/last, frozen/unfrozen); 8-bit layer weights; the paper's open questions
+(several layers, MLP adapters, SmolLM2 + LoRA, low resource, cross-domain SST-2 -> UCI IMDB);
+and the epoch time of the authors' setup (fp32, padding to 100, Hugging Face layer) against
+pifi_fast's defaults.
 
     python scripts/replication.py                       # everything (hours on 2 CPU cores)
     python scripts/replication.py --only main --tasks sst2 --seeds 1
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pifi_fast.train import TrainConfig, train  # noqa: E402
+from pifi_fast.train import TrainConfig, evaluate_checkpoint, train  # noqa: E402
 
 METRIC = {"sst2": "accuracy", "cola": "mcc", "rte": "accuracy"}
 
@@ -29,7 +31,10 @@ METRIC = {"sst2": "accuracy", "cola": "mcc", "rte": "accuracy"}
 REPORT_ONLY = False  # --report-only: build the report from finished runs, train nothing
 
 
-def run(name: str, runs_dir: Path, **cfg) -> dict | None:
+def run(name: str, runs_dir: Path, cross: str | None = None, **cfg) -> dict | None:
+    """A finished run's results (training it unless --report-only). ``cross``: a dataset the
+    best model is also evaluated on (its test split) before the checkpoints are deleted, kept
+    under "cross_domain"."""
     out = runs_dir / name
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
@@ -37,11 +42,62 @@ def run(name: str, runs_dir: Path, **cfg) -> dict | None:
         return None
     res = train(TrainConfig(output_dir=str(out), **cfg))
     res.pop("model", None)
+    if cross:
+        res["cross_domain"] = {"data": cross, **evaluate_checkpoint(str(out / "best"), cross,
+                                                                    "test")}
+        (out / "results.json").write_text(json.dumps(res, indent=2, default=str))
     for d in ("checkpoint-last", "best"):  # keep only the numbers: checkpoints are large
         import shutil
 
         shutil.rmtree(out / d, ignore_errors=True)
     return json.loads((out / "results.json").read_text())
+
+
+# The paper's open questions (issue 14): variant -> TrainConfig fields, against the main rows
+RESEARCH = {"layers_2": {"layers": "-2,-1"}, "mlp_adapters": {"adapter": "mlp"},
+            "layers_3": {"layers": "-3,-2,-1"}, "llm_lora": {"baseline": "llm-lora"}}
+LOW_RESOURCE = 500  # SST-2 training sentences in the low-resource rows
+CROSS = "uci-imdb"  # every SST-2 model of these rows is also scored on the UCI IMDB sentences
+
+
+def _summary(results: list[dict], task: str) -> dict:
+    """Mean/std of dev, test, cross-domain accuracy and the cost of a list of runs."""
+    def stat(f):
+        return _mean_std([v for v in (f(r) for r in results) if v is not None])
+
+    return {"metric": METRIC[task], "dev": stat(lambda r: r["best_dev"]),
+            "test": stat(lambda r: (r.get("test") or {}).get(METRIC[task])),
+            "cross_domain": stat(lambda r: (r.get("cross_domain") or {}).get("accuracy")),
+            "cost": {"trainable_parameters": stat(lambda r: r.get("trainable_parameters")),
+                     "epoch_seconds": stat(lambda r: statistics.mean(
+                         h["epoch_seconds"] for h in r["history"])),
+                     "peak_memory_bytes": stat(lambda r: r.get("peak_memory_bytes"))}}
+
+
+def research_rows(args, runs_dir: Path, common: dict) -> dict:
+    """Low-resource SST-2 and cross-domain SST-2 -> UCI IMDB (SLM alone vs PiFi), then per task
+    several layers, MLP adapters and the SmolLM2 + LoRA baseline, in that order (cheapest and
+    most asked-for first), 3 seeds each as everything else."""
+    out = {"low_resource": {}, "cross_domain": {}, "variants": {}}
+    plan = [("low_resource", "sst2", v, {"limit_train": LOW_RESOURCE}) for v in
+            ("slm_alone", "pifi")]
+    plan += [("cross_domain", "sst2", v, {}) for v in ("slm_alone", "pifi")]
+    plan += [("variants", t, v, extra) for t in args.tasks if t in ("sst2", "cola")
+             for v, extra in RESEARCH.items()]
+    for group, task, variant, extra in plan:
+        results = []
+        for seed in args.seeds:
+            cfg = {**common, "data": task, "seed": seed, "llm": "smollm2", **extra}
+            if variant == "slm_alone":
+                cfg["llm"] = None
+            tag = {"low_resource": "lowres-", "cross_domain": "xd-"}.get(group, "")
+            r = run(f"{task}-{tag}{variant}-s{seed}", runs_dir,
+                    cross=CROSS if task == "sst2" else None, **cfg)
+            if r is not None:
+                results.append(r)
+        if results:
+            out[group].setdefault(task, {})[variant] = _summary(results, task)
+    return out
 
 
 def _mean_std(values):
@@ -56,7 +112,8 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=["sst2", "cola", "rte"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--only", choices=["main", "ablations", "epoch_time", "quant"], default=None)
+    p.add_argument("--only", choices=["main", "ablations", "epoch_time", "quant", "research"],
+                   default=None)
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "replication"))
     p.add_argument("--report-only", action="store_true",
                    help="rebuild docs/replication.json from finished runs; train nothing")
@@ -67,7 +124,7 @@ def main(argv=None):
     common = dict(slm="minilm", epochs=args.epochs, batch_size=32, lr=5e-5, max_length=100)
     report = {"settings": {**common, "seeds": args.seeds, "llm": "SmolLM2-135M-Instruct Q4_1 "
                            "GGUF, last layer (29)", "slm": "all-MiniLM-L6-v2"},
-              "main": {}, "ablations": {}, "epoch_time": {}, "quant": {}}
+              "main": {}, "ablations": {}, "epoch_time": {}, "quant": {}, "research": {}}
     if args.only in (None, "main"):
         for task in args.tasks:
             # RTE and CoLA: their 'test' files are a re-split dev / out-of-domain dev; we report
@@ -116,6 +173,8 @@ def main(argv=None):
                 if devs:
                     report["quant"].setdefault(task, {})[mode] = {
                         "metric": METRIC[task], "dev": _mean_std(devs), "test": _mean_std(tests)}
+    if args.only in (None, "research"):
+        report["research"] = research_rows(args, runs_dir, common)
     if args.only in (None, "epoch_time"):
         times = {}
         for name, extra in (("authors_setup", {"authors_setup": True}), ("pifi_fast", {})):
@@ -128,14 +187,17 @@ def main(argv=None):
                                     "speedup": times["authors_setup"] / times["pifi_fast"]}
     out = ROOT / "docs" / "replication.json"
     old = json.loads(out.read_text()) if out.is_file() else {}
-    for key in ("main", "ablations", "epoch_time", "quant"):
-        if not report[key] and key in old:
-            report[key] = old[key]
     # Only tasks/variants with finished runs are reported; empty entries are dropped.
     report["main"] = {t: {v: e for v, e in variants.items() if e["dev"]}
                       for t, variants in report["main"].items()}
     report["main"] = {t: variants for t, variants in report["main"].items() if variants}
     report["ablations"] = {k: v for k, v in report["ablations"].items() if v["dev"]}
+    # A section with no finished run here (not run in this call, or its runs folder is gone)
+    # keeps what the report already had.
+    for key in ("main", "ablations", "epoch_time", "quant", "research"):
+        empty = not report[key] or (key == "research" and not any(report[key].values()))
+        if empty and key in old:
+            report[key] = old[key]
     out.write_text(json.dumps(report, indent=2))
     (ROOT / "docs" / "replication.md").write_text(render_markdown(report))
     print(json.dumps(report, indent=2))
@@ -180,6 +242,85 @@ def _quant_section(report: dict) -> list[str]:
                        "larger than the seed spread ({:.2f}): {}.".format(
                            spread, "a cost" if gap < 0 else "a gain, not a result on its own")))
     return lines + [""] + verdicts
+
+
+def _verdict(a, b, what: str) -> str:
+    gap, spread = (b["mean"] - a["mean"]) * 100, max(a["std"], b["std"]) * 100
+    if min(a["n"], b["n"]) < 2:
+        return f"{what}: {gap:+.2f} points; fewer than two seeds on one side: no verdict yet."
+    if abs(gap) <= spread:
+        return (f"{what}: {gap:+.2f} points, within the seed spread (largest std "
+                f"{spread:.2f}): no measurable difference.")
+    return (f"{what}: {gap:+.2f} points, larger than the seed spread ({spread:.2f}): "
+            + ("better" if gap > 0 else "worse") + " here (a hint, not a significance test).")
+
+
+def _cost(entry) -> str:
+    c = entry.get("cost") or {}
+    parts = []
+    if c.get("trainable_parameters"):
+        parts.append(f"{c['trainable_parameters']['mean'] / 1e6:.2f} M trained")
+    if c.get("epoch_seconds"):
+        parts.append(f"{c['epoch_seconds']['mean']:.0f} s/epoch")
+    if c.get("peak_memory_bytes"):
+        parts.append(f"{c['peak_memory_bytes']['mean'] / 2**30:.2f} GiB peak RSS")
+    return ", ".join(parts) or "-"
+
+
+def _research_section(report: dict) -> list[str]:
+    lines = ["", "## The paper's open questions: several layers, MLP adapters, SmolLM2 + LoRA, "
+             "low resource, cross-domain", ""]
+    res = report.get("research") or {}
+    cmd = "`python scripts/replication.py --only research --tasks sst2 cola`"
+    if not any(res.get(k) for k in ("low_resource", "cross_domain", "variants")):
+        return lines + [f"Not run yet: {cmd}."]
+    lines.append(f"Built by {cmd} (same settings and seeds as above; what is missing says "
+                 "'not run'). Every SST-2 model here is also scored on the UCI IMDB sentences "
+                 "(1,000 movie-review sentences; cross-domain column). Costs are means over "
+                 "seeds on this CPU: trained parameters, seconds per training epoch (with "
+                 "other jobs on the machine: rough), and the process's peak resident memory.")
+    low = res.get("low_resource", {}).get("sst2", {})
+    lines += ["", f"**Low resource** (the first {LOW_RESOURCE} SST-2 training sentences):", "",
+              "| | dev accuracy | test accuracy |", "|---|---|---|"]
+    for v in ("slm_alone", "pifi"):
+        e = low.get(v, {})
+        lines.append(f"| {v} | {_fmt(e.get('dev'))} | {_fmt(e.get('test'))} |")
+    for split in ("dev", "test"):
+        a, b = low.get("slm_alone", {}).get(split), low.get("pifi", {}).get(split)
+        if a and b:
+            lines.append(f"\n{_verdict(a, b, f'PiFi - SLM alone, {split}')}")
+    xd = res.get("cross_domain", {}).get("sst2", {})
+    lines += ["", "**Cross-domain** (trained on SST-2, scored on UCI IMDB; the paper's IMDB -> "
+              "Tweet claim at our scale):", "",
+              "| | SST-2 test | UCI IMDB | cost |", "|---|---|---|---|"]
+    for v in ("slm_alone", "pifi"):
+        e = xd.get(v, {})
+        lines.append(f"| {v} | {_fmt(e.get('test'))} | {_fmt(e.get('cross_domain'))} | "
+                     f"{_cost(e)} |")
+    a, b = xd.get("slm_alone", {}).get("cross_domain"), xd.get("pifi", {}).get("cross_domain")
+    if a and b:
+        lines.append(f"\n{_verdict(a, b, 'PiFi - SLM alone on UCI IMDB')}")
+    variants = res.get("variants", {})
+    lines += ["", "**Variants** against PiFi with one layer and linear adapters (the main rows):",
+              "", "| task | variant | dev | test | UCI IMDB | cost |", "|---|---|---|---|---|---|"]
+    for task in ("sst2", "cola"):
+        base = report.get("main", {}).get(task, {})
+        for v in ("slm_alone", "pifi"):
+            e = base.get(v, {})
+            lines.append(f"| {task} | {v} (main rows) | {_fmt(e.get('dev'))} | "
+                         f"{_fmt(e.get('test'))} | - | - |")
+        for v in RESEARCH:
+            e = variants.get(task, {}).get(v, {})
+            lines.append(f"| {task} | {v} | {_fmt(e.get('dev'))} | {_fmt(e.get('test'))} | "
+                         f"{_fmt(e.get('cross_domain')) if task == 'sst2' else '-'} | "
+                         f"{_cost(e) if e else '-'} |")
+        for v in RESEARCH:
+            e = variants.get(task, {}).get(v, {})
+            for split in ("dev", "test"):
+                a, b = base.get("pifi", {}).get(split), e.get(split)
+                if a and b:
+                    lines.append(f"\n{_verdict(a, b, f'{task} {v} - PiFi (1 layer), {split}')}")
+    return lines
 
 
 def render_markdown(report: dict) -> str:
@@ -251,6 +392,7 @@ def render_markdown(report: dict) -> str:
     else:
         lines.append("Not run yet: `python scripts/replication.py --only ablations`.")
     lines += _quant_section(report)
+    lines += _research_section(report)
     lines += ["", "## Epoch time: the authors' setup against pifi_fast's defaults", ""]
     et = report.get("epoch_time")
     if et:
@@ -272,6 +414,8 @@ def render_markdown(report: dict) -> str:
               f"python scripts/replication.py --only ablations --seeds {seeds} "
               f"--epochs {st['epochs']}",
               f"python scripts/replication.py --only quant --tasks sst2 cola --seeds {seeds} "
+              f"--epochs {st['epochs']}",
+              f"python scripts/replication.py --only research --tasks sst2 cola --seeds {seeds} "
               f"--epochs {st['epochs']}",
               "python scripts/replication.py --only epoch_time   # on an otherwise idle machine",
               f"python scripts/replication.py --report-only --seeds {seeds} --epochs {st['epochs']}",
