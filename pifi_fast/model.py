@@ -1,11 +1,14 @@
 """pifi_fast.PiFiModel: the drop-in fast PiFi. Same constructor, state_dict keys and outputs as
 pifi_fast.reference.PiFiModel; the frozen LLM layer is a FrozenLlamaLayer (one autograd node,
-input gradient only) for the fused architectures, and the LLM's own layer otherwise.
+input gradient only) for the fused architectures, and the LLM's own layer otherwise; several
+plugged layers are a FrozenLayerStack (one unpadding for them all) or an nn.ModuleList.
 """
 from __future__ import annotations
 
-from pifi_fast.hf_layer import run_hf_layer
-from pifi_fast.layer import FrozenLlamaLayer, is_fusable
+from torch import nn
+
+from pifi_fast.hf_layer import run_hf_layers
+from pifi_fast.layer import FrozenLayerStack, FrozenLlamaLayer, is_fusable
 from pifi_fast.loading import warn_unfused
 from pifi_fast.pifi_base import PiFiBase
 
@@ -21,7 +24,8 @@ class PiFiModel(PiFiBase):
     "triton"), `chunk_tokens` (int, "auto" or None).
     """
 
-    def _make_layer(self, llm, freeze: bool, fused: bool | None = None, **fused_options):
+    def _make_layer(self, llms, freeze: bool, fused: bool | None = None, **fused_options):
+        llm = llms[0]
         fusable = is_fusable(llm.config)
         if fused and not fusable:
             raise ValueError(f"fused=True, but model_type {llm.config.model_type!r} has no fused "
@@ -31,10 +35,14 @@ class PiFiModel(PiFiBase):
                              "computes no weight gradients")
         self.fused = bool(fusable and freeze and fused is not False)
         if self.fused:
-            self.llm_layer = FrozenLlamaLayer.from_hf(llm.module, llm.config, llm.rotary,
-                                                      getattr(llm, "quantized", None),
-                                                      **fused_options)
-            self.llm_layer.layer_index = llm.index
+            layers = []
+            for one in llms:
+                layers.append(FrozenLlamaLayer.from_hf(one.module, one.config, one.rotary,
+                                                       getattr(one, "quantized", None),
+                                                       **fused_options))
+                layers[-1].layer_index = one.index
+            # several layers: one unpadding for the whole stack (pifi_fast.layer)
+            self.llm_layer = layers[0] if len(layers) == 1 else FrozenLayerStack(layers)
         else:
             defaults = (None, "auto", "none", "cublas")
             if any(v not in defaults for v in fused_options.values()):
@@ -43,7 +51,8 @@ class PiFiModel(PiFiBase):
                                  "freeze=False or fused=False)")
             if not fusable:
                 warn_unfused(llm.config)
-            self.llm_layer = llm.module
+            modules = [one.module for one in llms]
+            self.llm_layer = modules[0] if len(modules) == 1 else nn.ModuleList(modules)
             self.llm_rotary = llm.rotary
             for p in self.llm_layer.parameters():
                 p.requires_grad_(not freeze)
@@ -51,4 +60,4 @@ class PiFiModel(PiFiBase):
     def _run_layer(self, h, mask):
         if self.fused:
             return self.llm_layer(h, mask)
-        return run_hf_layer(self.llm_layer, self.llm_rotary, h, mask)
+        return run_hf_layers(self.llm_layer, self.llm_rotary, h, mask)

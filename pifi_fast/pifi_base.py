@@ -29,7 +29,7 @@ from transformers.modeling_outputs import (
 )
 
 from pifi_fast.loading import (CheckpointError, LLMLayer, build_layer, load_llm_layer,
-                               random_layer)
+                               random_layer, resolve_index)
 
 TASKS = ("classification", "question_answering", "token_classification", "seq2seq")
 _TASK_ALIASES = {"sequence_classification": "classification", "pair_classification":
@@ -62,14 +62,72 @@ def _load_slm(slm, task: str):
     return cls.from_pretrained(slm, trust_remote_code=False, use_safetensors=True)
 
 
+ADAPTERS = ("linear", "mlp")
+
+
+def make_adapter(kind: str, d_in: int, d_out: int, width: int) -> nn.Module:
+    """L_in / L_out. "linear": the paper's Linear(d_in, d_out) without bias (state-dict key
+    adapter_*.weight, as the authors'). "mlp": Linear(d_in, width) -> GELU -> Linear(width,
+    d_out), the richer adaptation network the paper's limitations section suggests. No norm and
+    no residual: the LLM layer opens with its own RMSNorm (a norm in L_in would be undone by
+    it), and the two sides have different widths, so a residual would need a linear map anyway,
+    which is the linear adapter again."""
+    if kind == "linear":
+        return nn.Linear(d_in, d_out, bias=False)
+    return nn.Sequential(nn.Linear(d_in, width), nn.GELU(), nn.Linear(width, d_out))
+
+
+def _decoder_only(config) -> bool:
+    """A causal decoder (Llama, Qwen, GPT-2, ...): a causal-LM architecture and no masked-LM
+    one (BERT-like encoders have both), not an encoder-decoder."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = getattr(config, "model_type", None)
+    return (not getattr(config, "is_encoder_decoder", False)
+            and kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+            and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def _layer_list(llm) -> list:
+    """[] for no LLM, else the LLM layers as a list (one LLMLayer or several of one LLM)."""
+    if llm is None:
+        return []
+    llms = list(llm) if isinstance(llm, (list, tuple)) else [llm]
+    if not llms:
+        raise ValueError("llm: an empty list of layers")
+    first = llms[0].config
+    for one in llms[1:]:
+        if (one.config.model_type, one.config.hidden_size) != (first.model_type,
+                                                               first.hidden_size):
+            raise ValueError("several plugged layers must come from one LLM: got "
+                             f"{first.model_type}/{first.hidden_size} and "
+                             f"{one.config.model_type}/{one.config.hidden_size}")
+    return llms
+
+
+def _check_adapter(adapter, width, llm):
+    if adapter not in ADAPTERS:
+        raise ValueError(f"adapter must be one of {ADAPTERS}, got {adapter!r}")
+    if width is not None and (adapter != "mlp" or isinstance(width, bool)
+                              or not isinstance(width, int) or width < 1):
+        raise ValueError(f"adapter_width must be a positive int and needs adapter='mlp', got "
+                         f"{width!r} with adapter={adapter!r}")
+    if adapter != "linear" and llm is None:
+        raise ValueError(f"adapter={adapter!r} needs an LLM layer (llm=None is the SLM alone, "
+                         "which has no adapters)")
+
+
 class PiFiBase(nn.Module):
     """PiFi around any SLM; subclasses choose how the frozen LLM layer is run."""
 
-    def __init__(self, slm: nn.Module, llm: LLMLayer | None, task: str = "classification",
+    def __init__(self, slm: nn.Module, llm: LLMLayer | list[LLMLayer] | None,
+                 task: str = "classification",
                  num_labels: int = 2, label_smoothing: float = 0.0, head_dropout: float = 0.2,
                  attend_to_padding: bool = False, freeze: bool = True,
                  validate_inputs: bool | None = None, labels: list | None = None,
-                 lora: dict | None = None, **layer_options):
+                 lora: dict | None = None, adapter: str = "linear",
+                 adapter_width: int | None = None, **layer_options):
         super().__init__()
         # Token ids and labels are range-checked in forward when the inputs are on the CPU (free)
         # or when validate_inputs=True (on a GPU the check costs a device sync): a bad id on a
@@ -94,21 +152,28 @@ class PiFiBase(nn.Module):
             for p in pooler.parameters():
                 p.requires_grad_(False)
         d_slm = _hidden(slm.config)
+        # the sentence vector for classification: [CLS] (the first token) for encoders; the
+        # last real token for a decoder-only SLM, whose first token sees only itself
+        self.pooling = "last" if _decoder_only(slm.config) else "first"
         if lora:
             # LoRA on the SLM (peft): its own weights frozen, low-rank updates trained; the
             # adapters around the LLM layer and the head stay fully trained
             slm = self.slm = _with_lora(slm, lora)
         # llm=None is the SLM alone with the same head: the baseline PiFi is compared with.
-        self.llm_config = llm.config if llm is not None else None
-        self.llm_index = llm.index if llm is not None else None
+        # A list: several layers of one LLM, run in the order given (llm_index is then a list).
+        llms = _layer_list(llm)
+        self.llm_config = llms[0].config if llms else None
+        self.llm_index = (None if not llms else llms[0].index if len(llms) == 1
+                          else [one.index for one in llms])
         # where the frozen layer came from (a folder, Hub id or .gguf): lean checkpoints store
         # this reference instead of the layer's tensors
-        self.llm_source = getattr(llm, "source", None) if llm is not None else None
-        if llm is not None:
-            d_llm = llm.config.hidden_size
-            self.adapter_in = nn.Linear(d_slm, d_llm, bias=False)
-            self.adapter_out = nn.Linear(d_llm, d_slm, bias=False)
-            self._make_layer(llm, freeze=freeze, **layer_options)
+        self.llm_source = getattr(llms[0], "source", None) if llms else None
+        _check_adapter(adapter, adapter_width, llm)
+        if llms:
+            d_llm = self.llm_config.hidden_size
+            self.adapter_in = make_adapter(adapter, d_slm, d_llm, adapter_width or d_slm)
+            self.adapter_out = make_adapter(adapter, d_llm, d_slm, adapter_width or d_slm)
+            self._make_layer(llms, freeze=freeze, **layer_options)
         if task == "classification":
             self.head = nn.Sequential(nn.Linear(d_slm, d_slm), nn.Dropout(head_dropout), nn.GELU(),
                                       nn.Linear(d_slm, num_labels))
@@ -119,10 +184,13 @@ class PiFiBase(nn.Module):
         self._options = dict(task=task, num_labels=num_labels, label_smoothing=label_smoothing,
                              head_dropout=head_dropout, attend_to_padding=attend_to_padding,
                              freeze=freeze, **({"lora": dict(lora)} if lora else {}),
+                             **({"adapter": adapter, "adapter_width": adapter_width or d_slm}
+                                if adapter != "linear" else {}),
                              **layer_options)
 
     # -- hooks for the subclasses ---------------------------------------------------------------
-    def _make_layer(self, llm: LLMLayer, freeze: bool, **layer_options):
+    def _make_layer(self, llms: list[LLMLayer], freeze: bool, **layer_options):
+        """Set self.llm_layer: the one layer, or a module running several in order."""
         raise NotImplementedError
 
     def _run_layer(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -135,23 +203,45 @@ class PiFiBase(nn.Module):
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_parts(cls, slm, llm, layer: int = -1, task: str = "classification", *,
-                   llm_dtype: torch.dtype | None = None, allow_pickle: bool = False,
-                   seed: int | None = None, **task_options):
+    def from_parts(cls, slm, llm, layer: int | list[int] = -1, task: str = "classification",
+                   *, layers: list[int] | None = None, llm_dtype: torch.dtype | None = None,
+                   allow_pickle: bool = False, seed: int | None = None, **task_options):
         """slm: Hub id, folder, config or module; llm: Hub id, folder, .gguf file, LLMLayer, or a
-        PretrainedConfig (random weights, for tests and speed benchmarks)."""
+        PretrainedConfig (random weights, for tests and speed benchmarks). ``layer``: the
+        decoder layer's index (negative counts from the end); ``layers`` (or a list as
+        ``layer``): several layers, read alone from the source and run in the order given."""
         from transformers import PretrainedConfig
 
+        if layers is not None and layer != -1:
+            raise ValueError("pass layer or layers, not both")
+        indices = list(layers if layers is not None else
+                       layer if isinstance(layer, (list, tuple, range)) else [layer])
+        if not indices or not all(isinstance(i, int) and not isinstance(i, bool)
+                                  for i in indices):
+            raise ValueError(f"layers must be one or more int indices, got {indices!r}")
         if seed is not None:
             torch.manual_seed(seed)
         slm_module = _load_slm(slm, _TASK_ALIASES.get(task, task))
         if llm is None:
-            llm_layer = None
+            llm_layers = None
+        elif isinstance(llm, (LLMLayer, list)):
+            llm_layers = llm
         elif isinstance(llm, PretrainedConfig):
-            llm_layer = random_layer(llm, layer, dtype=llm_dtype or torch.float32, seed=seed)
+            # in a stack each random layer is seeded by its index (seed + index), so a stack is
+            # not one layer repeated and its order matters; one layer keeps ``seed`` itself
+            llm_layers = [random_layer(llm, i, dtype=llm_dtype or torch.float32,
+                                       seed=None if seed is None else seed if len(indices) == 1
+                                       else seed + resolve_index(llm, i))
+                          for i in indices]
         else:
-            llm_layer = load_llm_layer(llm, layer, dtype=llm_dtype, allow_pickle=allow_pickle)
-        return cls(slm_module, llm_layer, task=task, **task_options)
+            llm_layers = [load_llm_layer(llm, i, dtype=llm_dtype, allow_pickle=allow_pickle)
+                          for i in indices]
+        if isinstance(llm_layers, list):
+            found = [one.index for one in llm_layers]
+            if len(set(found)) != len(found):
+                raise ValueError(f"layers {indices} name the same layer twice (indices {found})")
+            llm_layers = llm_layers[0] if len(llm_layers) == 1 else llm_layers
+        return cls(slm_module, llm_layers, task=task, **task_options)
 
     # -- input checks ---------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, inputs_embeds):
@@ -231,7 +321,7 @@ class PiFiBase(nn.Module):
         if attention_mask is not None and not self.attend_to_padding and h.shape[1] > 1:
             mask = attention_mask != 0
         h = self._run_layer(h, mask)
-        return self.adapter_out(h.to(self.adapter_out.weight.dtype))
+        return self.adapter_out(h.to(next(self.adapter_out.parameters()).dtype))
 
     def encode(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None):
         """SLM encoder -> adapters and LLM layer. CLS mode returns (B, 1, d), else (B, S, d)."""
@@ -246,7 +336,15 @@ class PiFiBase(nn.Module):
         encoder = self.slm.get_encoder() if self.task == "seq2seq" else self.slm
         enc = encoder(**kwargs).last_hidden_state
         if self.task == "classification":
-            enc = enc[:, :1]  # only [CLS], as a length-1 sequence at position 0
+            if self.pooling == "last":
+                # the last real token (right or left padding alike)
+                last = (torch.arange(enc.shape[1], device=enc.device).expand(enc.shape[:2])
+                        if attention_mask is None else
+                        torch.arange(enc.shape[1], device=enc.device) * (attention_mask != 0))
+                rows = torch.arange(enc.shape[0], device=enc.device)
+                enc = enc[rows, last.argmax(-1)].unsqueeze(1)
+            else:
+                enc = enc[:, :1]  # only [CLS], as a length-1 sequence at position 0
         return self._through_layer(enc, attention_mask)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
@@ -448,8 +546,15 @@ class PiFiBase(nn.Module):
             layer_sd = {k: dequantize(v, layer_sd[k + "_scale"]) if k + "_scale" in layer_sd
                         else v for k, v in layer_sd.items() if not k.endswith("_scale")}
             dtype = getattr(torch, cfg["layer_dtype"])
-            llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype,
-                              source=str(directory))
+            if isinstance(cfg["llm_index"], list):  # several layers: keys "<i>.<HF key>"
+                llm = [build_layer(llm_config, index, {k[len(f"{i}."):]: v
+                                                       for k, v in layer_sd.items()
+                                                       if k.startswith(f"{i}.")},
+                                   dtype=dtype, source=str(directory))
+                       for i, index in enumerate(cfg["llm_index"])]
+            else:
+                llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype,
+                                  source=str(directory))
         model = cls(slm, llm, labels=cfg.get("labels"), **opts)
         if reference is not None:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -577,7 +682,10 @@ def _reread_frozen_layer(reference: dict, override: str | None, directory: Path)
             f"{directory} is a lean checkpoint: its frozen layer is layer {reference['layer']} of "
             f"{source}, which is missing here; pass from_pretrained(..., llm_source=PATH) to "
             "point at it, or use a full checkpoint")
-    return load_llm_layer(source, reference["layer"], dtype=getattr(torch, reference["dtype"]))
+    dtype = getattr(torch, reference["dtype"])
+    if isinstance(reference["layer"], list):  # several plugged layers
+        return [load_llm_layer(source, i, dtype=dtype) for i in reference["layer"]]
+    return load_llm_layer(source, reference["layer"], dtype=dtype)
 
 
 def _version() -> str:

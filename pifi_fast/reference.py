@@ -8,20 +8,23 @@ bidirectional (their code relied on Transformers 4.x treating a missing mask as 
 """
 from __future__ import annotations
 
-from pifi_fast.hf_layer import run_hf_layer
+from torch import nn
+
+from pifi_fast.hf_layer import run_hf_layers
 from pifi_fast.pifi_base import PiFiBase
 
 
 class PiFiModel(PiFiBase):
-    """PiFi with the LLM's own Hugging Face decoder layer (plain autograd)."""
+    """PiFi with the LLM's own Hugging Face decoder layer(s) (plain autograd)."""
 
-    def _make_layer(self, llm, freeze: bool, fused: bool | None = None):
+    def _make_layer(self, llms, freeze: bool, fused: bool | None = None):
         # `fused` is accepted (and ignored) so that a pifi_fast checkpoint saved with it loads
         # here too: the reference always runs the Hugging Face layer.
-        self.llm_layer = llm.module
-        self.llm_rotary = llm.rotary
+        modules = [llm.module for llm in llms]
+        self.llm_layer = modules[0] if len(modules) == 1 else nn.ModuleList(modules)
+        self.llm_rotary = llms[0].rotary
         for p in self.llm_layer.parameters():
             p.requires_grad_(not freeze)
 
     def _run_layer(self, h, mask):
-        return run_hf_layer(self.llm_layer, self.llm_rotary, h, mask)
+        return run_hf_layers(self.llm_layer, self.llm_rotary, h, mask)

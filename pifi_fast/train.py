@@ -42,6 +42,9 @@ class TrainConfig:
     slm: str = "minilm"  # Hub id or folder; "minilm" = the offline all-MiniLM-L6-v2
     llm: str | None = "smollm2"  # Hub id, folder, .gguf; "smollm2" = offline; None = SLM alone
     layer: int = -1
+    baseline: str = "none"  # none | llm-lora: the whole --llm with LoRA, no plugged layer
+    layers: str | None = None  # several plugged layers, run in this order: "27,28,29" or
+    # "-3,-2,-1" (on the command line --layers=-3,-2,-1); overrides layer
     freeze: bool = True
     implementation: str = "fast"  # fast (pifi_fast.PiFiModel) | reference
     kernels: str = "auto"  # fused layer: auto (Triton on CUDA) | triton | torch
@@ -49,6 +52,8 @@ class TrainConfig:
     attention: str = "auto"  # fused layer attention backend: auto | flash_attn | torch_varlen | sdpa
     gemm: str = "cublas"  # fused layer projections: cublas | triton (fused epilogues)
     layer_weights: str = "auto"  # fused layer: auto (compute dtype) | int8 | fp8 (8-bit weights)
+    adapter: str = "linear"  # L_in / L_out: linear (the paper's) | mlp (Linear-GELU-Linear)
+    adapter_width: int = 0  # mlp adapters' hidden width (0: the SLM's hidden size)
     lora_r: int = 0  # LoRA rank on the SLM (0: full fine-tuning); the export is merged
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -97,7 +102,33 @@ def resolve_slm(name: str) -> str:
         from pifi_fast.offline import minilm_dir
 
         return str(minilm_dir())
+    if name == "smollm2":  # the whole small LLM as the encoder (the LLM + LoRA baseline)
+        from pifi_fast.offline import smollm2_hf_dir
+
+        return str(smollm2_hf_dir())
     return name
+
+
+BASELINES = ("none", "llm-lora")
+
+
+def apply_baseline(cfg: TrainConfig) -> TrainConfig:
+    """--baseline llm-lora: the comparison the paper did not make. The whole small LLM named by
+    --llm (smollm2 by default) fine-tuned with LoRA (rank --lora-r, 8 if unset) as a sequence
+    classifier: the LLM is the encoder, its last real token feeds the same head, no plugged
+    layer."""
+    if cfg.baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {BASELINES}, got {cfg.baseline!r}")
+    if cfg.baseline == "none":
+        return cfg
+    if cfg.llm in (None, "", "none") or str(cfg.llm).endswith(".gguf"):
+        raise ValueError("--baseline llm-lora needs --llm smollm2, a Hub id or a Transformers "
+                         f"folder (a .gguf other than the offline SmolLM2 is not converted), got "
+                         f"{cfg.llm!r}")
+    if cfg.task != "classification":
+        raise ValueError("--baseline llm-lora is a sequence classifier: task classification")
+    return dataclasses.replace(cfg, baseline="none", slm=cfg.llm, llm=None,
+                               lora_r=cfg.lora_r or 8, layers=None)
 
 
 def resolve_llm(name):
@@ -172,6 +203,8 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
         options["lora"] = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                            "targets": cfg.lora_targets}
     llm = resolve_llm(cfg.llm)
+    if cfg.adapter != "linear" or cfg.adapter_width:
+        options.update(adapter=cfg.adapter, adapter_width=cfg.adapter_width or None)
     if cfg.layer_weights != "auto" and (cls is not PiFiModel or llm is None or not cfg.freeze):
         raise ValueError(f"--layer-weights {cfg.layer_weights} needs the fused frozen layer "
                          "(implementation fast, an LLM, freeze true, not the authors' setup)")
@@ -184,13 +217,24 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
     llm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if cfg.authors_setup:
         llm_dtype = torch.float32
-    model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=cfg.layer, llm_dtype=llm_dtype,
-                           seed=cfg.seed, **options)
+    model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=layer_indices(cfg),
+                           llm_dtype=llm_dtype, seed=cfg.seed, **options)
     if cfg.no_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     return model
+
+
+def layer_indices(cfg: TrainConfig) -> int | list[int]:
+    """cfg.layer, or the list cfg.layers names ("27,28,29")."""
+    if not cfg.layers:
+        return cfg.layer
+    try:
+        return [int(part) for part in str(cfg.layers).split(",")]
+    except ValueError:
+        raise ValueError(f"--layers takes comma-separated layer indices (e.g. --layers=-2,-1), "
+                         f"got {cfg.layers!r}") from None
 
 
 def _autocast(device: torch.device, precision: str):
@@ -498,9 +542,20 @@ def train(cfg: TrainConfig) -> dict:
             os.environ["PIFI_FAST_GEMM_TUNE"] = saved[2]
 
 
+def _peak_memory(device: torch.device) -> int:
+    """The run's peak memory: CUDA memory allocated on a GPU, the process's peak resident set
+    on the CPU (which includes the Python runtime and libraries)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
 def _train(cfg: TrainConfig) -> dict:
     from transformers import AutoTokenizer
 
+    cfg = apply_baseline(cfg)
     rank, world = _dist_setup()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
@@ -628,14 +683,15 @@ def _train(cfg: TrainConfig) -> dict:
                "history": state["history"], "world_size": world,
                "precision": precision, "device": str(device),
                "nonfinite_steps_skipped": state.get("nonfinite_skipped", 0),
-               "trainable_parameters": sum(p.numel() for p in params)}
+               "trainable_parameters": sum(p.numel() for p in params),
+               "peak_memory_bytes": _peak_memory(device)}
     if rank == 0 and cfg.test_split and best_dir.exists():
         try:
             test_rows = _load_rows(cfg, cfg.test_split, cfg.limit_eval)
         except (FileNotFoundError, KeyError):
             test_rows = None
         if test_rows:
-            _load_weights(model, best_dir, device)
+            _load_best(model, best_dir, device)
             results["test"] = evaluate(model, task_data, test_rows, device, precision,
                                        runner=compiled)
     if rank == 0:
@@ -645,14 +701,28 @@ def _train(cfg: TrainConfig) -> dict:
             from pifi_fast.hub import write_model_card
 
             if cfg.lora_r:  # exported merged: loads without peft, runs at full speed
-                _load_weights(model, best_dir, device)
+                exported = _load_best(model, best_dir, device)
                 model.merge_lora()
-                _save_checkpoint(model, task_data, None, state, cfg, best_dir)
+                if not exported:
+                    _save_checkpoint(model, task_data, None, state, cfg, best_dir)
 
             (best_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
             write_model_card(model, best_dir, results)
     results["model"] = model
     return results
+
+
+def _load_best(model, best_dir: Path, device) -> bool:
+    """The best checkpoint's weights into the model; True when it was already exported merged
+    (LoRA folded in, by an earlier invocation of a resumed run): the model is merged first."""
+    from pifi_fast.pifi_base import CONFIG_NAME
+
+    options = json.loads((best_dir / CONFIG_NAME).read_text())["options"]
+    merged = "lora" in model._options and "lora" not in options
+    if merged:
+        model.merge_lora()
+    _load_weights(model, best_dir, device)
+    return merged
 
 
 def _load_weights(model, directory: Path, device) -> None:
@@ -697,8 +767,12 @@ def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, s
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=None,
-                        device=None, compile: bool = False) -> dict:
-    """Metrics of a saved checkpoint, a local folder or a Hub repo (pifi-fast eval)."""
+                        device=None, compile: bool = False, label_map: dict | None = None,
+                        text_column: str | None = None,
+                        label_column: str | None = None) -> dict:
+    """Metrics of a saved checkpoint, a local folder or a Hub repo (pifi-fast eval), on its own
+    data or another (cross-domain transfer): ``label_map`` renames the data's labels to the
+    model's ({"negative": 0, "positive": 1}); the columns default to the training run's."""
     from transformers import AutoTokenizer
 
     from pifi_fast import PiFiModel
@@ -714,6 +788,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     known = {f.name for f in dataclasses.fields(TrainConfig)}  # (older checkpoints: fewer)
     cfg = dataclasses.replace(TrainConfig(**{k: v for k, v in saved.items() if k in known}),
                               data=data or saved["data"], compile=compile)
+    cfg.text_column = text_column or cfg.text_column
+    cfg.label_column = label_column or cfg.label_column
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     task_data = TaskData(cfg, tokenizer, label_map=None if labels is None else
@@ -721,7 +797,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     model = PiFiModel.from_pretrained(ckpt).to(device)
     if model.labels is not None:  # the vocabulary stored with the weights wins
         task_data.label_map = {data_mod.normalize_label(k): i for i, k in enumerate(model.labels)}
-    rows = _load_rows(cfg, split, limit)
+    rows = data_mod.apply_label_map(_load_rows(cfg, split, limit), label_map)
     task_data.check_rows(rows, split)
     return evaluate(model, task_data, rows, device, cfg.precision,
                     runner=torch.compile(model) if compile else None)

@@ -1,7 +1,8 @@
 """torch.compile of a whole PiFiModel: the fused layer is one custom op (pifi_fast::frozen_layer)
 holding the unpadding and every data-dependent size, so the model traces into one graph (0
 graph breaks, torch._dynamo.explain on the CPU) in every task and fused-layer option, with and
-without a padding mask; compiled outputs and gradients equal eager ones."""
+without a padding mask; compiled outputs and gradients equal eager ones (fullgraph: also for
+several plugged layers and MLP adapters)."""
 import pytest
 import torch
 from helpers import rel_err, tiny_llm, tiny_slm
@@ -11,7 +12,7 @@ from pifi_fast import PiFiModel, kernels
 INTERPRETER = kernels.HAS_TRITON and kernels.interpreting()
 TASKS = ["classification", "question_answering", "token_classification", "seq2seq"]
 OPTIONS = [{}, {"recompute": "mlp"}, {"chunk_tokens": 3}, {"attention": "sdpa"},
-           {"weights": "int8"}] + ([{"kernels": "triton", "gemm": "triton"}] if INTERPRETER
+           {"weights": "int8"}, {"layers": [0, 2]}, {"adapter": "mlp"}] + ([{"kernels": "triton", "gemm": "triton"}] if INTERPRETER
                                    else [])
 
 

@@ -447,3 +447,116 @@ def test_eval_compile_gives_the_same_metrics(tiny_models, tmp_path, monkeypatch)
     assert compiled["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert main(["eval", str(tmp_path / "run" / "best"), "--limit", "8", "--compile"]) == 0
     torch._dynamo.reset()
+
+
+@needs_sst2
+def test_several_layers_and_mlp_adapters_train_resume_and_evaluate(tiny_models, tmp_path):
+    """pifi-fast train --layers=-2,-1 --adapter mlp: both layers read and stacked, MLP adapters
+    trained; a run stopped after epoch 1 and resumed equals the straight run; the saved model
+    (lean: both layers referenced) evaluates from its folder."""
+    from pifi_fast import PiFiModel
+    from pifi_fast.cli import main
+
+    args = ["train", "--data", "sst2", "--slm", tiny_models["bert"], "--llm",
+            tiny_models["llama"], "--layers=-2,-1", "--adapter", "mlp", "--adapter-width", "16",
+            "--batch-size", "8", "--limit-train", "32", "--limit-eval", "16", "--test-split",
+            "none", "--lr", "1e-3", "--seed", "3"]
+    assert main(args + ["--epochs", "2", "--output-dir", str(tmp_path / "a")]) == 0
+    assert main(args + ["--epochs", "1", "--output-dir", str(tmp_path / "b")]) == 0
+    assert main(args + ["--epochs", "2", "--resume", "true", "--output-dir",
+                        str(tmp_path / "b")]) == 0
+    a = PiFiModel.from_pretrained(tmp_path / "a" / "checkpoint-last")
+    b = PiFiModel.from_pretrained(tmp_path / "b" / "checkpoint-last")
+    assert a.llm_index == [1, 2] and a.adapter_in[0].out_features == 16
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert "accuracy" in evaluate_checkpoint(str(tmp_path / "a" / "best"), None, "dev", limit=16)
+    with pytest.raises(ValueError, match="comma-separated layer indices"):
+        train(_tiny_cfg(tiny_models, tmp_path / "bad", layers="1-2"))
+
+
+@needs_sst2
+def test_cross_domain_evaluation_with_label_mapping(tiny_models, tmp_path):
+    """pifi-fast eval MODEL --data OTHER: an SST-2 model on the UCI IMDB sentences (built-in
+    uci-imdb, test split) and on a user's folder whose labels and text column are named
+    differently (--label-map, --text-column); an unmapped label is a clear error."""
+    from pifi_fast import data as data_mod
+    from pifi_fast.cli import main
+
+    out = tmp_path / "sst2"
+    train(_tiny_cfg(tiny_models, out, epochs=1, max_steps=2))
+    if (data_mod.data_root() / "uci" / "imdb_labelled.txt").is_file():
+        rows = data_mod.load_split("uci-imdb", "test")
+        assert len(rows) == 1000 and {r["label"] for r in rows} == {0, 1}
+        res = evaluate_checkpoint(str(out / "best"), "uci-imdb", "test", limit=40)
+        assert 0.0 <= res["accuracy"] <= 1.0
+    folder = tmp_path / "reviews"
+    folder.mkdir()
+    reviews = (("a wonderful film", "positive"), ("dull and slow", "negative"),
+               ("i loved it", "positive"), ("a waste of time", "negative"))
+    lines = ["sentence,sentiment"] + [f"{t},{lab}" for t, lab in reviews]
+    (folder / "test.csv").write_text("\n".join(lines) + "\n")
+    common = ["eval", str(out / "best"), "--data", str(folder), "--split", "test",
+              "--text-column", "sentence", "--label-column", "sentiment"]
+    with pytest.raises(ValueError, match="positive"):
+        main(common)
+    assert main(common + ["--label-map", "negative=0,positive=1"]) == 0
+    mapped = evaluate_checkpoint(str(out / "best"), str(folder), "test",
+                                 label_map=data_mod.parse_label_map("negative=0, positive=1"),
+                                 text_column="sentence", label_column="sentiment")
+    # the same predictions, scored against the same labels written as numbers
+    (folder / "test.csv").write_text("\n".join(
+        [lines[0]] + [ln.replace("positive", "1").replace("negative", "0") for ln in lines[1:]])
+        + "\n")
+    numeric = evaluate_checkpoint(str(out / "best"), str(folder), "test",
+                                  text_column="sentence", label_column="sentiment")
+    assert mapped["accuracy"] == numeric["accuracy"]
+    with pytest.raises(ValueError, match="DATA_LABEL=MODEL_LABEL"):
+        data_mod.parse_label_map("negative:0")
+
+
+def test_decoder_slm_pools_its_last_real_token():
+    """A decoder-only SLM (Llama) reads the sentence from its last real token (its first token
+    attends to nothing else); encoders keep [CLS]."""
+    from transformers import AutoModel
+
+    from pifi_fast import PiFiModel
+
+    torch.manual_seed(0)
+    slm = AutoModel.from_config(tiny_llm("llama"))
+    model = PiFiModel(slm, None, num_labels=3, head_dropout=0.0).eval()
+    assert model.pooling == "last"
+    ids = torch.randint(3, 100, (3, 6))
+    mask = torch.ones(3, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[2, 1:] = 0
+    with torch.no_grad():
+        hidden = slm(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = model.head(hidden[torch.arange(3), torch.tensor([5, 3, 0])])
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, want, atol=1e-6)
+        # no mask: the last position
+        assert torch.allclose(model(input_ids=ids).logits,
+                              model.head(slm(input_ids=ids).last_hidden_state[:, -1]), atol=1e-6)
+
+
+@needs_sst2
+def test_llm_lora_baseline_trains_resumes_and_reports_its_cost(tiny_models, tmp_path,
+                                                              monkeypatch):
+    """--baseline llm-lora: the whole SmolLM2 (converted once from the offline GGUF) with LoRA
+    as a sequence classifier, no plugged layer; trainable parameters and peak memory in
+    results.json; a resumed run equals the straight one; the export is merged and evaluates."""
+    monkeypatch.setenv("PIFI_FAST_CACHE", str(tmp_path / "cache"))
+    common = dict(baseline="llm-lora", llm="smollm2", lora_r=4, limit_train=8, limit_eval=8,
+                  batch_size=4, max_length=16, lr=1e-3)
+    straight = train(_tiny_cfg(tiny_models, tmp_path / "a", **common))
+    assert straight["config"]["slm"] == "smollm2" and straight["config"]["llm"] is None
+    assert 0 < straight["trainable_parameters"] < 2_000_000  # LoRA + head of a 135M model
+    assert straight["peak_memory_bytes"] > 135e6 * 4  # the fp32 model is resident
+    train(_tiny_cfg(tiny_models, tmp_path / "b", **{**common, "epochs": 1}))
+    resumed = train(_tiny_cfg(tiny_models, tmp_path / "b", resume=True, **common))
+    for h in resumed["history"] + straight["history"]:
+        h.pop("epoch_seconds")
+    assert resumed["history"] == straight["history"]
+    assert "accuracy" in evaluate_checkpoint(str(tmp_path / "a" / "best"), None, "dev", limit=8)
+    with pytest.raises(ValueError, match="needs --llm"):
+        train(_tiny_cfg(tiny_models, tmp_path / "c", baseline="llm-lora", llm="none"))
