@@ -280,7 +280,8 @@ def _research_section(report: dict) -> list[str]:
                  "seeds on this CPU: trained parameters, seconds per training epoch (with "
                  "other jobs on the machine: rough), and the process's peak resident memory.")
     low = res.get("low_resource", {}).get("sst2", {})
-    lines += ["", f"**Low resource** (the first {LOW_RESOURCE} SST-2 training sentences):", "",
+    lines += ["", f"**Low resource** (the first {LOW_RESOURCE} SST-2 training sentences in file "
+              "order, both labels well represented; dev and test as above):", "",
               "| | dev accuracy | test accuracy |", "|---|---|---|"]
     for v in ("slm_alone", "pifi"):
         e = low.get(v, {})
@@ -290,8 +291,9 @@ def _research_section(report: dict) -> list[str]:
         if a and b:
             lines.append(f"\n{_verdict(a, b, f'PiFi - SLM alone, {split}')}")
     xd = res.get("cross_domain", {}).get("sst2", {})
-    lines += ["", "**Cross-domain** (trained on SST-2, scored on UCI IMDB; the paper's IMDB -> "
-              "Tweet claim at our scale):", "",
+    lines += ["", "**Cross-domain** (trained on SST-2, scored on UCI IMDB, whose 0/1 labels "
+              "mean negative/positive as SST-2's do; the paper's IMDB -> Tweet claim at our "
+              "scale):", "",
               "| | SST-2 test | UCI IMDB | cost |", "|---|---|---|---|"]
     for v in ("slm_alone", "pifi"):
         e = xd.get(v, {})
@@ -303,6 +305,7 @@ def _research_section(report: dict) -> list[str]:
     variants = res.get("variants", {})
     lines += ["", "**Variants** against PiFi with one layer and linear adapters (the main rows):",
               "", "| task | variant | dev | test | UCI IMDB | cost |", "|---|---|---|---|---|---|"]
+    verdicts = []
     for task in ("sst2", "cola"):
         base = report.get("main", {}).get(task, {})
         for v in ("slm_alone", "pifi"):
@@ -319,8 +322,8 @@ def _research_section(report: dict) -> list[str]:
             for split in ("dev", "test"):
                 a, b = base.get("pifi", {}).get(split), e.get(split)
                 if a and b:
-                    lines.append(f"\n{_verdict(a, b, f'{task} {v} - PiFi (1 layer), {split}')}")
-    return lines
+                    verdicts.append(f"- {_verdict(a, b, f'{task} {v} - PiFi (1 layer), {split}')}")
+    return lines + [""] + verdicts
 
 
 def render_markdown(report: dict) -> str:
