@@ -12,8 +12,8 @@ from pifi_fast import PiFiModel, kernels
 INTERPRETER = kernels.HAS_TRITON and kernels.interpreting()
 TASKS = ["classification", "question_answering", "token_classification", "seq2seq"]
 OPTIONS = [{}, {"recompute": "mlp"}, {"chunk_tokens": 3}, {"attention": "sdpa"},
-           {"weights": "int8"}, {"layers": [0, 2]}, {"adapter": "mlp"}] + ([{"kernels": "triton", "gemm": "triton"}] if INTERPRETER
-                                   else [])
+           {"weights": "int8"}, {"layers": [0, 2]}, {"adapter": "mlp"}]
+OPTIONS += [{"kernels": "triton", "gemm": "triton"}] if INTERPRETER else []
 
 
 def _model(task, **options):
