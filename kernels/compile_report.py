@@ -22,7 +22,9 @@ saves Markdown and JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import os
 import re
@@ -131,12 +133,16 @@ def compile_one(target: Target, launch) -> dict:
            "config": launch.config, "warps": launch.num_warps, "stages": launch.num_stages,
            "shared_limit": target.shared_limit}
     t0 = time.perf_counter()
+    log = io.StringIO()
     try:
         signature, constexprs, attrs = triton_signature(launch)
-        compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", target.capability, 32),
-                                  options={"num_warps": launch.num_warps,
-                                           "num_stages": launch.num_stages})
+        # Triton runs ptxas -v itself (with the flags of the real cubin); its log, printed when
+        # dump_ptxas_log is on, gives the numbers without a second ptxas run
+        with _ptxas_log_on(), contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", target.capability, 32),
+                                      options={"num_warps": launch.num_warps,
+                                               "num_stages": launch.num_stages})
     except Exception as exc:  # a compile error is a finding, not a crash of the report
         row.update(ok=False, problem=f"compile error: {type(exc).__name__}: "
                    f"{str(exc).splitlines()[0][:300] if str(exc) else ''}",
@@ -144,15 +150,19 @@ def compile_one(target: Target, launch) -> dict:
         return row
     row["compile_s"] = round(time.perf_counter() - t0, 2)
     ptx = compiled.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        res = subprocess.run([_ptxas(), "-v", f"--gpu-name={target.ptxas_arch}", str(src), "-o",
-                              str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
-    if res.returncode != 0:
-        row.update(ok=False, problem=f"ptxas failed: {res.stderr.strip()[:300]}")
-        return row
-    row.update(parse_ptxas(res.stderr))
+    ptxas_log = log.getvalue()
+    if "Used" not in ptxas_log:  # a cache hit (no ptxas run) or an older Triton: run it here
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "k.ptx"
+            src.write_text(ptx)
+            res = subprocess.run([_ptxas(), "-v", f"--gpu-name={target.ptxas_arch}", str(src),
+                                  "-o", str(Path(tmp) / "k.cubin")], capture_output=True,
+                                 text=True)
+        if res.returncode != 0:
+            row.update(ok=False, problem=f"ptxas failed: {res.stderr.strip()[:300]}")
+            return row
+        ptxas_log = res.stderr
+    row.update(parse_ptxas(ptxas_log))
     row["shared_bytes"] = int(compiled.metadata.shared)
     row["tensor_cores"] = tensor_core_kind(ptx) if launch.uses_dot else "-"
     problems = []
@@ -167,6 +177,23 @@ def compile_one(target: Target, launch) -> dict:
     row["ok"] = not problems
     row["problem"] = "; ".join(problems)
     return row
+
+
+@contextlib.contextmanager
+def _ptxas_log_on():
+    """Triton's knobs.nvidia.dump_ptxas_log switched on for one compile (when it exists)."""
+    from triton import knobs
+
+    nvidia = getattr(knobs, "nvidia", None)
+    if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
+        yield
+        return
+    old = nvidia.dump_ptxas_log
+    nvidia.dump_ptxas_log = True
+    try:
+        yield
+    finally:
+        nvidia.dump_ptxas_log = old
 
 
 # -- running many, in worker processes ---------------------------------------------------------
