@@ -170,6 +170,17 @@ if HAS_TRITON:
 
     from ._round import to_dtype
 
+    @triton.jit
+    def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of this program in grouped order: consecutive programs share rows of
+        A in L2 (the GEMMs here and in quant.py)."""
+        pid = tl.program_id(0)
+        n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = GROUP_M * n_n
+        first_m = (pid // group) * GROUP_M
+        size_m = min(n_m - first_m, GROUP_M)
+        return first_m + (pid % group) % size_m, (pid % group) // size_m
+
     # Tuned once per (rounded-up M, N, K, epilogue, dtypes): packed batches change M with every
     # batch, and re-tuning for each exact M would cost more than it gains.
     @triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "IEEE"],
@@ -180,14 +191,7 @@ if HAS_TRITON:
                      EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # grouped tile order: consecutive programs share rows of A in L2
-        pid = tl.program_id(0)
-        n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * n_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
+        pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         # 64-bit offsets only in the per-program scalar bases; in-tile offsets stay 32-bit
         # (BLOCK x row stride < 2^31), which halves the registers the epilogue's address tiles
         # take and keeps the SwiGLU-backward epilogue out of local memory

@@ -199,6 +199,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._round import to_dtype
+    from .gemm import grouped_tile
 
     @triton.autotune(configs=_all_configs(),
                      key=["M_BUCKET", "N", "K", "TRANSPOSED", "FP8", "FINE"],
@@ -210,14 +211,7 @@ if HAS_TRITON:
                              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # grouped tile order: consecutive programs share rows of A in L2
-        pid = tl.program_id(0)
-        n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * n_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(n_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % group) % size_m
-        pid_n = (pid % group) // size_m
+        pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         row0 = (pid_m * BLOCK_M).to(tl.int64)
         lm = tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

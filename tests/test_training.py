@@ -234,14 +234,21 @@ def test_trainer_checkpoints_are_pifi_checkpoints_and_resume(tiny_models, tmp_pa
     assert PiFiModel.from_pretrained(tmp_path / "b").labels is None
 
 
-def test_question_answering_and_seq2seq_runs(tiny_models, tmp_path):
-    ctx = "the film was shot in paris in the spring of 1999 by a small crew"
+def _qa_folder(tmp_path, ctx: str, copies: int):
+    """A train/dev folder of one SQuAD-style example repeated ("where was it shot?" -> paris),
+    and its records."""
     qa = [{"question": "where was it shot?", "context": ctx,
-           "answers": {"text": ["paris"], "answer_start": [ctx.index("paris")]}}] * 12
+           "answers": {"text": ["paris"], "answer_start": [ctx.index("paris")]}}] * copies
     folder = tmp_path / "qa"
     folder.mkdir()
     for split in ("train", "dev"):
         (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in qa))
+    return folder, qa
+
+
+def test_question_answering_and_seq2seq_runs(tiny_models, tmp_path):
+    ctx = "the film was shot in paris in the spring of 1999 by a small crew"
+    folder, _ = _qa_folder(tmp_path, ctx, copies=12)
     res = train(TrainConfig(data=str(folder), task="question_answering", slm=tiny_models["bert"],
                             llm=tiny_models["llama"], epochs=8, batch_size=4, lr=3e-3,
                             output_dir=str(tmp_path / "qa_run"), test_split=None,
@@ -383,12 +390,7 @@ def test_qa_with_the_answer_in_the_last_window(tiny_models, tmp_path):
     the model learns it (F1 100); the authors' truncation cannot reach it."""
     filler = " ".join(f"word{i}" for i in range(60))
     ctx = f"{filler} the film was shot in paris by a small crew"
-    qa = [{"question": "where was it shot?", "context": ctx,
-           "answers": {"text": ["paris"], "answer_start": [ctx.index("paris")]}}] * 8
-    folder = tmp_path / "qa"
-    folder.mkdir()
-    for split in ("train", "dev"):
-        (folder / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in qa))
+    folder, qa = _qa_folder(tmp_path, ctx, copies=8)
     common = dict(data=str(folder), task="question_answering", slm=tiny_models["bert"],
                   llm=tiny_models["llama"], epochs=10, batch_size=4, lr=3e-3,
                   test_split=None, head_dropout=0.0, no_dropout=True, max_length=64,
