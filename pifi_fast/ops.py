@@ -30,9 +30,12 @@ Saved between forward and backward (memory modes):
                       same way, the Hugging Face layer with SDPA keeps 152,456 B).
     recompute="mlp"   the same without gu (re-made in backward from x2 with one extra gate/up
                       GEMM): 28,688 B per token.
-Attention keeps nothing of its own: backward re-runs the attention forward under autograd and
-differentiates it. That costs one extra attention forward (about 2 % of the layer's FLOPs at
-512 tokens) and lets every backend (flash-attn, PyTorch varlen, SDPA) be used unchanged.
+On GPU attention keeps nothing of its own: backward re-runs the attention forward under
+autograd and differentiates it. That costs one extra attention forward (about 2 % of the layer's
+FLOPs at 512 tokens) and lets every backend (flash-attn, PyTorch varlen, SDPA) be used unchanged.
+On CPU (eager, recompute="none") the attention's autograd graph is kept from forward instead
+(its output and log-sum-exp, and with padding SDPA's padded q/k/v copies), because there the
+re-run forward cost 7-9 % of the layer's forward + backward; see _forward.
 
 CLS mode (every sequence is one token) takes the exact shortcut: softmax over one key is 1 and
 RoPE never touches v, so attention is v repeated over each KV head's query group.
@@ -141,6 +144,11 @@ def gemm_path(device, dtype) -> str:
     return "triton" + (f" (+ cuBLAS for {', '.join(missing)})" if missing else "")
 
 
+# Device types on which the eager layer keeps attention's autograd graph for backward instead of
+# re-running the attention forward there (recompute="none" only; see _forward).
+KEEP_ATTENTION_GRAPH = {"cpu"}
+
+
 class FrozenLayerFunction(torch.autograd.Function):
     """The whole frozen decoder layer on packed tokens as one autograd node; backward returns
     only dx. apply(x (T, H), positions (T,), run: LayerRun)."""
@@ -151,7 +159,10 @@ class FrozenLayerFunction(torch.autograd.Function):
         if run.gemm == "triton" and not kernels.can_run(x):
             raise RuntimeError("gemm='triton' needs triton and a CUDA tensor (or Triton's "
                                f"interpreter); got a {x.device.type} tensor. Use gemm='cublas'.")
-        out, saved = _forward(run, x, positions)
+        # CPU: attention's autograd graph is kept for backward (see _forward)
+        keep = (run.needs_grad and run.recompute == "none"
+                and x.device.type in KEEP_ATTENTION_GRAPH)
+        out, saved = _forward(run, x, positions, keep_attention=keep)
         ctx.run = run
         ctx.save_for_backward(*saved)
         return out
@@ -275,7 +286,14 @@ def _attend(run, q, k, v):
     return attn.attention(q, k, v, run.segments, layer.scaling, run.causal, run.attention)
 
 
-def _forward(run, x, positions):
+def _forward(run, x, positions, keep_attention: bool = False):
+    """(out, saved tensors). keep_attention: attention runs under autograd and its graph is
+    kept in run.attention_graph, so backward differentiates it instead of re-running the
+    attention forward. FrozenLayerFunction asks for it on CPU with recompute="none"
+    (KEEP_ATTENTION_GRAPH): there the re-run forward cost 7-9 % of a layer's forward + backward
+    (2 cores, 4 x 512 tokens, SmolLM2 and Qwen2-0.5B shapes) and memory rarely binds; the GPU
+    and recompute="mlp" keep the recompute (no extra saved bytes). The custom op that
+    torch.compile traces cannot carry a graph from forward to backward: it recomputes."""
     layer, impl = run.layer, run.impl
     t = x.shape[0]
     h, _, rstd1 = impl.rms_fwd(x, layer.input_norm_weight, layer.eps)
@@ -288,7 +306,14 @@ def _forward(run, x, positions):
     else:
         qkv = _proj(run, h, layer.weight("qkv"), layer.qkv_bias)
         rotated = _qkv_rotated(run, impl, qkv, positions)
-        a = _attend(run, *_heads(layer, rotated)).reshape(t, layer.q_size)
+        if keep_attention:
+            with torch.enable_grad():
+                q, k, v = (p.detach().requires_grad_() for p in _heads(layer, rotated))
+                o = _attend(run, q, k, v)
+            run.attention_graph = (o, (q, k, v))
+            a = o.detach().reshape(t, layer.q_size)
+        else:
+            a = _attend(run, *_heads(layer, rotated)).reshape(t, layer.q_size)
         if layer.q_norm_weight is None:
             qkv = rotated  # save the rotated buffer: backward needs no re-rotation
     x2 = _proj(run, a, layer.weight("o"), layer.o_bias, residual=x)
@@ -304,30 +329,42 @@ def _chunks(run, t: int):
     """Token ranges for the MLP block: its (T, I)-sized temporaries (the SwiGLU output, dm,
     [dg | du], a recomputed gu) then exist for one chunk at a time, which bounds the layer's
     peak memory; chunks of a few thousand tokens keep the GEMMs large."""
-    step = run.chunk_tokens or t
+    most = run.chunk_tokens or t
+    step = -(-t // -(-t // most))  # equal chunks of at most `most` (no short tail chunk)
     return [(s, min(s + step, t)) for s in range(0, t, step)]
 
 
 def _mlp_forward(run, x2, keep_gu):
     """out = x2 + swiglu(rms(x2) @Wgu) @Wd, chunked over tokens; returns out, the fp32 1/rms
     and gu when it is to be kept for backward."""
-    layer, impl = run.layer, run.impl
+    layer = run.layer
     t, inter = x2.shape[0], layer.config.intermediate_size
+    chunks = _chunks(run, t)
+    if len(chunks) == 1:  # one chunk: its results are the outputs (no copies into buffers)
+        return _mlp_chunk(run, x2, keep_gu)
     out = torch.empty_like(x2)
     rstd2 = torch.empty(t, dtype=torch.promote_types(x2.dtype, torch.float32), device=x2.device)
     gu = torch.empty(t, 2 * inter, dtype=x2.dtype, device=x2.device) if keep_gu else None
-    for s, e in _chunks(run, t):
-        h2, _, rstd2[s:e] = impl.rms_fwd(x2[s:e], layer.post_norm_weight, layer.eps)
-        if not keep_gu and _triton_gemm(run, h2, "swiglu"):
-            # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
-            m = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias, epilogue="swiglu")
-        else:
-            g = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
-            if keep_gu:
-                gu[s:e] = g
-            m = impl.swiglu_fwd(g)
-        out[s:e] = _proj(run, m, layer.weight("down"), layer.down_bias, residual=x2[s:e])
+    for s, e in chunks:
+        out[s:e], rstd2[s:e], g = _mlp_chunk(run, x2[s:e], keep_gu)
+        if keep_gu:
+            gu[s:e] = g
     return out, rstd2, gu
+
+
+def _mlp_chunk(run, x2, keep_gu):
+    """(out, rstd2, gu or None) of the MLP block on the tokens x2."""
+    layer, impl = run.layer, run.impl
+    h2, _, rstd2 = impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
+    g = None
+    if not keep_gu and _triton_gemm(run, h2, "swiglu"):
+        # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
+        m = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias, epilogue="swiglu")
+    else:
+        g = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
+        m = impl.swiglu_fwd(g)
+    out = _proj(run, m, layer.weight("down"), layer.down_bias, residual=x2)
+    return out, rstd2, g if keep_gu else None
 
 
 def _mlp_input_grad(run, dout, x2, rstd2, gu):
@@ -354,11 +391,17 @@ def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
         dh = _proj_input_grad(run, dv.reshape(t, layer.kv_size), w_v)
     else:
         qk_norm = layer.q_norm_weight is not None
-        rotated = _qkv_rotated(run, impl, qkv, positions) if qk_norm else qkv
-        with _autograd_admitted(), torch.enable_grad():
-            q, k, v = (p.detach().requires_grad_() for p in _heads(layer, rotated))
-            o = _attend(run, q, k, v)
-            dq, dk, dv = torch.autograd.grad(o, (q, k, v), da.view_as(o))
+        graph = getattr(run, "attention_graph", None)
+        if graph is not None:  # kept by forward (keep_attention); usable for one backward
+            run.attention_graph = None
+            o, leaves = graph
+            dq, dk, dv = torch.autograd.grad(o, leaves, da.view_as(o))
+        else:
+            rotated = _qkv_rotated(run, impl, qkv, positions) if qk_norm else qkv
+            with _autograd_admitted(), torch.enable_grad():
+                q, k, v = (p.detach().requires_grad_() for p in _heads(layer, rotated))
+                o = _attend(run, q, k, v)
+                dq, dk, dv = torch.autograd.grad(o, (q, k, v), da.view_as(o))
         dqkv = torch.cat((dq.reshape(t, -1), dk.reshape(t, -1), dv.reshape(t, -1)), -1)
         impl.rope_(dqkv, positions, run.cos, run.sin, layer.num_heads, layer.num_kv_heads,
                    layer.head_dim, transpose=True)

@@ -59,7 +59,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: str | None = None  # comma list of SLM module names (default: peft's for it)
     chunk_tokens: int = -1  # fused layer: MLP block over this many tokens at a time (-1: auto,
-    # 4096 on CUDA and 256 on CPU; 0: all at once)
+    # 4096 on CUDA, on CPU by bytes: see FrozenLlamaLayer; 0: all at once)
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
     seed: int = 42
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16; with
