@@ -91,8 +91,13 @@ def research_rows(args, runs_dir: Path, common: dict) -> dict:
             if variant == "slm_alone":
                 cfg["llm"] = None
             tag = {"low_resource": "lowres-", "cross_domain": "xd-"}.get(group, "")
-            r = run(f"{task}-{tag}{variant}-s{seed}", runs_dir,
-                    cross=CROSS if task == "sst2" else None, **cfg)
+            name = f"{task}-{tag}{variant}-s{seed}"
+            if args.variants and variant not in args.variants and group == "variants":
+                # not asked for in this call: reported if finished, never trained
+                done = runs_dir / name / "results.json"
+                r = json.loads(done.read_text()) if done.is_file() else None
+            else:
+                r = run(name, runs_dir, cross=CROSS if task == "sst2" else None, **cfg)
             if r is not None:
                 results.append(r)
         if results:
@@ -114,6 +119,9 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--only", choices=["main", "ablations", "epoch_time", "quant", "research"],
                    default=None)
+    p.add_argument("--variants", nargs="+", choices=list(RESEARCH), default=None,
+                   help="--only research: train only these variants (the others are reported "
+                        "from finished runs); default all")
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "replication"))
     p.add_argument("--report-only", action="store_true",
                    help="rebuild docs/replication.json from finished runs; train nothing")
