@@ -9,6 +9,8 @@
   pifi-fast push   upload a saved model with its model card to the Hugging Face Hub
   pifi-fast bench  the benchmark workloads against the reference and the Hugging Face layer:
                    a table, JSON, Markdown and PNG plots in a folder (see pifi_fast.bench)
+  pifi-fast breakdown  where a training step's time goes (SLM, adapters, layer, head,
+                   optimizer, the rest): table, JSON and a stacked-bar plot
   pifi-fast kernels  compile every Triton kernel configuration for five GPU targets (no GPU
                    needed): registers, spills, shared memory, tensor cores; Markdown + JSON
   pifi-fast info   versions, extension and device status
@@ -302,6 +304,29 @@ def bench(args) -> int:
     return 0
 
 
+def breakdown_cmd(args) -> int:
+    from pifi_fast.bench import breakdown
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = []
+    for pair in args.pairs:
+        for impl in args.impls:
+            print(f"timing {pair} {impl} ({args.reps} steps after one warm-up) ...", flush=True)
+            results.append(breakdown.step_breakdown(pair, impl, args.sentences, args.reps,
+                                                    device))
+    table = breakdown.markdown(results)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "breakdown.md").write_text(table)
+        (out / "breakdown.json").write_text(json.dumps(results, indent=1))
+        if breakdown.plot(results, out / "breakdown.png"):
+            print(f"wrote {out / 'breakdown.png'}")
+        print(f"wrote {out / 'breakdown.md'}, {out / 'breakdown.json'}")
+    return 0
+
+
 def kernels_cmd(args) -> int:
     from tqdm import tqdm
 
@@ -347,6 +372,14 @@ def info(args) -> int:
     print(f"Triton kernels: {'used on CUDA' + interp if kernels.HAS_TRITON else 'not installed'}")
     usable = ", ".join(attention.available_backends(device))
     print(f"attention backends usable on {device}: {usable}")
+    from pifi_fast.ops import KEEP_ATTENTION_GRAPH
+
+    kept = device in KEEP_ATTENTION_GRAPH
+    print(f"fused layer backward on {device}: "
+          + ("attention's graph kept from forward (recompute='none'; 'mlp' re-runs it)" if kept
+             else "attention forward re-run (nothing of attention saved)")
+          + "; MLP chunks (chunk_tokens='auto'): "
+          + ("4096 tokens" if device == "cuda" else "one fp32 tokens x 2I temporary <= 128 MiB"))
     if torch.cuda.is_available():
         from pifi_fast.ops import gemm_path
 
@@ -449,6 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start no case after this many seconds (the rest are marked skipped); "
                         "the target-shape cases run first (default: no limit)")
     p.set_defaults(func=bench)
+    p = sub.add_parser("breakdown", help="where a PiFi training step's time goes: SLM, "
+                       "adapters, frozen layer, head, optimizer, the rest")
+    p.add_argument("--pairs", nargs="+", default=["minilm+smollm2"],
+                   choices=["minilm+smollm2", "bert-base+llama-3.1-8b", "tiny"],
+                   help="SLM + LLM-layer pairs of the W4 benchmark (default: %(default)s)")
+    p.add_argument("--impls", nargs="+", default=["pifi_fast", "hf_sdpa", "authors"],
+                   choices=["pifi_fast", "hf_sdpa", "authors"],
+                   help="pifi_fast, the reference (hf_sdpa) or the authors' setup (default: "
+                        "all three)")
+    p.add_argument("--sentences", type=int, default=32, help="batch size, SST-2 sentence "
+                   "lengths (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--out", default=None, help="folder for breakdown.md/.json/.png (default: "
+                   "print only)")
+    p.set_defaults(func=breakdown_cmd)
     from pifi_fast.kernels.compile_report import DTYPES, TARGETS
 
     p = sub.add_parser("kernels", help="compile every Triton kernel for GPU targets (no GPU "

@@ -105,3 +105,119 @@ def test_liger_baseline_swaps_liger_modules_into_a_copy_sharing_the_weights():
     with workloads._liger_rope(liger):
         assert module.apply_rotary_pos_emb is not before
     assert module.apply_rotary_pos_emb is before
+
+
+def _w4_keys(level, device_type):
+    from pifi_fast.bench import workloads
+
+    cases = workloads.all_cases(level, torch.device(device_type), torch.float32, ("W4",))
+    return {(c.variant, c.shape, c.impl) for c in cases}
+
+
+def test_w4_lists_compiled_qa_cuda_graph_and_epoch_rows_per_device():
+    """Issue 10, item 5: eager and compiled pifi_fast and reference, CUDA graphs (GPU),
+    authors; classification, QA at 384 and the SST-2 epoch; the epoch rows in the CPU's full
+    list only (about 20 minutes there)."""
+    cpu, gpu, full = (_w4_keys("quick", "cpu"), _w4_keys("quick", "cuda"),
+                      _w4_keys("full", "cpu"))
+    real = "minilm+smollm2"
+    for impl in ("pifi_fast", "pifi_fast_compiled", "hf_sdpa", "hf_compile", "authors"):
+        for variant in ("train step", "inference", "qa train step"):
+            assert (variant, real, impl) in cpu, (variant, impl)
+        assert ("sst2 epoch", real, impl) in gpu and ("sst2 epoch", real, impl) in full
+        assert ("sst2 epoch", real, impl) not in cpu
+    assert ("inference", real, "pifi_fast_cudagraphs") in cpu  # (skipped there, saying why)
+    assert ("train step", real, "pifi_fast_cudagraphs") not in gpu
+    big = "bert-base+llama-3.1-8b"
+    assert ("train step", big, "pifi_fast_compiled") in gpu
+    assert ("train step", big, "pifi_fast_compiled") not in cpu  # minutes of compiling there
+    assert ("qa train step", big, "hf_sdpa") in gpu
+
+
+def test_w4_compiled_qa_step_runs_the_model_under_torch_compile_with_eager_gradients():
+    from pifi_fast.bench import workloads
+
+    cpu = torch.device("cpu")
+    grads = {}
+    for impl in ("pifi_fast", "pifi_fast_compiled"):
+        built = workloads._build_w4("tiny", 2, "qa train step", impl, cpu, torch.float32)
+        assert built["tokens"] == 2 * workloads.QA_TOKENS and built["reps"] <= 3
+        model = workloads._pifi_models("tiny", "cpu", "float32", "question_answering")[0][
+            "pifi_fast"]
+        model.eval()  # dropout off: the two steps must see the same function
+        built["fn"]()
+        grads[impl] = {n: p.grad.clone() for n, p in model.named_parameters()
+                       if p.grad is not None}
+    assert grads["pifi_fast"].keys() == grads["pifi_fast_compiled"].keys()
+    for name, g in grads["pifi_fast"].items():
+        torch.testing.assert_close(grads["pifi_fast_compiled"][name], g, rtol=1e-4, atol=1e-5)
+
+
+def test_w4_epoch_rows_train_one_epoch_per_implementation(monkeypatch, tmp_path):
+    """The epoch rows run pifi_fast.train for one epoch with each implementation's options
+    (training itself is tested elsewhere; here: the wiring, and one call per timed run)."""
+    import pifi_fast.train as train_mod
+    from pifi_fast.bench import workloads
+
+    seen = []
+    monkeypatch.setattr(train_mod, "train", lambda cfg: seen.append(cfg) or {
+        "history": [{"epoch_seconds": 1.5}]})
+    monkeypatch.setattr(workloads, "_sst2_train_tokens", lambda: 123)
+    (tmp_path / "sst2").mkdir()
+    monkeypatch.setenv("PIFI_FAST_DATA", str(tmp_path))
+    for impl in ("pifi_fast", "pifi_fast_compiled", "hf_sdpa", "hf_compile", "authors"):
+        built = workloads._build_epoch("minilm+smollm2", 6920, "sst2 epoch", impl,
+                                       torch.device("cpu"), torch.float32)
+        assert (built["reps"], built["warmup"], built["peak_memory"]) == (1, 0, False)
+        built["fn"]()
+        assert built["training_loop"] == {"seconds": 1.5}
+    assert [(c.epochs, c.data, c.compile, c.implementation, c.authors_setup) for c in seen] == [
+        (1, "sst2", False, "fast", False), (1, "sst2", True, "fast", False),
+        (1, "sst2", False, "reference", False), (1, "sst2", True, "reference", False),
+        (1, "sst2", False, "fast", True)]
+    monkeypatch.setenv("PIFI_FAST_DATA", str(tmp_path / "nothing"))
+    assert "skip" in workloads._build_epoch("minilm+smollm2", 6920, "sst2 epoch", "pifi_fast",
+                                            torch.device("cpu"), torch.float32)
+
+
+def test_measure_case_takes_a_cases_repetitions_and_skips_the_peak_call():
+    from pifi_fast.bench.workloads import Case
+
+    calls = []
+    case = Case("W4", "sst2 epoch", "x", 1, "pifi_fast", build=None)
+    row = report.measure_case(case, {"fn": lambda: calls.append(1), "tokens": 10, "reps": 1,
+                                     "warmup": 0, "peak_memory": False},
+                              torch.device("cpu"), 5, {})
+    assert len(calls) == 1 and row["reps"] == 1 and row["peak_memory_bytes"] is None
+    calls.clear()
+    report.measure_case(case, {"fn": lambda: calls.append(1), "tokens": 10},
+                        torch.device("cpu"), 4, {})
+    assert len(calls) == 2 + 4 + 1  # warmup, timed, the peak-memory call
+
+
+def test_variants_are_set_against_eager_pifi_fast():
+    rows = [{"group": "g", "impl": i, "median_s": t} for i, t in
+            (("pifi_fast", 2.0), ("pifi_fast_compiled", 1.0), ("hf_sdpa", 4.0))]
+    report.add_speedups(rows)
+    assert rows[0]["speedup_vs"] == {"hf_sdpa": 2.0}
+    assert rows[1]["speedup_vs"] == {"hf_sdpa": 4.0, "pifi_fast": 2.0}
+
+
+def test_breakdown_parts_add_up_to_the_step_and_the_cli_writes_them(tmp_path):
+    """pifi-fast breakdown: every part measured (the frozen layer, the SLM and the optimizer
+    take time), parts and 'other' sum to the step, for pifi_fast and the reference."""
+    from pifi_fast.bench.breakdown import PARTS
+
+    out = tmp_path / "bd"
+    assert main(["breakdown", "--pairs", "tiny", "--impls", "pifi_fast", "hf_sdpa",
+                 "--sentences", "4", "--reps", "2", "--device", "cpu", "--out", str(out)]) == 0
+    results = json.loads((out / "breakdown.json").read_text())
+    assert [r["impl"] for r in results] == ["pifi_fast", "hf_sdpa"]
+    for r in results:
+        m = r["median_s"]
+        assert m["llm_layer"] > 0 and m["slm"] > 0 and m["optimizer"] > 0
+        # medians of sums vs sums of medians: equal up to the spread of two steps
+        parts = sum(m[k] for k in (*PARTS, "optimizer", "other"))
+        assert abs(parts - m["total"]) <= 0.5 * m["total"], (parts, m["total"])
+    assert "frozen layer" in (out / "breakdown.md").read_text()
+    assert (out / "breakdown.png").stat().st_size > 0

@@ -13,7 +13,7 @@ def _subparsers():
 
 def test_every_option_of_every_command_has_help_with_its_default():
     parser, commands = _subparsers()
-    assert {"train", "eval", "demo", "bench", "kernels", "info"} <= set(commands)
+    assert {"train", "eval", "demo", "bench", "breakdown", "kernels", "info"} <= set(commands)
     missing = []
     for name, sub in commands.items():
         for action in sub._actions:
@@ -37,3 +37,13 @@ def test_choices_and_builtin_names_are_listed():
         assert fragment in help_text, fragment
     top = parser.format_help()
     assert "examples:" in top and all(c in top for c in ("train", "eval", "kernels"))
+
+
+def test_info_says_which_backward_path_the_fused_layer_runs_here(capsys, monkeypatch):
+    from pifi_fast import ops
+
+    assert cli.main(["info"]) == 0
+    assert "fused layer backward on cpu: attention's graph kept" in capsys.readouterr().out
+    monkeypatch.setattr(ops, "KEEP_ATTENTION_GRAPH", set())
+    assert cli.main(["info"]) == 0
+    assert "fused layer backward on cpu: attention forward re-run" in capsys.readouterr().out

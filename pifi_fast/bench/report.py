@@ -49,10 +49,14 @@ def ceilings(device: torch.device, dtype: torch.dtype) -> dict:
 def measure_case(case, built: dict, device: torch.device, reps: int, ceil: dict) -> dict:
     """Time a built case and turn it into a result row (shared by the CLI and pytest suite)."""
     fn = built.pop("fn")
+    # a case may ask for fewer repetitions (W4 on CPU, the one-epoch rows: seconds to minutes
+    # per call) and no extra call for the peak-memory figure
+    reps, warmup = min(reps, built.pop("reps", reps)), built.pop("warmup", 2)
+    with_peak = built.pop("peak_memory", True)
     row = {"workload": case.workload, "variant": case.variant, "shape": case.shape,
            "size": case.size, "impl": case.impl, "group": case.group, **built}
-    row.update(measure(fn, device, warmup=2, reps=reps))
-    row["peak_memory_bytes"] = peak_memory(fn, device)
+    row.update(measure(fn, device, warmup=warmup, reps=reps))
+    row["peak_memory_bytes"] = peak_memory(fn, device) if with_peak else None
     row["tokens_per_s"] = row["tokens"] / row["median_s"]
     if "flops" in row:
         row["pct_of_ceiling"] = 100 * row["flops"] / row["median_s"] / ceil["matmul_flop_per_s"]
@@ -98,7 +102,7 @@ def run(cases, device: torch.device, reps: int, ceil: dict, progress=None,
 
 def add_speedups(rows: list[dict]) -> None:
     """speedup_vs[b] = median(b) / median(ours) within each group, same run, for pifi_fast and
-    its variants (pifi_fast_mlp, pifi_fast_tgemm)."""
+    its variants (pifi_fast_mlp, pifi_fast_tgemm, pifi_fast_compiled, ...)."""
     by_group: dict[str, dict[str, dict]] = {}
     for r in rows:
         if "median_s" in r:
@@ -106,8 +110,11 @@ def add_speedups(rows: list[dict]) -> None:
     for impls in by_group.values():
         for name, ours in impls.items():
             if name.startswith("pifi_fast"):
+                # a variant (recompute="mlp", compiled, 8-bit, ...) is also set against plain
+                # eager pifi_fast: its cost or gain over the default
+                bases = BASELINES + (("pifi_fast",) if name != "pifi_fast" else ())
                 ours["speedup_vs"] = {b: impls[b]["median_s"] / ours["median_s"]
-                                      for b in BASELINES if b in impls}
+                                      for b in bases if b in impls}
 
 
 # The fused-layer issue's speed and memory targets, read off one run's rows: (what, workload,

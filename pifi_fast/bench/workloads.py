@@ -4,7 +4,10 @@
      dense (rows of 512) and with real padding (SST-2 sentence lengths, padded to the batch max)
   W2 CLS mode (one token per row) forward + backward
   W3 each op of the layer alone, against the ceilings measured in the same run
-  W4 a whole PiFi training step (forward + backward) and an inference batch
+  W4 a whole PiFi step: classification training step (forward + backward + nothing else: the
+     optimizer is the same for all) and inference batch on SST-2 sentence lengths, the QA
+     training step on 384-token windows, and one whole SST-2 training epoch with evaluation
+     (through pifi_fast.train: optimizer, data loading and all), eager and under torch.compile
 
 Implementations compared in one run:
   pifi_fast   FrozenLlamaLayer / pifi_fast.PiFiModel (today: its plain PyTorch path, since the
@@ -87,7 +90,7 @@ def size_lists(level: str, device: torch.device) -> dict:
     gpu = device.type == "cuda"
     if level == "tiny":  # CI smoke run on CPU: seconds
         return {"shapes": ["smollm2-135m"], "dense": [128], "padded": [8], "cls": [4],
-                "kernel_tokens": [128], "w4_sentences": [4], "w4_shapes": ["tiny"],
+                "kernel_tokens": [128], "w4_sentences": [4], "w4_shapes": ["tiny"], "w4_qa": 2,
                 "impls": ("pifi_fast", "hf_sdpa", "hf_eager", "authors"), "reps": 3}
     if level == "quick":
         return {"shapes": list(LLM_SHAPES) if gpu else ["smollm2-135m", "qwen2-0.5b"],
@@ -98,6 +101,9 @@ def size_lists(level: str, device: torch.device) -> dict:
                 # Inputs larger than the caches, so memory-bound ops meet the copy ceiling.
                 "kernel_tokens": [16384] if gpu else [8192],
                 "w4_sentences": [32], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
+                # QA train step: 8 windows of 384; the one-epoch rows take ~20 minutes on 2 CPU
+                # cores (5 implementations): in the quick list on GPU, the full one on CPU
+                "w4_qa": 8, "w4_epoch": gpu,
                 "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + QUANT_IMPLS
                 + BASELINES,
                 "reps": 10 if gpu else 5}
@@ -109,6 +115,7 @@ def size_lists(level: str, device: torch.device) -> dict:
                 "cls": [1, 2, 4, 8, 16, 32, 64, 128, 256],
                 "kernel_tokens": [4096, 32768] if gpu else [8192, 32768],
                 "w4_sentences": [32, 128], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
+                "w4_qa": 8, "w4_epoch": True,
                 "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + QUANT_IMPLS
                 + BASELINES,
                 "reps": 20 if gpu else 7}
@@ -514,7 +521,7 @@ def _gemm_choice_case(layer, op, impl, rand, t, h, inter):
 
 # -- W4: a whole PiFi step ------------------------------------------------------------------------
 @functools.lru_cache(maxsize=2)
-def _pifi_models(pair: str, device_str: str, dtype_str: str):
+def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classification"):
     from transformers import BertConfig
 
     from pifi_fast import PiFiModel, reference
@@ -537,64 +544,187 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str):
     else:
         raise ValueError(pair)
     torch.manual_seed(0)
-    authors = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm32), attend_to_padding=True)
+    authors = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm32), task=task,
+                                             attend_to_padding=True)
     llm = copy.deepcopy(llm32)
     llm.module.to(dtype)
-    fast = PiFiModel.from_parts(slm, llm, llm_dtype=dtype)
-    ref = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), llm_dtype=dtype)
+    fast = PiFiModel.from_parts(slm, llm, task=task, llm_dtype=dtype)
+    ref = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task, llm_dtype=dtype)
     fast.load_state_dict(authors.state_dict())
     ref.load_state_dict(authors.state_dict())
     models = {"pifi_fast": fast, "hf_sdpa": ref, "authors": authors}
     if pair != "tiny":  # the same model with the frozen layer in 8 bits (quantized on load)
         for mode in ("int8", "fp8"):
-            model = PiFiModel.from_parts(slm, copy.deepcopy(llm), llm_dtype=dtype, weights=mode)
+            model = PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task, llm_dtype=dtype,
+                                         weights=mode)
             model.load_state_dict(authors.state_dict())
             models[f"pifi_fast_{mode}"] = model
     vocab = authors.slm.config.vocab_size
     return {k: m.to(device) for k, m in models.items()}, vocab
 
 
+# W4 implementations besides the fused model's 8-bit variants: eager and compiled pifi_fast and
+# reference (the Hugging Face layer; "hf_compile" = the reference model under torch.compile),
+# pifi_fast inference through CUDA graphs (GPU), and the authors' setup.
+W4_IMPLS = ("pifi_fast", "pifi_fast_compiled", "pifi_fast_cudagraphs", "hf_sdpa", "hf_compile",
+            "authors")
+QA_TOKENS = 384  # the QA train step: windows of 384 tokens (SQuAD's setting), all full
+SST2_TRAIN_SENTENCES = 6920
+
+
 def _w4_cases(sizes, device, dtype):
+    gpu = device.type == "cuda"
     cases = []
+
+    def add(variant, pair, n, impls, build):
+        for impl in impls:
+            cases.append(Case("W4", variant, pair, n, impl,
+                              functools.partial(build, pair, n, variant, impl, device, dtype)))
+
     for pair in sizes["w4_shapes"]:
+        tiny = pair == "tiny"
+        # CPU: compiling BERT-base + an 8B-shaped layer costs minutes per variant; the compiled
+        # rows run on the real MiniLM + SmolLM2 pair there (every pair on GPU)
+        compiled = gpu or pair == "minilm+smollm2"
         for n in sizes["w4_sentences"]:
-            for train in (True, False):
-                quant = QUANT_IMPLS if pair != "tiny" else ()
-                for impl in ("pifi_fast",) + quant + ("hf_sdpa", "authors"):
-                    cases.append(Case("W4", "train step" if train else "inference", pair, n, impl,
-                                      functools.partial(_build_w4, pair, n, train, impl, device,
-                                                        dtype)))
+            for variant in ("train step", "inference"):
+                impls = [i for i in W4_IMPLS if (compiled or "compile" not in i)
+                         and (i != "pifi_fast_cudagraphs" or variant == "inference")]
+                if not tiny:
+                    impls[1:1] = QUANT_IMPLS
+                add(variant, pair, n, impls, _build_w4)
+        if sizes.get("w4_qa") and (gpu or pair != "bert-base+llama-3.1-8b"):
+            # (CPU: 8 x 384 tokens through BERT-base and an 8B-shaped layer is ~15 s a step)
+            impls = [i for i in W4_IMPLS if i != "pifi_fast_cudagraphs"
+                     and (compiled or "compile" not in i)]
+            add("qa train step", pair, sizes["w4_qa"], impls, _build_w4)
+    if sizes.get("w4_epoch"):
+        add("sst2 epoch", "minilm+smollm2", SST2_TRAIN_SENTENCES,
+            [i for i in W4_IMPLS if i != "pifi_fast_cudagraphs"], _build_epoch)
     return cases
 
 
-def _build_w4(pair, n, train, impl, device, dtype):
-    try:
-        models, vocab = _pifi_models(pair, str(device), str(dtype).replace("torch.", ""))
-    except FileNotFoundError as exc:
-        return {"skip": str(exc)}
-    model = models[impl]
-    lengths = sst2_lengths(n, seed=n)
-    if impl == "authors":  # padding='max_length', max_length=100
-        lengths = [min(x, AUTHORS_MAX_LENGTH) for x in lengths]
-    seq = AUTHORS_MAX_LENGTH if impl == "authors" else max(lengths)
+def _w4_batch(pair, n, variant, impl, device, vocab):
+    """(ids, mask, labels) of one W4 batch: SST-2 sentence lengths (the authors pad to 100), or
+    n full QA windows of QA_TOKENS tokens with start/end labels."""
     gen = torch.Generator().manual_seed(1)
+    if variant == "qa train step":
+        lengths, seq = [QA_TOKENS] * n, QA_TOKENS
+    else:
+        lengths = sst2_lengths(n, seed=n)
+        if impl == "authors":  # padding='max_length', max_length=100
+            lengths = [min(x, AUTHORS_MAX_LENGTH) for x in lengths]
+        seq = AUTHORS_MAX_LENGTH if impl == "authors" else max(lengths)
     ids = torch.randint(1000 if vocab > 2000 else 5, vocab, (n, seq), generator=gen).to(device)
     mask = torch.zeros(n, seq, dtype=torch.long, device=device)
     for i, length in enumerate(lengths):
         mask[i, :length] = 1
-    labels = torch.randint(0, 2, (n,), generator=gen).to(device)
+    if variant == "qa train step":
+        start = torch.randint(0, QA_TOKENS - 16, (n,), generator=gen)
+        labels = {"start_positions": start.to(device),
+                  "end_positions": (start + torch.randint(0, 16, (n,), generator=gen)).to(device)}
+    else:
+        labels = {"labels": torch.randint(0, 2, (n,), generator=gen).to(device)}
+    return ids, mask, labels, sum(lengths)
+
+
+def _w4_runner(models, impl, device):
+    """(model, what to call, why not) for an implementation: the model eager, under
+    torch.compile, or compiled with CUDA graphs (mode="reduce-overhead"; GPU only, not yet run
+    on one)."""
+    base = impl.replace("_compiled", "").replace("_cudagraphs", "").replace("hf_compile",
+                                                                            "hf_sdpa")
+    model = models[base]
+    if impl.endswith("_cudagraphs"):
+        if device.type != "cuda":
+            return model, None, "CUDA graphs need a GPU"
+        return model, torch.compile(model, mode="reduce-overhead"), None
+    if impl.endswith("_compiled") or impl == "hf_compile":
+        return model, torch.compile(model), None
+    return model, model, None
+
+
+def _build_w4(pair, n, variant, impl, device, dtype):
+    task = "question_answering" if variant == "qa train step" else "classification"
+    try:
+        models, vocab = _pifi_models(pair, str(device), str(dtype).replace("torch.", ""), task)
+    except FileNotFoundError as exc:
+        return {"skip": str(exc)}
+    model, runner, why = _w4_runner(models, impl, device)
+    if why:
+        return {"skip": why}
+    train = variant != "inference"
+    ids, mask, labels, tokens = _w4_batch(pair, n, variant, impl, device, vocab)
     model.train(train)
 
     def step():
         model.zero_grad(set_to_none=True)
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        runner(input_ids=ids, attention_mask=mask, **labels).loss.backward()
 
     def infer():
         with torch.inference_mode():
-            model(input_ids=ids, attention_mask=mask)
+            runner(input_ids=ids, attention_mask=mask)
 
-    return {"fn": step if train else infer, "tokens": sum(lengths),
-            "dtype": "float32" if impl == "authors" else str(dtype).replace("torch.", "")}
+    out = {"fn": step if train else infer, "tokens": tokens,
+           "dtype": "float32" if impl == "authors" else str(dtype).replace("torch.", "")}
+    if device.type == "cpu":  # a step is seconds here: fewer repetitions keep W4 in budget
+        out.update(reps=3, warmup=1)
+    if "compile" in impl or "cudagraphs" in impl:
+        out["warmup"] = 2  # the first calls compile (and capture); never timed
+    return out
+
+
+def _build_epoch(pair, n, variant, impl, device, dtype):
+    """One whole SST-2 training epoch (6,920 sentences, batch 32, Adam) with its dev evaluation,
+    through pifi_fast.train, timed once (its first compiled steps included: an epoch's wall
+    time includes them)."""
+    import tempfile
+
+    from pifi_fast.data import data_root
+    from pifi_fast.train import TrainConfig, train
+
+    if not (data_root() / "sst2").is_dir():
+        return {"skip": f"SST-2 not found under {data_root()}"}
+    precision = "fp32" if device.type == "cpu" or impl == "authors" else \
+        {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    options = {"pifi_fast": {}, "pifi_fast_compiled": {"compile": True},
+               "hf_sdpa": {"implementation": "reference"},
+               "hf_compile": {"implementation": "reference", "compile": True},
+               "authors": {"authors_setup": True}}[impl]
+    out_dir = tempfile.mkdtemp(prefix="pifi-epoch-")
+    # the training loop's own seconds (no loading, evaluation or checkpoint), filled in by the
+    # timed run: the row's JSON keeps it beside the whole epoch's wall time
+    loop = {}
+
+    def epoch():
+        import shutil
+
+        try:
+            res = train(TrainConfig(data="sst2", slm="minilm", llm="smollm2", epochs=1, seed=1,
+                              batch_size=32, lr=5e-5, max_length=100, test_split=None,
+                              output_dir=out_dir, precision=precision, device=str(device),
+                              **options))
+            loop["seconds"] = res["history"][0]["epoch_seconds"]
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+    return {"fn": epoch, "tokens": _sst2_train_tokens(), "reps": 1, "warmup": 0,
+            "training_loop": loop,
+            "peak_memory": False, "dtype": "float32" if precision == "fp32" else str(dtype)
+            .replace("torch.", "")}
+
+
+@functools.lru_cache(maxsize=1)
+def _sst2_train_tokens() -> int:
+    """Real tokens of one SST-2 training epoch under MiniLM's tokenizer (at most 100 each)."""
+    from transformers import AutoTokenizer
+
+    from pifi_fast.data import load_split
+    from pifi_fast.offline import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    texts = [r["text"] for r in load_split("sst2", "train")]
+    return sum(len(ids) for ids in tok(texts, truncation=True, max_length=100)["input_ids"])
 
 
 def all_cases(level: str, device: torch.device, dtype: torch.dtype,
