@@ -279,6 +279,8 @@ def bench(args) -> int:
     cases = workloads.all_cases(level, device, dtype, wanted)
     if args.only:
         cases = [c for c in cases if args.only in c.key]
+    if args.skip:
+        cases = [c for c in cases if not any(text in c.key for text in args.skip)]
     env = report.environment(device)
     tag = "cpu" if device.type == "cpu" else env["device"].lower().replace(" ", "-")
     out_dir = Path(args.out or f"bench-results/{tag}-{env['date']}")
@@ -291,8 +293,17 @@ def bench(args) -> int:
         # time-boxed: the cases behind the fused-layer targets first, the rest as time allows
         cases.sort(key=lambda c: c.shape != report.TARGET_SHAPE)
         deadline = time.monotonic() + args.time_budget
-    with tqdm(total=len(cases), unit="case", disable=None) as bar:  # no bar in log files
-        rows = report.run(cases, device, reps, ceil, progress=bar, deadline=deadline)
+    import signal
+
+    def stop(signum, frame):  # e.g. `timeout`: write what was measured, mark the rest
+        raise report.Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with tqdm(total=len(cases), unit="case", disable=None) as bar:  # no bar in log files
+            rows = report.run(cases, device, reps, ceil, progress=bar, deadline=deadline)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     paths = report.write(rows, env, ceil, out_dir, level)
     print(paths["md"].read_text())
     for kind, path in paths.items():
@@ -469,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     p.add_argument("--only", default="", help="run only cases whose key contains this text "
                    "(default: all)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="TEXT", help="leave out cases whose "
+                   "key contains any of these texts, e.g. 'sst2 epoch' (default: none)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="bfloat16/float16/float32 (default: bf16 on "
                    "GPU, fp32 on CPU)")

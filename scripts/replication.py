@@ -69,7 +69,9 @@ def _summary(results: list[dict], task: str) -> dict:
             "test": stat(lambda r: (r.get("test") or {}).get(METRIC[task])),
             "cross_domain": stat(lambda r: (r.get("cross_domain") or {}).get("accuracy")),
             "cost": {"trainable_parameters": stat(lambda r: r.get("trainable_parameters")),
-                     "epoch_seconds": stat(lambda r: statistics.mean(
+                     # each run's fastest epoch: other jobs on the machine (or a paused
+                     # sweep) only ever add time to an epoch
+                     "epoch_seconds": stat(lambda r: min(
                          h["epoch_seconds"] for h in r["history"])),
                      "peak_memory_bytes": stat(lambda r: r.get("peak_memory_bytes"))}}
 
@@ -285,8 +287,9 @@ def _research_section(report: dict) -> list[str]:
     lines.append(f"Built by {cmd} (same settings and seeds as above; what is missing says "
                  "'not run'). Every SST-2 model here is also scored on the UCI IMDB sentences "
                  "(1,000 movie-review sentences; cross-domain column). Costs are means over "
-                 "seeds on this CPU: trained parameters, seconds per training epoch (with "
-                 "other jobs on the machine: rough), and the process's peak resident memory.")
+                 "seeds on this CPU: trained parameters, seconds of each run's fastest "
+                 "training epoch (other jobs shared the machine: rough), and the process's "
+                 "peak resident memory.")
     low = res.get("low_resource", {}).get("sst2", {})
     lines += ["", f"**Low resource** (the first {LOW_RESOURCE} SST-2 training sentences in file "
               "order, both labels well represented; dev and test as above):", "",

@@ -221,3 +221,47 @@ def test_breakdown_parts_add_up_to_the_step_and_the_cli_writes_them(tmp_path):
         assert abs(parts - m["total"]) <= 0.5 * m["total"], (parts, m["total"])
     assert "frozen layer" in (out / "breakdown.md").read_text()
     assert (out / "breakdown.png").stat().st_size > 0
+
+
+def test_a_stopped_run_keeps_what_it_measured_and_marks_the_rest():
+    from pifi_fast.bench.workloads import Case
+
+    def built(stop=False):
+        if stop:
+            raise report.Stopped("SIGTERM")
+        return {"fn": lambda: None, "tokens": 1}
+
+    cases = [Case("W4", "v", "s", 1, f"impl{i}", build=lambda i=i: built(stop=i == 1))
+             for i in range(3)]
+    rows = report.run(cases, torch.device("cpu"), 2, {})
+    assert "median_s" in rows[0]
+    assert [r.get("skipped") for r in rows[1:]] == [
+        "run stopped (SIGTERM) before this case finished"] * 2
+
+
+def test_bench_cli_writes_its_results_when_terminated(tmp_path):
+    """`timeout` (the GPU check's time boxes) sends SIGTERM: the rows measured so far are
+    written, the rest marked, instead of losing the whole run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "res"
+    proc = subprocess.Popen([sys.executable, "-m", "pifi_fast.cli", "bench", "--sizes", "tiny",
+                             "--workloads", "W1,W4", "--reps", "2", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:  # the cases start after this line
+        if line.startswith("pifi-fast bench:"):
+            n_cases = int(line.split()[2])
+            break
+    time.sleep(8)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    stopped = [r for r in rows if "run stopped (SIGTERM)" in r.get("skipped", "")]
+    # every case has its row: measured, skipped as before, or marked stopped
+    assert stopped and len(rows) == n_cases, [r.get("skipped") for r in rows]
+    assert all("median_s" in r or "skipped" in r for r in rows)

@@ -69,31 +69,43 @@ def measure_case(case, built: dict, device: torch.device, reps: int, ceil: dict)
     return row
 
 
+class Stopped(Exception):
+    """Raised (from a SIGTERM handler, see pifi-fast bench) to end a run early: the case in
+    progress and the rest are recorded as skipped and everything measured is still written."""
+
+
 def run(cases, device: torch.device, reps: int, ceil: dict, progress=None,
         deadline: float | None = None) -> list[dict]:
     """Measure every case. With a deadline (time.monotonic() value), cases not started by then
-    are recorded as skipped, so a time-boxed run still writes everything it measured."""
+    are recorded as skipped, so a time-boxed run still writes everything it measured; so does
+    a run stopped by Stopped."""
     import time
 
     rows = []
+    stopped = None
     for case in cases:
         if progress is not None:
             progress.set_description(f"{case.workload} {case.shape} {case.size} {case.impl}")
-        if deadline is not None and time.monotonic() > deadline:
+        row = None
+        if stopped:
+            built = {"skip": stopped}
+        elif deadline is not None and time.monotonic() > deadline:
             built = {"skip": "time budget of this run reached"}
         else:
             try:
                 built = case.build()
+                if "skip" not in built:
+                    row = measure_case(case, built, device, reps, ceil)
+                    row.pop("fn")
             except torch.OutOfMemoryError as exc:
                 built = {"skip": f"out of memory: {exc}".splitlines()[0]}
-        if "skip" in built:
-            rows.append({"workload": case.workload, "variant": case.variant,
-                         "shape": case.shape, "size": case.size, "impl": case.impl,
-                         "group": case.group, "skipped": built["skip"]})
-        else:
-            row = measure_case(case, built, device, reps, ceil)
-            row.pop("fn")
-            rows.append(row)
+            except Stopped as exc:
+                stopped = f"run stopped ({exc}) before this case finished"
+                built = {"skip": stopped}
+        rows.append(row if row is not None and "skip" not in built else
+                    {"workload": case.workload, "variant": case.variant, "shape": case.shape,
+                     "size": case.size, "impl": case.impl, "group": case.group,
+                     "skipped": built["skip"]})
         if progress is not None:
             progress.update(1)
     add_speedups(rows)
