@@ -364,6 +364,8 @@ def _mlp_chunk(run, x2, keep_gu):
         g = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
         m = impl.swiglu_fwd(g)
     out = _proj(run, m, layer.weight("down"), layer.down_bias, residual=x2)
+    if keep_gu and g.untyped_storage().nbytes() > g.numel() * g.element_size():
+        g = g.clone()  # rows of a row-padded GEMM output (fp8_linear): keep only the real ones
     return out, rstd2, g if keep_gu else None
 
 

@@ -241,7 +241,8 @@ def test_a_stopped_run_keeps_what_it_measured_and_marks_the_rest():
 
 def test_bench_cli_writes_its_results_when_terminated(tmp_path):
     """`timeout` (the GPU check's time boxes) sends SIGTERM: the rows measured so far are
-    written, the rest marked, instead of losing the whole run."""
+    written, the rest marked, instead of losing the whole run. (500 repetitions a case: the run
+    is surely still going when the signal comes, on any machine.)"""
     import os
     import signal
     import subprocess
@@ -250,7 +251,7 @@ def test_bench_cli_writes_its_results_when_terminated(tmp_path):
 
     out = tmp_path / "res"
     proc = subprocess.Popen([sys.executable, "-m", "pifi_fast.cli", "bench", "--sizes", "tiny",
-                             "--workloads", "W1,W4", "--reps", "2", "--out", str(out)],
+                             "--workloads", "W1,W4", "--reps", "500", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in proc.stdout:  # the cases start after this line
