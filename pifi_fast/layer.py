@@ -462,7 +462,7 @@ class FrozenLlamaLayer(nn.Module):
                 return 4096
             # CPU: as many tokens as keep one fp32 (tokens x 2I) temporary of the twins within
             # CPU_CHUNK_BYTES, in steps of 256: SmolLM2 10752, Qwen2-0.5B 3328, Llama-3.1-8B 1024.
-            # (A flat 256 cost 9 % of SmolLM2's forward + backward at 2048 tokens: small GEMMs.)
+            # (A flat 256 cost 8 % of SmolLM2's forward + backward at 2048 tokens: small GEMMs.)
             per_token = 2 * self.config.intermediate_size * 4
             return max(256, CPU_CHUNK_BYTES // per_token // 256 * 256)
         return self.chunk_tokens

@@ -35,7 +35,7 @@ autograd and differentiates it. That costs one extra attention forward (about 2 
 FLOPs at 512 tokens) and lets every backend (flash-attn, PyTorch varlen, SDPA) be used unchanged.
 On CPU (eager, recompute="none") the attention's autograd graph is kept from forward instead
 (its output and log-sum-exp, and with padding SDPA's padded q/k/v copies), because there the
-re-run forward cost 7-9 % of the layer's forward + backward; see _forward.
+re-run forward cost 3-6 % of the layer's forward + backward; see _forward.
 
 CLS mode (every sequence is one token) takes the exact shortcut: softmax over one key is 1 and
 RoPE never touches v, so attention is v repeated over each KV head's query group.
@@ -290,7 +290,7 @@ def _forward(run, x, positions, keep_attention: bool = False):
     """(out, saved tensors). keep_attention: attention runs under autograd and its graph is
     kept in run.attention_graph, so backward differentiates it instead of re-running the
     attention forward. FrozenLayerFunction asks for it on CPU with recompute="none"
-    (KEEP_ATTENTION_GRAPH): there the re-run forward cost 7-9 % of a layer's forward + backward
+    (KEEP_ATTENTION_GRAPH): there the re-run forward cost 3-6 % of a layer's forward + backward
     (2 cores, 4 x 512 tokens, SmolLM2 and Qwen2-0.5B shapes) and memory rarely binds; the GPU
     and recompute="mlp" keep the recompute (no extra saved bytes). The custom op that
     torch.compile traces cannot carry a graph from forward to backward: it recomputes."""

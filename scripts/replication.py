@@ -271,7 +271,8 @@ def _cost(entry) -> str:
     if c.get("trainable_parameters"):
         parts.append(f"{c['trainable_parameters']['mean'] / 1e6:.2f} M trained")
     if c.get("epoch_seconds"):
-        parts.append(f"{c['epoch_seconds']['mean']:.0f} s/epoch")
+        # the median over seeds: one run that shared the machine (or was paused) is one outlier
+        parts.append(f"{statistics.median(c['epoch_seconds']['values']):.0f} s/epoch")
     if c.get("peak_memory_bytes"):
         parts.append(f"{c['peak_memory_bytes']['mean'] / 2**30:.2f} GiB peak RSS")
     return ", ".join(parts) or "-"
@@ -288,8 +289,8 @@ def _research_section(report: dict) -> list[str]:
                  "'not run'). Every SST-2 model here is also scored on the UCI IMDB sentences "
                  "(1,000 movie-review sentences; cross-domain column). Costs are means over "
                  "seeds on this CPU: trained parameters, seconds of each run's fastest "
-                 "training epoch (other jobs shared the machine: rough), and the process's "
-                 "peak resident memory.")
+                 "training epoch (the median over seeds; other jobs shared the machine: "
+                 "rough), and the process's peak resident memory.")
     low = res.get("low_resource", {}).get("sst2", {})
     lines += ["", f"**Low resource** (the first {LOW_RESOURCE} SST-2 training sentences in file "
               "order, both labels well represented; dev and test as above):", "",

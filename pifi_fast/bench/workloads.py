@@ -4,17 +4,19 @@
      dense (rows of 512) and with real padding (SST-2 sentence lengths, padded to the batch max)
   W2 CLS mode (one token per row) forward + backward
   W3 each op of the layer alone, against the ceilings measured in the same run
-  W4 a whole PiFi step: classification training step (forward + backward + nothing else: the
-     optimizer is the same for all) and inference batch on SST-2 sentence lengths, the QA
+  W4 a whole PiFi step: classification training step (forward + backward; the optimizer, the
+     same for all, is in the epoch rows and pifi-fast breakdown) and inference batch on SST-2
+     sentence lengths, the QA
      training step on 384-token windows, and one whole SST-2 training epoch with evaluation
      (through pifi_fast.train: optimizer, data loading and all), eager and under torch.compile
 
 Implementations compared in one run:
-  pifi_fast   FrozenLlamaLayer / pifi_fast.PiFiModel (today: its plain PyTorch path, since the
-              fused Triton kernels are not built yet; rows say so in `path`)
+  pifi_fast   FrozenLlamaLayer / pifi_fast.PiFiModel (Triton kernels on CUDA, their PyTorch
+              twins elsewhere; rows say which in `path`); variants pifi_fast_mlp, _tgemm,
+              _int8, _fp8, and in W4 _compiled (torch.compile) and _cudagraphs (GPU)
   hf_sdpa     the Hugging Face layer with SDPA attention (the reference PiFi for W4)
   hf_eager    the Hugging Face layer with eager attention
-  hf_compile  the Hugging Face layer under torch.compile
+  hf_compile  the Hugging Face layer under torch.compile (W4: the reference model under it)
   authors     the authors' setup: fp32 layer, every row padded to 100 tokens, padding attended
   liger       the Hugging Face layer with Liger-Kernel's RMSNorm, SwiGLU MLP and RoPE (only when
               it is installed, on GPU; see liger_layer)
@@ -605,8 +607,8 @@ def _w4_cases(sizes, device, dtype):
 
 
 def _w4_batch(pair, n, variant, impl, device, vocab):
-    """(ids, mask, labels) of one W4 batch: SST-2 sentence lengths (the authors pad to 100), or
-    n full QA windows of QA_TOKENS tokens with start/end labels."""
+    """(ids, mask, label keywords, real tokens) of one W4 batch: SST-2 sentence lengths (the
+    authors pad to 100), or n full QA windows of QA_TOKENS tokens with start/end labels."""
     gen = torch.Generator().manual_seed(1)
     if variant == "qa train step":
         lengths, seq = [QA_TOKENS] * n, QA_TOKENS
@@ -700,18 +702,17 @@ def _build_epoch(pair, n, variant, impl, device, dtype):
         import shutil
 
         try:
-            res = train(TrainConfig(data="sst2", slm="minilm", llm="smollm2", epochs=1, seed=1,
-                              batch_size=32, lr=5e-5, max_length=100, test_split=None,
-                              output_dir=out_dir, precision=precision, device=str(device),
-                              **options))
+            res = train(TrainConfig(data="sst2", slm="minilm", llm="smollm2", epochs=1,
+                                    seed=1, batch_size=32, lr=5e-5, max_length=100,
+                                    test_split=None, output_dir=out_dir, precision=precision,
+                                    device=str(device), **options))
             loop["seconds"] = res["history"][0]["epoch_seconds"]
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
 
     return {"fn": epoch, "tokens": _sst2_train_tokens(), "reps": 1, "warmup": 0,
-            "training_loop": loop,
-            "peak_memory": False, "dtype": "float32" if precision == "fp32" else str(dtype)
-            .replace("torch.", "")}
+            "peak_memory": False, "training_loop": loop,
+            "dtype": "float32" if precision == "fp32" else str(dtype).replace("torch.", "")}
 
 
 @functools.lru_cache(maxsize=1)
