@@ -341,7 +341,10 @@ def _mlp_forward(run, x2, keep_gu):
     t, inter = x2.shape[0], layer.config.intermediate_size
     chunks = _chunks(run, t)
     if len(chunks) == 1:  # one chunk: its results are the outputs (no copies into buffers)
-        return _mlp_chunk(run, x2, keep_gu)
+        out, rstd2, gu = _mlp_chunk(run, x2, keep_gu)
+        if gu is not None and gu.untyped_storage().nbytes() > gu.numel() * gu.element_size():
+            gu = gu.clone()  # a row-padded GEMM output (fp8_linear): keep only the real rows
+        return out, rstd2, gu
     out = torch.empty_like(x2)
     rstd2 = torch.empty(t, dtype=torch.promote_types(x2.dtype, torch.float32), device=x2.device)
     gu = torch.empty(t, 2 * inter, dtype=x2.dtype, device=x2.device) if keep_gu else None
@@ -364,8 +367,6 @@ def _mlp_chunk(run, x2, keep_gu):
         g = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
         m = impl.swiglu_fwd(g)
     out = _proj(run, m, layer.weight("down"), layer.down_bias, residual=x2)
-    if keep_gu and g.untyped_storage().nbytes() > g.numel() * g.element_size():
-        g = g.clone()  # rows of a row-padded GEMM output (fp8_linear): keep only the real ones
     return out, rstd2, g if keep_gu else None
 
 
