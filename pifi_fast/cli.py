@@ -167,6 +167,9 @@ _TRAIN_HELP = {
     "compile": "torch.compile the model (the fused layer is one custom op: one graph); batch "
                "lengths padded to multiples of --length-bucket to bound recompiles",
     "length_bucket": "with --compile: pad batch lengths to multiples of this",
+    "eval_cuda_graphs": "evaluate (dev/test) with the model compiled with CUDA graphs "
+                        "(mode=reduce-overhead, lengths bucketed); GPU only: on a CPU it warns "
+                        "and compiles without them",
     "no_dropout": "turn every dropout off (exact comparisons)",
     "device": "cuda, cpu, cuda:1, ... (default: cuda if present)",
 }
@@ -213,7 +216,7 @@ def eval_cmd(args) -> int:
     from pifi_fast.data import parse_label_map
 
     print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.split, args.limit,
-                                         compile=args.compile,
+                                         compile=args.compile, cuda_graphs=args.cuda_graphs,
                                          label_map=parse_label_map(args.label_map),
                                          text_column=args.text_column,
                                          label_column=args.label_column), indent=2))
@@ -237,10 +240,11 @@ def predict_cmd(args) -> int:
     rows = data_mod.load_split(args.data, args.split, columns)[: args.limit]
     texts = [r["text"] for r in rows]
     pairs = [r["text_pair"] for r in rows] if args.pair_column else None
-    t0 = time.perf_counter()
+    execution = "cuda-graphs" if args.cuda_graphs else "compile" if args.compile else "eager"
+    t0 = time.perf_counter()  # (compiled: the first batches of each length also compile)
     with tqdm(total=len(texts), unit="sentence", desc="predicting", disable=None) as bar:
         preds = model.predict(texts, pairs, batch_size=args.batch_size, max_length=max_length,
-                              progress=bar.update)
+                              progress=bar.update, execution=execution)
     seconds = time.perf_counter() - t0
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,7 +258,7 @@ def predict_cmd(args) -> int:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     tmp.replace(out)  # a complete file or none
     print(f"{len(preds)} predictions in {seconds:.1f} s ({len(preds) / max(seconds, 1e-9):.1f} "
-          f"sentences/s on {device}) -> {out}")
+          f"sentences/s on {device}, {execution}) -> {out}")
     return 0
 
 
@@ -427,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only the first N examples (default: all)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
                    "padded to multiples of 16 (default: off)")
+    p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
+                   "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
+                   "warns and compiles without them (default: off)")
     p.add_argument("--label-map", default=None, metavar="DATA=MODEL,...",
                    help="rename the data's labels to the model's, e.g. negative=0,positive=1 "
                    "(cross-domain evaluation) (default: none)")
@@ -452,6 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N rows "
                    "(default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
+                   "padded to multiples of 16 (default: off)")
+    p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
+                   "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
+                   "warns and compiles without them (default: off)")
     p.set_defaults(func=predict_cmd)
     p = sub.add_parser("push", help="upload a saved model with its model card to the Hugging "
                        "Face Hub")

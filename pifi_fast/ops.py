@@ -476,14 +476,16 @@ def _lookup(layer_id: int):
 
 
 def frozen_layer_op(layer, x, attention_mask, position_ids):
-    """The layer through pifi_fast::frozen_layer (the path torch.compile traces)."""
+    """The layer through pifi_fast::frozen_layer (the path torch.compile traces), or through
+    pifi_fast::frozen_layer_dense when nothing in the call needs the host: no padding mask to
+    unpad (none given, or one token per row as in [CLS] mode) and no position ids to bound."""
     mask = None if attention_mask is None or x.shape[1] == 1 else attention_mask
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    return torch.ops.pifi_fast.frozen_layer(x, mask, position_ids, _layer_id(layer),
-                                            needs_grad)[0]
+    op = (torch.ops.pifi_fast.frozen_layer if mask is not None or position_ids is not None
+          else torch.ops.pifi_fast.frozen_layer_dense)
+    return op(x, mask, position_ids, _layer_id(layer), needs_grad)[0]
 
 
-@torch.library.custom_op("pifi_fast::frozen_layer", mutates_args=())
 def _frozen_layer(x: torch.Tensor, mask: Optional[torch.Tensor],
                   position_ids: Optional[torch.Tensor], layer_id: int,
                   needs_grad: bool) -> list[torch.Tensor]:
@@ -508,7 +510,6 @@ def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
     return full
 
 
-@_frozen_layer.register_fake
 def _frozen_layer_fake(x, mask, position_ids, layer_id, needs_grad):
     layer = _lookup(layer_id)
     b, s, h = x.shape
@@ -521,7 +522,6 @@ def _frozen_layer_fake(x, mask, position_ids, layer_id, needs_grad):
             x.new_empty(t, dtype=stat), qkv, gu]
 
 
-@torch.library.custom_op("pifi_fast::frozen_layer_backward", mutates_args=())
 def _frozen_layer_backward(dout: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor],
                            position_ids: Optional[torch.Tensor], rstd1: torch.Tensor,
                            x2: torch.Tensor, rstd2: torch.Tensor, qkv: torch.Tensor,
@@ -544,7 +544,6 @@ def _frozen_layer_backward(dout: torch.Tensor, x: torch.Tensor, mask: Optional[t
     return dx.view(b, s, h).to(dout.dtype)
 
 
-@_frozen_layer_backward.register_fake
 def _frozen_layer_backward_fake(dout, x, mask, position_ids, rstd1, x2, rstd2, qkv, gu,
                                 layer_id):
     return torch.empty_like(x)
@@ -556,11 +555,27 @@ def _frozen_layer_setup(ctx, inputs, output):
     ctx.save_for_backward(x, mask, position_ids, *output[1:])
 
 
-def _frozen_layer_grad(ctx, grads):
-    x, mask, position_ids, rstd1, x2, rstd2, qkv, gu = ctx.saved_tensors
-    dx = torch.ops.pifi_fast.frozen_layer_backward(grads[0], x, mask, position_ids, rstd1, x2,
-                                                   rstd2, qkv, gu, ctx.layer_id)
-    return dx, None, None, None, None
+def _register_layer_op(name: str, tags: tuple):
+    """pifi_fast::<name> and pifi_fast::<name>_backward: the same Python bodies, own tags."""
+    forward = torch.library.custom_op(f"pifi_fast::{name}", _frozen_layer, mutates_args=(),
+                                      tags=tags)
+    forward.register_fake(_frozen_layer_fake)
+    backward = torch.library.custom_op(f"pifi_fast::{name}_backward", _frozen_layer_backward,
+                                       mutates_args=(), tags=tags)
+    backward.register_fake(_frozen_layer_backward_fake)
+
+    def grad(ctx, grads):
+        x, mask, position_ids, rstd1, x2, rstd2, qkv, gu = ctx.saved_tensors
+        dx = backward(grads[0], x, mask, position_ids, rstd1, x2, rstd2, qkv, gu, ctx.layer_id)
+        return dx, None, None, None, None
+
+    forward.register_autograd(grad, setup_context=_frozen_layer_setup)
 
 
-_frozen_layer.register_autograd(_frozen_layer_grad, setup_context=_frozen_layer_setup)
+# Two registrations of one layer op, told apart for CUDA graphs (mode="reduce-overhead"):
+# frozen_layer unpads a padding mask or bounds position ids, each a host sync, which a CUDA graph
+# capture cannot hold; it is tagged cudagraph_unsafe, so Inductor's graph partition runs it
+# eagerly between captured graphs of the model around it. frozen_layer_dense has no host sync
+# (no mask to unpad: [CLS] mode, dense batches) and is captured with the rest of the model.
+_register_layer_op("frozen_layer", (torch.Tag.cudagraph_unsafe,))
+_register_layer_op("frozen_layer_dense", ())

@@ -599,13 +599,16 @@ class PiFiBase(nn.Module):
     # -- prediction -----------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, texts, pairs=None, *, tokenizer=None, batch_size: int = 64,
-                max_length: int = 100, progress=None) -> list[dict]:
+                max_length: int = 100, progress=None, execution: str = "eager",
+                length_bucket: int = 16) -> list[dict]:
         """Classify raw texts (and second sentences for pair tasks): for each, the predicted
         label (as the training data spelled it, when the model knows its labels) and every
         label's probability. The tokenizer saved beside the model is used unless one is given.
         Sentences are batched by length (little padding) and run in inference mode, under
         bf16/fp16 autocast on a GPU; results come back in the input order. ``progress``: a
-        callable taking the number of sentences just done (e.g. a tqdm bar's update)."""
+        callable taking the number of sentences just done (e.g. a tqdm bar's update).
+        ``execution``: "eager", "compile" or "cuda-graphs" (see inference_runner); compiled,
+        batch lengths are padded to multiples of ``length_bucket`` (few distinct shapes)."""
         if self.task != "classification":
             raise ValueError(f"predict() classifies; this model's task is {self.task!r}")
         tok = tokenizer or getattr(self, "tokenizer", None)
@@ -620,6 +623,16 @@ class PiFiBase(nn.Module):
         dtype = (torch.bfloat16 if device.type == "cuda" and torch.cuda.get_device_capability(
             device)[0] >= 8 else torch.float16)
         autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
+        from pifi_fast.data import pad_to_bucket
+
+        # one runner per execution and device, kept: a fresh torch.compile per call would
+        # compile again each time (and fall back to eager after torch's recompile limit)
+        runners = self.__dict__.setdefault("_inference_runners", {})
+        key = (execution, str(device))
+        if key not in runners:
+            runners[key] = inference_runner(self, execution)
+        runner = runners[key]
+        bucket = length_bucket if runner is not self else None
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[dict | None] = [None] * len(texts)
         was_training = self.training
@@ -629,9 +642,12 @@ class PiFiBase(nn.Module):
                 idx = order[start:start + batch_size]
                 enc = tok([texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None,
                           truncation=True, max_length=max_length, padding=True,
-                          return_tensors="pt").to(device)
-                with torch.inference_mode(), autocast:
-                    logits = self(**{k: v for k, v in enc.items() if k in (
+                          return_tensors="pt")
+                enc = pad_to_bucket(enc, bucket, max_length, tok.pad_token_id).to(device)
+                # (compiled: no_grad only, not inference_mode: compiling in inference mode can
+                # break the same model's later compilation for training, pytorch/pytorch#135892)
+                with (torch.inference_mode(runner is self)), autocast:
+                    logits = runner(**{k: v for k, v in enc.items() if k in (
                         "input_ids", "attention_mask", "token_type_ids")}).logits
                 probs = logits.float().softmax(-1).cpu()
                 for row, i in enumerate(idx):
@@ -644,6 +660,44 @@ class PiFiBase(nn.Module):
         finally:
             self.train(was_training)
         return results
+
+
+EXECUTIONS = ("eager", "compile", "cuda-graphs")
+
+
+def inference_runner(model: nn.Module, execution: str = "eager"):
+    """What evaluation and prediction call instead of ``model``: the model itself ("eager"),
+    ``torch.compile(model)`` ("compile"), or ("cuda-graphs") the model compiled with
+    mode="reduce-overhead", which records one CUDA graph per input shape and replays it: the
+    hundreds of small kernel launches of a short-sentence batch become one. The fused layer's
+    op that unpads a padding mask (a host sync) is tagged cudagraph_unsafe and runs eagerly
+    between captured parts; in [CLS] mode it has nothing to unpad and is captured with the rest.
+    CUDA graphs need a CUDA device: elsewhere "cuda-graphs" warns and compiles without them.
+    Outputs of a CUDA-graph replay are overwritten by the next call: use them (argmax, .cpu())
+    before calling again, as evaluation and predict() do."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"execution must be one of {EXECUTIONS}, got {execution!r}")
+    if execution == "eager":
+        return model
+    device = next(model.parameters()).device
+    if execution == "cuda-graphs" and device.type != "cuda":
+        import warnings
+
+        warnings.warn(f"CUDA graphs need a CUDA device; the model is on {device}, so it runs "
+                      "compiled without them (torch.compile, default mode)", RuntimeWarning,
+                      stacklevel=2)
+        execution = "compile"
+    if execution == "compile":
+        return torch.compile(model)
+    compiled = torch.compile(model, mode="reduce-overhead")
+
+    def replay(*args, **kwargs):
+        # each call is a new step of the CUDA graph trees: the previous call's outputs may be
+        # overwritten now (they were consumed), so no step is kept alive waiting for them
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args, **kwargs)
+
+    return replay
 
 
 def _with_lora(slm: nn.Module, lora: dict) -> nn.Module:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from pifi_fast import data as data_mod
 from pifi_fast import metrics as metrics_mod
+from pifi_fast.pifi_base import inference_runner
 
 
 @dataclasses.dataclass
@@ -92,6 +93,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (the fused layer is one custom op in it);
     # batch lengths are padded to multiples of length_bucket so recompilation stays bounded
     length_bucket: int = 16
+    eval_cuda_graphs: bool = False  # evaluation runs the model compiled with CUDA graphs
+    # (mode="reduce-overhead", lengths in buckets; GPU only: elsewhere compiled without them)
     no_dropout: bool = False  # turn every dropout off (exact comparisons, e.g. DDP tests)
     device: str | None = None
 
@@ -283,10 +286,12 @@ class TaskData:
                "seq2seq": "source"}[self.cfg.task]
         return [len(r[key]) + len(r.get("text_pair") or "") for r in rows]
 
-    def collate(self, rows):
+    def collate(self, rows, bucketed: bool | None = None):
+        """A batch of rows as tensors; ``bucketed`` (default: cfg.compile) pads its length to a
+        multiple of cfg.length_bucket: compiled models then see few distinct lengths."""
         cfg = self.cfg
-        # compiled models see few distinct lengths: batches padded to bucket multiples
-        bucket = cfg.length_bucket if cfg.compile else None
+        bucketed = cfg.compile if bucketed is None else bucketed
+        bucket = cfg.length_bucket if bucketed else None
         if cfg.task == "classification":
             return data_mod.collate_classification(self.tok, rows, cfg.max_length, self.label_map,
                                                    pad_to_max=cfg.authors_setup,
@@ -303,9 +308,9 @@ class TaskData:
             labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
                     "labels": labels}
-        return self._collate_qa(rows)
+        return self._collate_qa(rows, bucket)
 
-    def _collate_qa(self, rows):
+    def _collate_qa(self, rows, bucket: int | None):
         """Extractive QA as Hugging Face's recipe does it: each context cut into windows of
         max_length tokens (question included) overlapping by doc_stride tokens, every window a
         feature of the batch; a window that does not hold the answer points at [CLS]. The
@@ -319,9 +324,9 @@ class TaskData:
         example = (enc["overflow_to_sample_mapping"].tolist() if windows
                    else list(range(len(rows))))
         sequence_ids = [enc.sequence_ids(f) for f in range(len(example))]
-        if self.cfg.compile:  # padded positions: no sequence, offsets (0, 0)
+        if bucket:  # padded positions: no sequence, offsets (0, 0)
             before = enc["input_ids"].shape[1]
-            enc = data_mod.pad_to_bucket(enc, self.cfg.length_bucket, self.cfg.max_length,
+            enc = data_mod.pad_to_bucket(enc, bucket, self.cfg.max_length,
                                          self.tok.pad_token_id)
             sequence_ids = [ids + [None] * (enc["input_ids"].shape[1] - before)
                             for ids in sequence_ids]
@@ -360,8 +365,8 @@ def _to_device(batch, device):
 @torch.no_grad()
 def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_size=64,
              runner=None) -> dict:
-    """Per-task metrics of `model` on `rows` (run through `runner`, e.g. its compiled form,
-    when given)."""
+    """Per-task metrics of `model` on `rows` (run through `runner`, e.g. its compiled form
+    from pifi_base.inference_runner, when given: then batch lengths are bucketed)."""
     runner = model if runner is None else runner
     cfg = task_data.cfg
     was_training = model.training
@@ -374,7 +379,7 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
     for start in range(0, len(rows), batch_size):
         fault_point("eval")
         chunk = [rows[i] for i in order[start:start + batch_size]]
-        raw = task_data.collate(chunk)
+        raw = task_data.collate(chunk, bucketed=runner is not model)
         batch = _to_device(raw, device)
         with autocast:
             if cfg.task == "seq2seq":
@@ -608,6 +613,8 @@ def _train(cfg: TrainConfig) -> dict:
 
     compiled = torch.compile(model) if cfg.compile else None
     runner = compiled if compiled is not None else model
+    # evaluation: the training graph (no_grad, eval mode), or its own CUDA-graph runner
+    eval_runner = (inference_runner(model, "cuda-graphs") if cfg.eval_cuda_graphs else compiled)
     if world > 1:
         runner = torch.nn.parallel.DistributedDataParallel(
             runner, device_ids=[device.index] if device.type == "cuda" else None)
@@ -655,7 +662,7 @@ def _train(cfg: TrainConfig) -> dict:
                 done = True
                 break
         epoch_times.append(time.perf_counter() - t_epoch)
-        result = (evaluate(model, task_data, dev_rows, device, precision, runner=compiled)
+        result = (evaluate(model, task_data, dev_rows, device, precision, runner=eval_runner)
                   if rank == 0 else {})
         state["history"].append({"epoch": epoch + 1, "step": state["step"],
                                  "epoch_seconds": epoch_times[-1],
@@ -693,7 +700,7 @@ def _train(cfg: TrainConfig) -> dict:
         if test_rows:
             _load_best(model, best_dir, device)
             results["test"] = evaluate(model, task_data, test_rows, device, precision,
-                                       runner=compiled)
+                                       runner=eval_runner)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
@@ -767,12 +774,15 @@ def _save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, s
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=None,
-                        device=None, compile: bool = False, label_map: dict | None = None,
+                        device=None, compile: bool = False, cuda_graphs: bool = False,
+                        label_map: dict | None = None,
                         text_column: str | None = None,
                         label_column: str | None = None) -> dict:
     """Metrics of a saved checkpoint, a local folder or a Hub repo (pifi-fast eval), on its own
     data or another (cross-domain transfer): ``label_map`` renames the data's labels to the
-    model's ({"negative": 0, "positive": 1}); the columns default to the training run's."""
+    model's ({"negative": 0, "positive": 1}); the columns default to the training run's.
+    ``compile``: torch.compile the model; ``cuda_graphs``: compiled with CUDA graphs (GPU;
+    elsewhere compiled without them, with a warning). Both bucket the batch lengths."""
     from transformers import AutoTokenizer
 
     from pifi_fast import PiFiModel
@@ -799,5 +809,6 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
         task_data.label_map = {data_mod.normalize_label(k): i for i, k in enumerate(model.labels)}
     rows = data_mod.apply_label_map(_load_rows(cfg, split, limit), label_map)
     task_data.check_rows(rows, split)
+    execution = "cuda-graphs" if cuda_graphs else "compile" if compile else "eager"
     return evaluate(model, task_data, rows, device, cfg.precision,
-                    runner=torch.compile(model) if compile else None)
+                    runner=inference_runner(model, execution))

@@ -90,3 +90,32 @@ def test_inductor_compiles_a_masked_qa_step():
     assert rel_err(y_c[real], y_e[real]) <= 1e-4
     _loss("question_answering", compiled(**batch)).backward()
     assert src.adapter_in.weight.grad is not None
+
+
+@pytest.mark.parametrize("task,masked,expected", [
+    ("classification", True, "frozen_layer_dense"),  # [CLS] mode: one token, nothing to unpad
+    ("question_answering", False, "frozen_layer_dense"),
+    ("question_answering", True, "frozen_layer"),  # unpads: a host sync
+])
+def test_only_the_layer_op_that_syncs_is_kept_out_of_cuda_graphs(task, masked, expected):
+    """CUDA graphs (mode="reduce-overhead") cannot capture a host sync: the op that unpads a
+    padding mask is tagged cudagraph_unsafe (Inductor runs it between captured parts); the op
+    with nothing to unpad is not, so [CLS]-mode inference is captured whole."""
+    torch._dynamo.reset()
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(n.target for n in gm.graph.nodes if n.op == "call_function"
+                    and "pifi_fast" in str(n.target))
+        return gm.forward
+
+    model = _model(task).eval()
+    with torch.no_grad():
+        torch.compile(model, backend=backend, fullgraph=True)(**_inputs(task, masked))
+    names = [getattr(t, "_qualified_op_name", None) or t.name() for t in seen]
+    assert names == [f"pifi_fast::{expected}"], seen
+    op = getattr(torch.ops.pifi_fast, expected).default
+    unsafe = torch.Tag.cudagraph_unsafe in op.tags
+    assert unsafe == (expected == "frozen_layer")
+    backward = getattr(torch.ops.pifi_fast, expected + "_backward").default
+    assert (torch.Tag.cudagraph_unsafe in backward.tags) == unsafe

@@ -306,6 +306,40 @@ def test_torch_compile_of_a_pifi_model_on_gpu():
     assert model.adapter_in.weight.grad is not None
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("task", ["classification", "question_answering"])
+def test_cuda_graph_inference_replays_eager_outputs_on_gpu(task):
+    """inference_runner(model, "cuda-graphs") as evaluation and predict() use it: CUDA graphs
+    are recorded (none skipped: [CLS] mode is captured whole; padded QA around the layer op that
+    unpads, which is tagged cudagraph_unsafe), and every replay on new values equals eager."""
+    from torch._inductor import cudagraph_trees
+
+    from pifi_fast import PiFiModel
+    from pifi_fast.pifi_base import inference_runner
+
+    torch._dynamo.reset()
+    model = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("qwen2"), task=task, num_labels=3,
+                                 head_dropout=0.0).cuda().eval()
+    runner = inference_runner(model, "cuda-graphs")
+    torch._dynamo.utils.counters.clear()
+    for seed in range(4):  # warm-up, recording, then replays on other token ids
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        ids = torch.randint(3, 120, (3, 16), device="cuda", generator=g)
+        mask = torch.ones(3, 16, dtype=torch.long, device="cuda")
+        mask[1, 9:] = 0
+        with torch.no_grad():
+            eager = model(input_ids=ids, attention_mask=mask)
+            out = runner(input_ids=ids, attention_mask=mask)
+        name = "logits" if task == "classification" else "start_logits"
+        y_e, y_c = getattr(eager, name), getattr(out, name)
+        real = torch.isfinite(y_e)
+        assert rel_err(y_c[real], y_e[real]) <= 1e-4, seed
+    assert torch._dynamo.utils.counters["inductor"]["cudagraph_skips"] == 0
+    manager = cudagraph_trees.get_manager(create_if_none_exists=False)
+    assert manager is not None and sum(map(len, manager.roots.values())) >= 1  # recorded
+    torch._dynamo.reset()
+
+
 def test_attention_falls_back_when_an_automatic_backend_fails(monkeypatch):
     from pifi_fast import attention as attn
 

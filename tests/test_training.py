@@ -305,6 +305,27 @@ def test_batch_prediction_from_the_cli_and_python(tiny_models, tmp_path):
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
         assert r["probabilities"] == pytest.approx(d["probabilities"], abs=1e-5)
     assert model.predict("one sentence")[0]["label"] in (0, 1)
+    # compiled (lengths padded to buckets of 16; the padding is masked): the same predictions
+    import functools
+
+    real = torch.compile
+    torch.compile = functools.partial(real, backend="aot_eager")  # no Inductor codegen in CI
+    try:
+        torch._dynamo.reset()
+        compiled = model.predict(texts, batch_size=2, execution="compile")
+        with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+            assert main(["predict", str(out / "best"), "--data", str(tmp_path / "in.csv"),
+                         "--output", str(tmp_path / "g.jsonl"), "--cuda-graphs"]) == 0
+    finally:
+        torch.compile = real
+        torch._dynamo.reset()
+    for c, d in zip(compiled, direct):
+        assert c["label"] == d["label"]
+        assert c["probabilities"] == pytest.approx(d["probabilities"], abs=1e-5)
+    graphs = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    assert [g["label"] for g in graphs] == [r["label"] for r in lines]
+    with pytest.raises(ValueError, match="execution must be one of"):
+        model.predict(texts, execution="graphs")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         PiFiModel.from_parts(tiny_models["bert"], None, seed=0).predict(["x"])
 
@@ -434,7 +455,9 @@ def test_compiled_sst2_epoch_recompiles_a_bounded_number_of_times(tiny_models, t
 
 
 @needs_sst2
-def test_eval_compile_gives_the_same_metrics(tiny_models, tmp_path, monkeypatch):
+def test_eval_compile_and_cuda_graphs_give_the_same_metrics(tiny_models, tmp_path, monkeypatch):
+    """eval --compile and --cuda-graphs (on the CPU: a warning, then compiled without CUDA
+    graphs) give the eager metrics; train --eval-cuda-graphs evaluates the same way."""
     import functools
 
     from pifi_fast.cli import main
@@ -447,7 +470,20 @@ def test_eval_compile_gives_the_same_metrics(tiny_models, tmp_path, monkeypatch)
                                    compile=True)
     assert compiled["accuracy"] == plain["accuracy"]
     assert compiled["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        graphs = evaluate_checkpoint(str(tmp_path / "run" / "best"), None, "dev", limit=40,
+                                     cuda_graphs=True)
+    assert graphs["accuracy"] == plain["accuracy"]
+    assert graphs["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     assert main(["eval", str(tmp_path / "run" / "best"), "--limit", "8", "--compile"]) == 0
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        assert main(["eval", str(tmp_path / "run" / "best"), "--limit", "8",
+                     "--cuda-graphs"]) == 0
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        res = train(_tiny_cfg(tiny_models, tmp_path / "graphs", epochs=1, max_steps=2,
+                              eval_cuda_graphs=True))
+    eager = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["best_dev"] == pytest.approx(eager["best_dev"])  # same seed, same two steps
     torch._dynamo.reset()
 
 

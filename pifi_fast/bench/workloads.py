@@ -632,15 +632,17 @@ def _w4_batch(pair, n, variant, impl, device, vocab):
 
 def _w4_runner(models, impl, device):
     """(model, what to call, why not) for an implementation: the model eager, under
-    torch.compile, or compiled with CUDA graphs (mode="reduce-overhead"; GPU only, not yet run
-    on one)."""
+    torch.compile, or compiled with CUDA graphs as evaluation and predict() run it
+    (pifi_base.inference_runner, mode="reduce-overhead"; GPU only, not yet run on one)."""
     base = impl.replace("_compiled", "").replace("_cudagraphs", "").replace("hf_compile",
                                                                             "hf_sdpa")
     model = models[base]
     if impl.endswith("_cudagraphs"):
         if device.type != "cuda":
             return model, None, "CUDA graphs need a GPU"
-        return model, torch.compile(model, mode="reduce-overhead"), None
+        from pifi_fast.pifi_base import inference_runner
+
+        return model, inference_runner(model, "cuda-graphs"), None
     if impl.endswith("_compiled") or impl == "hf_compile":
         return model, torch.compile(model), None
     return model, model, None
@@ -663,8 +665,8 @@ def _build_w4(pair, n, variant, impl, device, dtype):
         model.zero_grad(set_to_none=True)
         runner(input_ids=ids, attention_mask=mask, **labels).loss.backward()
 
-    def infer():
-        with torch.inference_mode():
+    def infer():  # as predict() runs it: inference mode eager, no_grad compiled
+        with torch.inference_mode(runner is model), torch.no_grad():
             runner(input_ids=ids, attention_mask=mask)
 
     out = {"fn": step if train else infer, "tokens": tokens,
