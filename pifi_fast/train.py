@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pifi_fast import data as data_mod
 from pifi_fast import metrics as metrics_mod
-from pifi_fast.pifi_base import inference_runner
+from pifi_fast.pifi_base import compile_model, inference_runner
 
 
 @dataclasses.dataclass
@@ -611,7 +611,7 @@ def _train(cfg: TrainConfig) -> dict:
     elif cfg.resume and rank == 0:
         print(f"--resume: no checkpoint in {last_dir}, starting fresh")
 
-    compiled = torch.compile(model) if cfg.compile else None
+    compiled = compile_model(model) if cfg.compile else None
     runner = compiled if compiled is not None else model
     # evaluation: the training graph (no_grad, eval mode), or its own CUDA-graph runner
     eval_runner = (inference_runner(model, "cuda-graphs") if cfg.eval_cuda_graphs else compiled)

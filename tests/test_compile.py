@@ -119,3 +119,18 @@ def test_only_the_layer_op_that_syncs_is_kept_out_of_cuda_graphs(task, masked, e
     assert unsafe == (expected == "frozen_layer")
     backward = getattr(torch.ops.pifi_fast, expected + "_backward").default
     assert (torch.Tag.cudagraph_unsafe in backward.tags) == unsafe
+
+
+def test_compile_model_uses_atens_random_numbers_on_cpu_only(monkeypatch):
+    """compile_model: on a CPU random ops fall back to ATen (Inductor's CPU RNG made the compiled
+    step slower than eager, measured in compile_model's docstring); elsewhere torch's defaults,
+    and mode="reduce-overhead" for CUDA graphs."""
+    from pifi_fast.pifi_base import compile_model
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    model = torch.nn.Linear(2, 2)
+    compile_model(model)
+    compile_model(model.to("meta"))  # (a non-CPU device without needing one)
+    compile_model(model, cuda_graphs=True)
+    assert calls == [{"options": {"fallback_random": True}}, {}, {"mode": "reduce-overhead"}]

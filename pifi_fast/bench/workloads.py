@@ -637,14 +637,15 @@ def _w4_runner(models, impl, device):
     base = impl.replace("_compiled", "").replace("_cudagraphs", "").replace("hf_compile",
                                                                             "hf_sdpa")
     model = models[base]
+    from pifi_fast.pifi_base import compile_model, inference_runner
+
     if impl.endswith("_cudagraphs"):
         if device.type != "cuda":
             return model, None, "CUDA graphs need a GPU"
-        from pifi_fast.pifi_base import inference_runner
-
         return model, inference_runner(model, "cuda-graphs"), None
     if impl.endswith("_compiled") or impl == "hf_compile":
-        return model, torch.compile(model), None
+        # both compiled the same way (on a CPU: ATen's random numbers, see compile_model)
+        return model, compile_model(model), None
     return model, model, None
 
 
