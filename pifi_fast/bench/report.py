@@ -227,6 +227,12 @@ def markdown(rows, env, ceil, level) -> str:
     notes = sorted({r["path"] for r in rows if r.get("path")})
     if notes:
         lines += ["", "pifi_fast paths in this run: " + "; ".join(notes) + "."]
+    first = [f"{r['workload']} {r['variant']} {r['shape']} {r['impl']} "
+             f"{r['first_call']['seconds']:.1f} s" for r in rows
+             if (r.get("first_call") or {}).get("seconds") is not None]
+    if first:  # compiled rows: the warm-up's first call, compiling (and capturing) included
+        lines += ["", "First call, compiling included (Inductor's on-disk cache may shorten it): "
+                  + "; ".join(first) + "."]
     lines += ["", f"## Targets of the fused layer ({TARGET_SHAPE} shape, this run)", ""]
     if env["device_type"] != "cuda":
         lines += ["The targets are GPU (bf16) targets; on this device they are shown for "
