@@ -310,7 +310,7 @@ class TaskData:
                     "labels": labels}
         return self._collate_qa(rows, bucket)
 
-    def _collate_qa(self, rows, bucket: int | None):
+    def _collate_qa(self, rows, bucket: int | None = None):
         """Extractive QA as Hugging Face's recipe does it: each context cut into windows of
         max_length tokens (question included) overlapping by doc_stride tokens, every window a
         feature of the batch; a window that does not hold the answer points at [CLS]. The

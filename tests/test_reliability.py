@@ -186,8 +186,8 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_dirs, tmp_path, m
     real_collate = train_mod.TaskData.collate
     calls = {"n": 0}
 
-    def poisoned(self, rows):  # every third training batch gets a NaN through its loss
-        batch = real_collate(self, rows)
+    def poisoned(self, rows, **kw):  # every third training batch gets a NaN through its loss
+        batch = real_collate(self, rows, **kw)
         calls["n"] += 1
         return batch
 
