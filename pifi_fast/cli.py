@@ -195,6 +195,15 @@ def _add_train_args(p):
             p.add_argument(flag, type=type(default), default=default, help=help_)
 
 
+def _add_execution_args(p):
+    """--compile and --cuda-graphs of eval and predict (see pifi_base.inference_runner)."""
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
+                   "padded to multiples of 16 (default: off)")
+    p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
+                   "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
+                   "warns and compiles without them (default: off)")
+
+
 def train_cmd(args) -> int:
     from pifi_fast.train import TrainConfig, train
 
@@ -429,11 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", help="split to evaluate (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N examples (default: all)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
-                   "padded to multiples of 16 (default: off)")
-    p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
-                   "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
-                   "warns and compiles without them (default: off)")
+    _add_execution_args(p)
     p.add_argument("--label-map", default=None, metavar="DATA=MODEL,...",
                    help="rename the data's labels to the model's, e.g. negative=0,positive=1 "
                    "(cross-domain evaluation) (default: none)")
@@ -459,11 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N rows "
                    "(default: all)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
-                   "padded to multiples of 16 (default: off)")
-    p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
-                   "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
-                   "warns and compiles without them (default: off)")
+    _add_execution_args(p)
     p.set_defaults(func=predict_cmd)
     p = sub.add_parser("push", help="upload a saved model with its model card to the Hugging "
                        "Face Hub")

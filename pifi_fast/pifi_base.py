@@ -646,7 +646,7 @@ class PiFiBase(nn.Module):
                 enc = pad_to_bucket(enc, bucket, max_length, tok.pad_token_id).to(device)
                 # (compiled: no_grad only, not inference_mode: compiling in inference mode can
                 # break the same model's later compilation for training, pytorch/pytorch#135892)
-                with (torch.inference_mode(runner is self)), autocast:
+                with torch.inference_mode(runner is self), autocast:
                     logits = runner(**{k: v for k, v in enc.items() if k in (
                         "input_ids", "attention_mask", "token_type_ids")}).logits
                 probs = logits.float().softmax(-1).cpu()

@@ -797,7 +797,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     labels = saved.pop("label_map")
     known = {f.name for f in dataclasses.fields(TrainConfig)}  # (older checkpoints: fewer)
     cfg = dataclasses.replace(TrainConfig(**{k: v for k, v in saved.items() if k in known}),
-                              data=data or saved["data"], compile=compile)
+                              data=data or saved["data"])
     cfg.text_column = text_column or cfg.text_column
     cfg.label_column = label_column or cfg.label_column
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
