@@ -141,6 +141,8 @@ _TRAIN_HELP = {
                  "bf16/fp16 also load the frozen layer in that dtype",
     "epochs": "training epochs", "batch_size": "sentences per optimiser step",
     "lr": "Adam learning rate", "weight_decay": "Adam weight decay",
+    "fused_adam": "torch's fused Adam kernel (CPU and CUDA; same update to rounding, faster); "
+                  "false: the default for-loop Adam",
     "max_length": "tokens per input, question included for QA (longer inputs are cut; QA "
                   "contexts into overlapping windows) (None: 384 for question_answering, 100 "
                   "otherwise)",

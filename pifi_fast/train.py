@@ -61,7 +61,8 @@ class TrainConfig:
     lora_targets: str | None = None  # comma list of SLM module names (default: peft's for it)
     chunk_tokens: int = -1  # fused layer: MLP block over this many tokens at a time (-1: auto,
     # 4096 on CUDA, on CPU by bytes: see FrozenLlamaLayer; 0: all at once)
-    authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping
+    authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping,
+    # torch's default (unfused) Adam
     seed: int = 42
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16; with
     # bf16/fp16 the frozen layer is loaded in that dtype (autocast for the rest; fp16 loss scaling)
@@ -69,6 +70,8 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 5e-5
     weight_decay: float = 0.0
+    fused_adam: bool = True  # Adam as one fused kernel over all parameters (CPU and CUDA): the
+    # same update to rounding, 4-6x less optimizer time on CPU (see make_optimizer)
     max_length: int | None = None  # tokens per input (default: 384 for question_answering,
     # 100 otherwise: the authors' value)
     doc_stride: int = 128  # question_answering: tokens shared by consecutive context windows
@@ -448,6 +451,21 @@ class NonFiniteError(RuntimeError):
     """A NaN or inf loss or gradient norm stopped training (on_nonfinite="stop")."""
 
 
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused Adam kernel (torch >= 2.4 on CPU)
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 0.0, fused: bool = True):
+    """The trainer's Adam. fused=True runs torch's fused Adam (one kernel over all parameters)
+    where every parameter is a floating tensor on a device that has it, else the default Adam;
+    both compute the same update (they differ only in rounding, ~1e-7 after 30 steps). Measured
+    on 2 CPU cores, MiniLM + SmolLM2 (23.2M trained parameters): 9-12 ms a step against 55 ms
+    for the default (for-loop) Adam; the step itself is ~600-900 ms there."""
+    params = list(params)
+    fused = fused and bool(params) and all(
+        p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def optimizer_step(model, optimizer, scaler, clip: float, loss=None, world: int = 1) -> bool:
     """One optimiser step (a separate function so tests can interrupt a run here), unless the
     loss or the gradient norm is not finite; returns whether the step was taken. With fp16 loss
@@ -570,7 +588,8 @@ def _train(cfg: TrainConfig) -> dict:
         cfg = dataclasses.replace(cfg, max_length=384 if cfg.task == "question_answering"
                                   and not cfg.authors_setup else 100)
     if cfg.authors_setup:
-        cfg = dataclasses.replace(cfg, precision="fp32", group_by_length=False)
+        cfg = dataclasses.replace(cfg, precision="fp32", group_by_length=False,
+                                  fused_adam=False)
     out_dir = Path(cfg.output_dir)
     last_dir, best_dir = out_dir / "checkpoint-last", out_dir / "best"
     _seed_everything(cfg.seed)
@@ -592,7 +611,7 @@ def _train(cfg: TrainConfig) -> dict:
                          f"embedding has {vocab} rows: ids {vocab}..{len(tokenizer) - 1} would "
                          "index past it (a tokenizer from another model?)")
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, fused=cfg.fused_adam)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     if rank == 0:
         _recover_checkpoints(out_dir)
@@ -602,6 +621,8 @@ def _train(cfg: TrainConfig) -> dict:
         _load_weights(model, last_dir, device)
         saved = torch.load(last_dir / "trainer_state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(saved["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups carry their run's setting
+            group["fused"] = optimizer.defaults["fused"]
         if scaler is not None and saved.get("scaler"):
             scaler.load_state_dict(saved["scaler"])
         _set_rng_state(saved["rng"])

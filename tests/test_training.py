@@ -89,6 +89,49 @@ def test_resume_continues_an_interrupted_run_to_the_same_weights(tiny_models, tm
         assert torch.equal(state[k], straight[k]), k
 
 
+def test_fused_adam_matches_the_default_adam_and_falls_back_where_torch_has_none():
+    """make_optimizer: torch's fused Adam on CPU gives the default Adam's parameters to rounding
+    after 20 steps with weight decay, on tensors of awkward shapes; fused=False, or a parameter
+    on a device without the kernel (meta), gives the default Adam."""
+    from pifi_fast.train import make_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 13), (5,), (3, 1, 9), (1,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(20)]
+    finals = {}
+    for fused in (True, False):
+        params = [t.clone().requires_grad_() for t in start]
+        opt = make_optimizer(params, lr=1e-2, weight_decay=0.01, fused=fused)
+        assert bool(opt.defaults["fused"]) is fused
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        finals[fused] = [p.detach() for p in params]
+    for a, b, t in zip(finals[True], finals[False], start):
+        assert not torch.equal(a, t)  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    meta = [torch.empty(3, 4, device="meta", requires_grad=True)]
+    assert not make_optimizer(meta, lr=1e-3).defaults["fused"]
+
+
+@needs_sst2
+def test_trainer_runs_fused_adam_except_in_the_authors_setup(tiny_models, tmp_path):
+    """The trainer's checkpointed optimizer says which Adam ran: fused by default, torch's
+    default Adam for --authors-setup and --fused-adam false."""
+    def fused_in_checkpoint(name, **kw):
+        cfg = _tiny_cfg(tiny_models, tmp_path / name, epochs=1, max_steps=2, **kw)
+        train(cfg)
+        state = torch.load(tmp_path / name / "checkpoint-last" / "trainer_state.pt",
+                           weights_only=False)
+        return {bool(g["fused"]) for g in state["optimizer"]["param_groups"]}
+
+    assert fused_in_checkpoint("default") == {True}
+    assert fused_in_checkpoint("authors", authors_setup=True) == {False}
+    assert fused_in_checkpoint("unfused", fused_adam=False) == {False}
+
+
 @needs_sst2
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_train_end_to_end_in_each_precision_on_a_gguf_layer(tiny_models, tmp_path, precision):

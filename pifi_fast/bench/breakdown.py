@@ -1,6 +1,7 @@
 """Where a PiFi training step's time goes: the SLM, the adapters, the frozen layer, the head and
-loss, the optimizer (zero_grad, gradient clipping, AdamW step) and what is left (Python, glue
-ops, autograd bookkeeping), measured on the W4 classification step.
+loss, the optimizer (zero_grad, gradient clipping and Adam as `pifi-fast train` runs it: fused
+for pifi_fast and the reference, torch's default Adam for the authors' setup) and what is left
+(Python, glue ops, autograd bookkeeping), measured on the W4 classification step.
 
 Forward parts are timed with forward pre/post hooks on the model's modules (slm, adapter_in,
 llm_layer, adapter_out, head). Backward runs in the reverse order, so a part's backward is the
@@ -39,7 +40,9 @@ def step_breakdown(pair: str = "minilm+smollm2", impl: str = "pifi_fast", senten
     ids, mask, labels, tokens = workloads._w4_batch(pair, sentences, "train step", impl, device,
                                                     vocab)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    from pifi_fast.train import make_optimizer
+
+    optimizer = make_optimizer(params, lr=1e-5, fused=impl != "authors")  # as train runs them
 
     def now():
         if device.type == "cuda":
