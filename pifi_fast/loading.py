@@ -395,67 +395,85 @@ def unpermute_gguf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def _gguf_reader(path: Path):
-    """GGUFReader(path), or a CheckpointError naming the file and, for a cut file, the first
-    tensor that does not fit (GGUFReader itself fails with a bare numpy reshape error)."""
-    from gguf import GGUFReader
+def _gguf_header(path: Path):
+    """The file's GGUF header (pifi_fast.gguf_file), or a CheckpointError naming the file and,
+    for a cut file, the first tensor that does not fit."""
+    from pifi_fast.gguf_file import GGUFFormatError, read_header
 
+    size = path.stat().st_size
     try:
-        return GGUFReader(str(path))  # memory-mapped: only the tensors we touch are read
-    except Exception as exc:
-        size = path.stat().st_size
-        for name, start, end in _gguf_extents(path):
-            if end > size:
-                raise CheckpointError(
-                    f"{path}: truncated: tensor {name} needs bytes {start:,}..{end:,} but the "
-                    f"file has {size:,} bytes") from exc
-        raise CheckpointError(f"{path}: unreadable GGUF file ({size:,} bytes): "
-                              f"{type(exc).__name__}: {exc}") from exc
+        header = read_header(path)
+    except GGUFFormatError as exc:
+        raise CheckpointError(f"{path}: unreadable GGUF file ({size:,} bytes): {exc}") from exc
+    cut = header.truncated()
+    if cut is not None:
+        raise CheckpointError(f"{path}: truncated: tensor {cut.name} needs bytes {cut.start:,}.."
+                              f"{cut.start + cut.nbytes:,} but the file has {size:,} bytes")
+    return header
 
 
-def _gguf_extents(path: Path):
-    """[(tensor name, first byte, end byte)] from a GGUF header, without touching tensor data
-    ([] when even the header cannot be parsed)."""
-    import numpy as np
-    from gguf import GGUFReader
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+def _gguf_config(path: Path):
+    """Transformers' config of a GGUF file. Its parser is the authority on how GGUF keys map to
+    config fields, but it decodes the whole header, tokenizer included (~5 s for SmolLM2 on 2
+    CPU cores), so its result is cached on disk under pifi_fast's cache folder, keyed by the
+    file's path, size and modification time and the Transformers version; a damaged or
+    unwritable cache only means parsing again."""
+    import hashlib
+    import shutil
+    import tempfile
 
-    class _Extents(GGUFReader):
-        def _build_tensors(self, start_offs, fields):
-            self.extents = []
-            for field in fields:
-                _, name, _, dims, raw_type, offset = field.parts
-                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type[0])]
-                n_bytes = int(np.prod(dims)) * type_size // block
-                start = int(start_offs + offset[0])
-                self.extents.append((str(bytes(name), "utf-8"), start, start + n_bytes))
+    import transformers
 
+    from pifi_fast.offline import cache_root
+
+    stat = path.stat()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
+    folder = cache_root() / "gguf-configs" / hashlib.sha256(identity.encode()).hexdigest()[:32]
+    if (folder / "config.json").is_file():
+        try:
+            config = _load_config(str(folder))
+            config.name_or_path = str(path.parent)  # as Transformers' parser names it
+            return config
+        except (OSError, ValueError):
+            shutil.rmtree(folder, ignore_errors=True)  # damaged: parse and write it again
+    config = _load_config(str(path.parent), gguf_file=path.name)
+    tmp = None
     try:
-        return sorted(_Extents(str(path)).extents, key=lambda e: e[1])
-    except Exception:
-        return []
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent)
+        config.save_pretrained(tmp)
+        os.replace(tmp, folder)  # complete or absent; a concurrent writer's entry wins
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return config
 
 
 def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
     from gguf.constants import GGMLQuantizationType
     from gguf.quants import dequantize
 
-    reader = _gguf_reader(path)  # first: Transformers' config parser fails unclearly on a cut file
-    config = _load_config(str(path.parent), gguf_file=path.name)
+    from pifi_fast.gguf_file import tensor_bytes
+
+    header = _gguf_header(path)  # first: Transformers' parser fails unclearly on a cut file
+    config = _gguf_config(path)
     index = resolve_index(config, layer)
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
+    arch = header.fields.get("general.architecture")
     prefix = f"blk.{index}."
     tensors, quantized = {}, {}
-    for t in reader.tensors:
+    for t in header.tensors:
         if not t.name.startswith(prefix):
             continue
         local = _GGUF_NAMES.get(t.name[len(prefix):])
         if local is None:
             raise CheckpointError(f"{path}: unknown GGUF tensor {t.name} for architecture {arch}")
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        data = tensor_bytes(header, t)
+        w = torch.from_numpy(dequantize(data, t.ggml_type).copy())
+        shape = tuple(reversed(t.dims))
         w = w.reshape(shape[0], -1) if len(shape) == 2 else w.reshape(shape)
-        pair = (_q8_0_blocks(t.data, shape) if t.tensor_type == GGMLQuantizationType.Q8_0
+        pair = (_q8_0_blocks(data, shape) if t.ggml_type == GGMLQuantizationType.Q8_0
                 and local.endswith("proj.weight") else None)
         if arch == "llama" and local in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
             heads = config.num_attention_heads if "q_proj" in local else config.num_key_value_heads

