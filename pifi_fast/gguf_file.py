@@ -68,8 +68,8 @@ class GGUFHeader:
 
 
 class _Cursor:
-    def __init__(self, buf, path):
-        self.buf, self.pos, self.path = buf, 0, path
+    def __init__(self, buf):
+        self.buf, self.pos = buf, 0
 
     def take(self, fmt: str, size: int):
         if self.pos + size > len(self.buf):
@@ -124,7 +124,7 @@ def read_header(path) -> GGUFHeader:
     if size < 24:
         raise GGUFFormatError(f"{size} bytes: too short for a GGUF header")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cur = _Cursor(buf, path)
+        cur = _Cursor(buf)
         if bytes(buf[:4]) != b"GGUF":
             raise GGUFFormatError(f"no GGUF magic (starts with {bytes(buf[:4])!r})")
         cur.pos = 4
