@@ -159,10 +159,8 @@ def read_header(path) -> GGUFHeader:
 def tensor_bytes(header: GGUFHeader, info: TensorInfo) -> np.ndarray:
     """A tensor's stored bytes as a read-only numpy view of the memory-mapped file, shaped
     (outer dims..., bytes per innermost row), the shape gguf.quants.dequantize takes."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(info.ggml_type)]
-    row_bytes = info.dims[0] // block * type_size if info.dims else info.nbytes
+    outer = tuple(reversed(info.dims[1:]))
+    row_bytes = info.nbytes // int(np.prod(outer))  # (read_header sized nbytes by type)
     data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=info.start,
                      shape=(info.nbytes,))
-    return data.reshape(tuple(reversed(info.dims[1:])) + (row_bytes,))
+    return data.reshape(outer + (row_bytes,))

@@ -400,15 +400,16 @@ def _gguf_header(path: Path):
     for a cut file, the first tensor that does not fit."""
     from pifi_fast.gguf_file import GGUFFormatError, read_header
 
-    size = path.stat().st_size
     try:
         header = read_header(path)
     except GGUFFormatError as exc:
-        raise CheckpointError(f"{path}: unreadable GGUF file ({size:,} bytes): {exc}") from exc
+        raise CheckpointError(f"{path}: unreadable GGUF file ({path.stat().st_size:,} bytes): "
+                              f"{exc}") from exc
     cut = header.truncated()
     if cut is not None:
         raise CheckpointError(f"{path}: truncated: tensor {cut.name} needs bytes {cut.start:,}.."
-                              f"{cut.start + cut.nbytes:,} but the file has {size:,} bytes")
+                              f"{cut.start + cut.nbytes:,} but the file has "
+                              f"{header.file_size:,} bytes")
     return header
 
 
