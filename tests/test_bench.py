@@ -128,6 +128,11 @@ def test_w4_lists_compiled_qa_cuda_graph_and_epoch_rows_per_device():
         assert ("sst2 epoch", real, impl) not in cpu
     assert ("inference", real, "pifi_fast_cudagraphs") in cpu  # (skipped there, saying why)
     assert ("train step", real, "pifi_fast_cudagraphs") not in gpu
+    # pifi_fast with packed_slm=True: GPU classification only (on a CPU pifi_fast packs already)
+    assert {("train step", real, "pifi_fast_packed"), ("inference", real, "pifi_fast_packed")} \
+        <= gpu
+    assert not any(impl == "pifi_fast_packed" for _, _, impl in cpu | full)
+    assert ("qa train step", real, "pifi_fast_packed") not in gpu
     big = "bert-base+llama-3.1-8b"
     assert ("train step", big, "pifi_fast_compiled") in gpu
     assert ("train step", big, "pifi_fast_compiled") not in cpu  # minutes of compiling there
@@ -272,3 +277,22 @@ def test_bench_cli_writes_its_results_when_terminated(tmp_path):
     # every case has its row: measured, skipped as before, or marked stopped
     assert stopped and len(rows) == n_cases, [r.get("skipped") for r in rows]
     assert all("median_s" in r or "skipped" in r for r in rows)
+
+
+def test_w4_rows_say_how_pifi_fast_ran_its_slm():
+    """The report's path notes: eager pifi_fast packs the SLM on a CPU, compiled it keeps the
+    padded layout."""
+    from pifi_fast.bench import workloads
+
+    cpu = torch.device("cpu")
+    cases = {c.impl: c for c in workloads.all_cases("tiny", cpu, torch.float32, ("W4",))
+             if c.variant == "train step"}
+    assert "packed_slm" in cases["pifi_fast"].build()["path"]
+    model = workloads._pifi_models("tiny", "cpu", "float32")[0]["pifi_fast"]
+    ids, mask, _, _ = workloads._w4_batch("tiny", 4, "train step", "pifi_fast", cpu, 1000)
+    assert "padded layout" in workloads._slm_path(model, object(), ids, mask)  # compiled
+    model.packed_slm = False
+    try:
+        assert "own forward" in workloads._slm_path(model, model, ids, mask)
+    finally:
+        model.packed_slm = "auto"  # (the models are cached for the other tests)

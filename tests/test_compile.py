@@ -5,7 +5,7 @@ without a padding mask; compiled outputs and gradients equal eager ones (fullgra
 several plugged layers and MLP adapters)."""
 import pytest
 import torch
-from helpers import rel_err, tiny_llm, tiny_slm
+from helpers import assert_grads_close, rel_err, tiny_llm, tiny_slm, trainable_grads
 
 from pifi_fast import PiFiModel, kernels
 
@@ -73,9 +73,9 @@ def test_compiled_equals_eager_outputs_and_gradients(task, options):
     y_c = out_c.start_logits if task == "question_answering" else out_c.logits
     real = torch.isfinite(y_e)
     assert rel_err(y_c[real], y_e[real]) <= 1e-5
-    for (name, p), q in zip(eager.named_parameters(), compiled_src.parameters()):
-        if p.grad is not None:
-            assert q.grad is not None and rel_err(q.grad, p.grad, floor=1e-12) <= 1e-4, name
+    # (eager classification packs the SLM, pifi_fast.packed_slm; compiled runs its own forward:
+    # the gradients that are rounding noise differ, judged against the largest gradient's scale)
+    assert_grads_close(trainable_grads(compiled_src), trainable_grads(eager), tol=1e-4)
 
 
 def test_inductor_compiles_a_masked_qa_step():

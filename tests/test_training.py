@@ -132,6 +132,20 @@ def test_trainer_runs_fused_adam_except_in_the_authors_setup(tiny_models, tmp_pa
     assert fused_in_checkpoint("unfused", fused_adam=False) == {False}
 
 
+def test_packed_slm_option_reaches_the_model(tiny_models, tmp_path):
+    """--packed-slm auto|true|false sets PiFiModel.packed_slm; the reference (and so the
+    authors' setup) has no such option and runs the SLM's own forward."""
+    from pifi_fast import PiFiModel
+
+    for value, expected in (("auto", "auto"), ("true", True), ("false", False)):
+        model = train_mod.build_model(_tiny_cfg(tiny_models, tmp_path, packed_slm=value), 2)
+        assert isinstance(model, PiFiModel) and model.packed_slm == expected
+    with pytest.raises(ValueError, match="auto, true or false"):
+        train_mod.build_model(_tiny_cfg(tiny_models, tmp_path, packed_slm="yes"), 2)
+    authors = train_mod.build_model(_tiny_cfg(tiny_models, tmp_path, authors_setup=True), 2)
+    assert not hasattr(authors, "packed_slm")
+
+
 @needs_sst2
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_train_end_to_end_in_each_precision_on_a_gguf_layer(tiny_models, tmp_path, precision):

@@ -3,10 +3,13 @@ loss, the optimizer (zero_grad, gradient clipping and Adam as `pifi-fast train` 
 for pifi_fast and the reference, torch's default Adam for the authors' setup) and what is left
 (Python, glue ops, autograd bookkeeping), measured on the W4 classification step.
 
-Forward parts are timed with forward pre/post hooks on the model's modules (slm, adapter_in,
-llm_layer, adapter_out, head). Backward runs in the reverse order, so a part's backward is the
-time from the moment the gradient of its output is ready (a hook on that tensor) to the moment
-the next part's is; the SLM's ends when backward returns. On a GPU every timestamp is
+Forward parts are timed with forward pre/post hooks on the model's modules (adapter_in,
+llm_layer, adapter_out, head); the SLM's forward is the span from the model's forward to
+adapter_in's (pifi_fast.PiFiModel may compute the sentence vectors from the SLM's sub-modules,
+pifi_fast.packed_slm, without calling the SLM module itself). Backward runs in the reverse
+order, so a part's backward is the time from the moment the gradient of its output is ready (a
+hook on that tensor; the SLM's output is adapter_in's input) to the moment the next part's is;
+the SLM's ends when backward returns. On a GPU every timestamp is
 taken after a device synchronisation, which itself costs time: read GPU figures as shares,
 not as the step's speed (that comes from the W4 rows of `pifi-fast bench`).
 """
@@ -51,19 +54,26 @@ def step_breakdown(pair: str = "minilm+smollm2", impl: str = "pifi_fast", senten
 
     marks: dict[str, float] = {}
 
-    def after_forward(module, args, out, name):
-        marks[f"f1 {name}"] = now()
-        out = out if torch.is_tensor(out) else out[0]  # the SLM: its last hidden state
-        if out.requires_grad:  # backward reaches this part when its output's gradient is ready
-            out.register_hook(lambda g: marks.__setitem__(f"b0 {name}", now()))
+    def on_gradient(tensor, name):
+        if tensor.requires_grad:  # backward reaches a part when its output's gradient is ready
+            tensor.register_hook(lambda g: marks.__setitem__(f"b0 {name}", now()))
 
-    handles = []
-    for name in PARTS:
+    def before_forward(args, name):
+        marks[f"f0 {name}"] = now()
+        if name == "adapter_in":  # its input is the SLM's output
+            marks["f1 slm"] = marks[f"f0 {name}"]
+            on_gradient(args[0], "slm")
+
+    def after_forward(out, name):
+        marks[f"f1 {name}"] = now()
+        on_gradient(out, name)
+
+    handles = [model.register_forward_pre_hook(lambda m, a: marks.__setitem__("f0 slm", now()))]
+    for name in PARTS[1:]:
         module = getattr(model, name)
         handles += [
-            module.register_forward_pre_hook(lambda m, a, n=name: marks.__setitem__(f"f0 {n}",
-                                                                                    now())),
-            module.register_forward_hook(lambda m, a, o, n=name: after_forward(m, a, o, n))]
+            module.register_forward_pre_hook(lambda m, a, n=name: before_forward(a, n)),
+            module.register_forward_hook(lambda m, a, o, n=name: after_forward(o, n))]
     samples: dict[str, list[float]] = {k: [] for k in (*PARTS, "optimizer", "other", "total")}
     try:
         for rep in range(reps + 1):  # the first step warms up (allocations, Adam's state)

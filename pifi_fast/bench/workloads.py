@@ -556,6 +556,11 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classi
     fast.load_state_dict(authors.state_dict())
     ref.load_state_dict(authors.state_dict())
     models = {"pifi_fast": fast, "hf_sdpa": ref, "authors": authors}
+    if device.type == "cuda" and task == "classification":
+        packed = PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task, llm_dtype=dtype,
+                                      packed_slm=True)
+        packed.load_state_dict(authors.state_dict())
+        models["pifi_fast_packed"] = packed
     if pair != "tiny":  # the same model with the frozen layer in 8 bits (quantized on load)
         for mode in ("int8", "fp8"):
             model = PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task, llm_dtype=dtype,
@@ -569,8 +574,12 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classi
 # W4 implementations besides the fused model's 8-bit variants: eager and compiled pifi_fast and
 # reference (the Hugging Face layer; "hf_compile" = the reference model under torch.compile),
 # pifi_fast inference through CUDA graphs (GPU), and the authors' setup.
-W4_IMPLS = ("pifi_fast", "pifi_fast_compiled", "pifi_fast_cudagraphs", "hf_sdpa", "hf_compile",
-            "authors")
+W4_IMPLS = ("pifi_fast", "pifi_fast_compiled", "pifi_fast_cudagraphs", "pifi_fast_packed",
+            "hf_sdpa", "hf_compile", "authors")
+# classification rows of this many (GPU only): pifi_fast with packed_slm=True. On a CPU
+# pifi_fast packs by default (packed_slm="auto"); on a GPU packing stays opt-in until these rows
+# have measured it there.
+GPU_ONLY_W4 = ("pifi_fast_cudagraphs", "pifi_fast_packed")
 QA_TOKENS = 384  # the QA train step: windows of 384 tokens (SQuAD's setting), all full
 SST2_TRAIN_SENTENCES = 6920
 
@@ -592,18 +601,19 @@ def _w4_cases(sizes, device, dtype):
         for n in sizes["w4_sentences"]:
             for variant in ("train step", "inference"):
                 impls = [i for i in W4_IMPLS if (compiled or "compile" not in i)
-                         and (i != "pifi_fast_cudagraphs" or variant == "inference")]
+                         and (i != "pifi_fast_cudagraphs" or variant == "inference")
+                         and (i != "pifi_fast_packed" or gpu)]
                 if not tiny:
                     impls[1:1] = QUANT_IMPLS
                 add(variant, pair, n, impls, _build_w4)
         if sizes.get("w4_qa") and (gpu or pair != "bert-base+llama-3.1-8b"):
             # (CPU: 8 x 384 tokens through BERT-base and an 8B-shaped layer is ~15 s a step)
-            impls = [i for i in W4_IMPLS if i != "pifi_fast_cudagraphs"
+            impls = [i for i in W4_IMPLS if i not in GPU_ONLY_W4
                      and (compiled or "compile" not in i)]
             add("qa train step", pair, sizes["w4_qa"], impls, _build_w4)
     if sizes.get("w4_epoch"):
         add("sst2 epoch", "minilm+smollm2", SST2_TRAIN_SENTENCES,
-            [i for i in W4_IMPLS if i != "pifi_fast_cudagraphs"], _build_epoch)
+            [i for i in W4_IMPLS if i not in GPU_ONLY_W4], _build_epoch)
     return cases
 
 
@@ -674,6 +684,8 @@ def _build_w4(pair, n, variant, impl, device, dtype):
     fn = step if train else infer
     out = {"dtype": "float32" if impl == "authors" else str(dtype).replace("torch.", ""),
            "tokens": tokens}
+    if impl.startswith("pifi_fast") and task == "classification":
+        out["path"] = f"W4 {impl} classification: " + _slm_path(model, runner, ids, mask)
     if device.type == "cpu":  # a step is seconds here: fewer repetitions keep W4 in budget
         out.update(reps=3, warmup=1)
     if "compile" in impl or "cudagraphs" in impl:
@@ -694,6 +706,17 @@ def _build_w4(pair, n, variant, impl, device, dtype):
         out["first_call"] = first
     out["fn"] = fn
     return out
+
+
+def _slm_path(model, runner, ids, mask) -> str:
+    """How a W4 pifi_fast row runs its SLM (PiFiModel.slm_mode for this batch; a compiled runner
+    traces the padded layout)."""
+    mode = model.slm_mode({"input_ids": ids, "attention_mask": mask})
+    if mode is not None and runner is not model:
+        mode = "padded"
+    return {"packed": "packed_slm, the real tokens only",
+            "padded": "packed_slm on the padded layout (compiled; last layer for [CLS] only)",
+            None: "the SLM's own forward"}[mode]
 
 
 def _build_epoch(pair, n, variant, impl, device, dtype):
@@ -730,8 +753,13 @@ def _build_epoch(pair, n, variant, impl, device, dtype):
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
 
+    path = {}
+    if impl == "pifi_fast":
+        path["path"] = ("W4 sst2 epoch pifi_fast: packed_slm=auto ("
+                        + ("packed" if device.type == "cpu" else "the SLM's own forward")
+                        + f" on {device.type})")
     return {"fn": epoch, "tokens": _sst2_train_tokens(), "reps": 1, "warmup": 0,
-            "peak_memory": False, "training_loop": loop,
+            "peak_memory": False, "training_loop": loop, **path,
             "dtype": "float32" if precision == "fp32" else str(dtype).replace("torch.", "")}
 
 
