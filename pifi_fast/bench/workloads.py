@@ -576,9 +576,9 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classi
 # pifi_fast inference through CUDA graphs (GPU), and the authors' setup.
 W4_IMPLS = ("pifi_fast", "pifi_fast_compiled", "pifi_fast_cudagraphs", "pifi_fast_packed",
             "hf_sdpa", "hf_compile", "authors")
-# classification rows of this many (GPU only): pifi_fast with packed_slm=True. On a CPU
-# pifi_fast packs by default (packed_slm="auto"); on a GPU packing stays opt-in until these rows
-# have measured it there.
+# GPU-only W4 rows: CUDA graphs (inference), and pifi_fast with packed_slm=True (classification):
+# on a CPU pifi_fast packs by default (packed_slm="auto"); on a GPU packing stays opt-in until
+# these rows have measured it there.
 GPU_ONLY_W4 = ("pifi_fast_cudagraphs", "pifi_fast_packed")
 QA_TOKENS = 384  # the QA train step: windows of 384 tokens (SQuAD's setting), all full
 SST2_TRAIN_SENTENCES = 6920
