@@ -389,6 +389,18 @@ def kernels_cmd(args) -> int:
     return 0 if all(r["ok"] for r in rows) else 1
 
 
+def cpu_bf16_instructions() -> str:
+    """Which native bf16 instructions this CPU has, as torch sees them (private torch.cpu
+    queries: "unknown" where they are missing)."""
+    try:
+        found = [name for name, has in (("AMX", torch.cpu._is_amx_tile_supported()),
+                                        ("AVX512-BF16", torch.cpu._is_avx512_bf16_supported()))
+                 if has]
+    except AttributeError:
+        return "unknown"
+    return ", ".join(found) if found else "none (bf16 would be emulated; not measured)"
+
+
 def info(args) -> int:
     import transformers
 
@@ -420,6 +432,9 @@ def info(args) -> int:
              + ", ".join(packed_slm.PACKED_MODEL_TYPES) + "; the padded layout under "
              "torch.compile or left padding), the SLM's own forward otherwise"
              if device == "cpu" else "the SLM's own forward (packed_slm=True packs)"))
+    print("CPU bf16 instructions: " + cpu_bf16_instructions()
+          + " (pifi-fast train --precision bf16 on a CPU autocasts to bf16: fast where they "
+            "are native; the CPU default stays fp32)")
     if torch.cuda.is_available():
         from pifi_fast.ops import gemm_path
 

@@ -186,6 +186,13 @@ def test_w4_epoch_rows_train_one_epoch_per_implementation(monkeypatch, tmp_path)
         (1, "sst2", False, "fast", False), (1, "sst2", True, "fast", False),
         (1, "sst2", False, "reference", False), (1, "sst2", True, "reference", False),
         (1, "sst2", False, "fast", True)]
+    assert {c.precision for c in seen} == {"fp32"}
+    # bench --dtype bfloat16 on a CPU: pifi_fast trains under bf16 autocast, the authors in fp32
+    seen.clear()
+    for impl in ("pifi_fast", "authors"):
+        workloads._build_epoch("minilm+smollm2", 6920, "sst2 epoch", impl, torch.device("cpu"),
+                               torch.bfloat16)["fn"]()
+    assert [c.precision for c in seen] == ["bf16", "fp32"]
     monkeypatch.setenv("PIFI_FAST_DATA", str(tmp_path / "nothing"))
     assert "skip" in workloads._build_epoch("minilm+smollm2", 6920, "sst2 epoch", "pifi_fast",
                                             torch.device("cpu"), torch.float32)

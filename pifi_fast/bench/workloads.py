@@ -730,7 +730,9 @@ def _build_epoch(pair, n, variant, impl, device, dtype):
 
     if not (data_root() / "sst2").is_dir():
         return {"skip": f"SST-2 not found under {data_root()}"}
-    precision = "fp32" if device.type == "cpu" or impl == "authors" else \
+    # the run's dtype (bench --dtype; fp32 by default on a CPU, bf16 on a GPU) as the trainer's
+    # --precision, autocast included; the authors' setup is fp32 by definition
+    precision = "fp32" if impl == "authors" else \
         {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
     options = {"pifi_fast": {}, "pifi_fast_compiled": {"compile": True},
                "hf_sdpa": {"implementation": "reference"},
@@ -791,6 +793,7 @@ def all_cases(level: str, device: torch.device, dtype: torch.dtype,
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs (what users train in), fp32 on CPU (where bf16 GEMMs are emulated)."""
+    """bf16 on GPUs (what users train in), fp32 on CPU (the trainer's CPU default; a CPU with
+    bf16 instructions runs the bf16 rows with --dtype bfloat16)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
