@@ -6,7 +6,13 @@ last layer only the first ones); and every case it does not support falls back t
 forward under "auto" and is a clear error under True."""
 import pytest
 import torch
-from helpers import assert_grads_close, ragged_batch, tiny_llm, tiny_slm
+from helpers import (
+    assert_grads_close,
+    ragged_batch,
+    tiny_llm,
+    tiny_slm,
+    trainable_grads,
+)
 from transformers import (
     AutoModel,
     BertConfig,
@@ -33,10 +39,6 @@ def _slm(kind, dtype=torch.float64):
     return AutoModel.from_config(CONFIGS[kind]()).to(dtype)
 
 
-def _gradients(module):
-    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("padded", [True, False], ids=["ragged", "no-padding"])
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_first_token_states_equal_the_slms_own_forward(kind, padded):
@@ -56,7 +58,7 @@ def test_first_token_states_equal_the_slms_own_forward(kind, padded):
         else:
             out = slm(input_ids=ids, attention_mask=mask, **kwargs).last_hidden_state[:, :1]
         (out * cotangent).sum().backward()
-        results.append((out.detach(), _gradients(slm)))
+        results.append((out.detach(), trainable_grads(slm)))
     (plain, plain_grads), (packed, packed_grads) = results
     torch.testing.assert_close(packed, plain, rtol=1e-10, atol=1e-10)
     # the pooler (unused by PiFi) gets no gradient from the packed path: it does not run
@@ -132,7 +134,7 @@ def test_pifi_model_packed_equals_the_plain_slm_and_the_reference(lora):
         net.zero_grad()
         out = net(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
-        runs[name] = (out.logits.detach(), _gradients(net))
+        runs[name] = (out.logits.detach(), trainable_grads(net))
     (logits, grads), (plain_logits, plain_grads) = runs["packed"], runs["plain"]
     torch.testing.assert_close(logits, plain_logits, rtol=1e-10, atol=1e-10)
     assert set(grads) == set(plain_grads) and grads
@@ -184,11 +186,11 @@ def test_padded_layout_equals_the_slms_own_forward(kind):
     for m in (mask, mask.flip(1)):
         got = packed_slm.first_token_states(slm, ids, m, pack=False)
         (got ** 2).sum().backward()
-        got_grads = _gradients(slm)
+        got_grads = trainable_grads(slm)
         slm.zero_grad()
         want = slm(input_ids=ids, attention_mask=m).last_hidden_state[:, :1]
         (want ** 2).sum().backward()
-        want_grads = _gradients(slm)
+        want_grads = trainable_grads(slm)
         slm.zero_grad()
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
         for name, grad in got_grads.items():
