@@ -429,8 +429,8 @@ def info(args) -> int:
           + ("4096 tokens" if device == "cuda" else "one fp32 tokens x 2I temporary <= 128 MiB"))
     print(f"SLM for classification on {device} (packed_slm='auto'): "
           + ("sentence vectors from the real tokens only (pifi_fast.packed_slm; model types "
-             + ", ".join(packed_slm.PACKED_MODEL_TYPES) + "; the padded layout under "
-             "torch.compile or left padding), the SLM's own forward otherwise"
+             + ", ".join(packed_slm.PACKED_MODEL_TYPES) + "; eager and --compile alike, "
+             "the padded layout under CUDA graphs), the SLM's own forward otherwise"
              if device == "cpu" else "the SLM's own forward (packed_slm=True packs)"))
     print("CPU bf16 instructions: " + cpu_bf16_instructions()
           + " (pifi-fast train --precision bf16 on a CPU autocasts to bf16: fast where they "

@@ -28,9 +28,9 @@ class PiFiModel(PiFiBase):
     `packed_slm` (how the SLM runs for classification, the only task it applies to; an
     execution choice, not saved with the weights): "auto" (default) computes the sentence
     vectors with pifi_fast.packed_slm on a CPU, where it was measured to pay, for the model
-    types and inputs it supports (from the real tokens only; under torch.compile and for a
-    left-padded batch, on the padded layout with the last layer for [CLS] alone: see
-    slm_mode), and runs the SLM's own forward otherwise; True does the same on every device
+    types and inputs it supports (from the real tokens only; under a torch.compile that may
+    not capture data-dependent sizes, on the padded layout with the last layer for [CLS] alone:
+    see slm_mode), and runs the SLM's own forward otherwise; True does the same on every device
     (an error when the SLM or the batch is not supported); False always runs the SLM's own
     forward. Set it at construction or as an attribute.
     """
@@ -97,9 +97,10 @@ class PiFiModel(PiFiBase):
 
     def slm_mode(self, slm_inputs: dict) -> str | None:
         """How a classification batch's sentence vectors are computed: "packed" (the real tokens
-        only), "padded" (the padded layout, the last layer for the first tokens only: static
-        shapes, what torch.compile traces, and what a left-padded batch gets) or None (the
-        SLM's own forward). ``slm_inputs``: input_ids, attention_mask, inputs_embeds."""
+        only: eager, and compiled by pifi_base.compile_model), "padded" (the padded layout, the
+        last layer for the first tokens only: static shapes, what torch.compile traces when
+        Dynamo may not capture a data-dependent size, as with CUDA graphs) or None (the SLM's
+        own forward). ``slm_inputs``: input_ids, attention_mask, inputs_embeds."""
         if self._packed_slm is False or self.task != "classification":
             return None
         ids = slm_inputs.get("input_ids")
@@ -112,9 +113,9 @@ class PiFiModel(PiFiBase):
             if self._packed_slm is True:
                 raise ValueError(f"packed_slm=True, but this batch cannot be packed: {reason}")
             return None
-        if torch.compiler.is_compiling():
-            return "padded"  # packing's data-dependent sizes would break the one graph
-        return "packed" if packed_slm.can_pack(slm_inputs.get("attention_mask")) else "padded"
+        if torch.compiler.is_compiling() and not packed_slm.packing_traceable():
+            return "padded"  # packing's data-dependent token count would break the one graph
+        return "packed"
 
     def _run_layer(self, h, mask):
         if self.fused:

@@ -23,11 +23,13 @@ is ours (torch's SDPA with a boolean key mask, the computation of the models'
 "sdpa" and "eager" attention). In training, dropout draws other masks than the plain forward
 would (same rates), so a training run is not bit-identical to one on the plain forward.
 
-Packing needs every row's first position to be a real token (right padding) and reads the mask
-on the host. With ``pack=False`` the padded layout is kept (padding positions computed and
+Packing takes any padding layout (a left-padded row's first position is kept, as a query
+only), but its token count depends on the mask: a host sync on a GPU, and under torch.compile
+a data-dependent size that Dynamo traces only with capture_dynamic_output_shape_ops on
+(pifi_base.compile_model turns it on for its compiled model; otherwise the nonzero would break
+the graph). With ``pack=False`` the padded layout is kept (padding positions computed and
 ignored, as the plain forward does; static shapes, no host sync) and only the last layer's
-saving applies: what torch.compile traces (a whole PiFiModel stays one graph), and what a
-left-padded batch gets.
+saving applies: what torch.compile traces without that option, and what CUDA graphs capture.
 
 Supported: the model types in PACKED_MODEL_TYPES as encoders (no decoder, no cross-attention,
 no gradient checkpointing), LoRA through peft, input ids (not inputs_embeds) of shape
@@ -84,30 +86,37 @@ def unsupported_inputs(input_ids, attention_mask, inputs_embeds=None) -> str | N
     return None
 
 
-def can_pack(attention_mask) -> bool:
-    """Whether every row's first position is a real token, so the rows' [CLS] tokens survive
-    packing (a host sync on a GPU; packing needs one anyway)."""
-    return attention_mask is None or bool((attention_mask[:, 0] != 0).all())
+def packing_traceable() -> bool:
+    """Whether torch.compile may trace packing into its graph: Dynamo captures an op whose
+    output size depends on the data (nonzero) only with capture_dynamic_output_shape_ops on."""
+    return bool(torch._dynamo.config.capture_dynamic_output_shape_ops)
 
 
 class _Packing:
     """Where the tokens a layer computes sit: packed (T, ...) <-> padded (B, S, ...). Packed,
-    the real tokens only; unpacked (pack=False or no padding), every position (a reshape)."""
+    the real tokens and each row's first position (the sentence vector is read there even
+    where it is padding, as the plain forward's ``[:, 0]`` reads a left-padded row); unpacked
+    (pack=False or no padding), every position (a reshape)."""
 
     def __init__(self, real: torch.Tensor | None, pack: bool, shape: tuple[int, int], device):
         self.batch, self.length = shape
-        # no padding: packing is a reshape (pack=False never reads the mask on the host)
-        no_padding = real is None or (pack and bool(real.all()))
+        # no padding: packing is a reshape (the check is a host sync: eager only; pack=False
+        # never reads the mask on the host)
+        no_padding = real is None or (pack and not torch.compiler.is_compiling()
+                                      and bool(real.all()))
         self.every_position = not pack or no_padding
         if self.every_position:
             self.flat = None
             # row b's first position (padding or not: the plain forward's [:, 0])
             self.first = torch.arange(self.batch, device=device) * self.length
         else:
-            lengths = real.sum(1)
-            self.flat = real.reshape(-1).nonzero().squeeze(1)
-            # packed index of each row's first token (real: the caller checked can_pack)
-            self.first = torch.cumsum(lengths, 0) - lengths
+            kept = real.clone()
+            kept[:, 0] = True  # a padding first position is computed as a query, never a key
+            counts = kept.sum(1)
+            # the token count depends on the data: under torch.compile this nonzero stays in
+            # the graph only with capture_dynamic_output_shape_ops (pifi_base.compile_model)
+            self.flat = kept.reshape(-1).nonzero().squeeze(1)
+            self.first = torch.cumsum(counts, 0) - counts  # packed index of each first position
         self.key_mask = None if no_padding else real[:, None, None, :]  # True: attend
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
@@ -157,7 +166,7 @@ def first_token_states(slm: nn.Module, input_ids: torch.Tensor,
                        pack: bool = True) -> torch.Tensor:
     """(B, 1, H): the SLM's last hidden state at each row's first token, as
     ``slm(input_ids, attention_mask, token_type_ids).last_hidden_state[:, :1]`` gives it; from
-    the real tokens only with ``pack`` (needs can_pack), else on the padded layout. The caller
+    the real tokens only with ``pack``, else on the padded layout. The caller
     checks `unsupported` and `unsupported_inputs` first."""
     model = base_encoder(slm)
     real = None if attention_mask is None else attention_mask != 0

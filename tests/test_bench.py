@@ -287,8 +287,8 @@ def test_bench_cli_writes_its_results_when_terminated(tmp_path):
 
 
 def test_w4_rows_say_how_pifi_fast_ran_its_slm():
-    """The report's path notes: eager pifi_fast packs the SLM on a CPU, compiled it keeps the
-    padded layout."""
+    """The report's path notes: eager and compiled pifi_fast pack the SLM on a CPU; under CUDA
+    graphs it keeps the padded layout."""
     from pifi_fast.bench import workloads
 
     cpu = torch.device("cpu")
@@ -297,9 +297,10 @@ def test_w4_rows_say_how_pifi_fast_ran_its_slm():
     assert "packed_slm" in cases["pifi_fast"].build()["path"]
     model = workloads._pifi_models("tiny", "cpu", "float32")[0]["pifi_fast"]
     ids, mask, _, _ = workloads._w4_batch("tiny", 4, "train step", "pifi_fast", cpu, 1000)
-    assert "padded layout" in workloads._slm_path(model, object(), ids, mask)  # compiled
+    assert "real tokens only" in workloads._slm_path(model, "pifi_fast_compiled", ids, mask)
+    assert "padded layout" in workloads._slm_path(model, "pifi_fast_cudagraphs", ids, mask)
     model.packed_slm = False
     try:
-        assert "own forward" in workloads._slm_path(model, model, ids, mask)
+        assert "own forward" in workloads._slm_path(model, "pifi_fast", ids, mask)
     finally:
         model.packed_slm = "auto"  # (the models are cached for the other tests)

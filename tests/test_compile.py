@@ -73,9 +73,9 @@ def test_compiled_equals_eager_outputs_and_gradients(task, options):
     y_c = out_c.start_logits if task == "question_answering" else out_c.logits
     real = torch.isfinite(y_e)
     assert rel_err(y_c[real], y_e[real]) <= 1e-5
-    # (eager classification packs the SLM, pifi_fast.packed_slm; compiled keeps the padded
-    # layout: the gradients that are rounding noise differ, so each is judged against the
-    # largest gradient's scale)
+    # (eager classification packs the SLM, pifi_fast.packed_slm; a plain torch.compile keeps
+    # the padded layout: the gradients that are rounding noise differ, so each is judged
+    # against the largest gradient's scale)
     assert_grads_close(trainable_grads(compiled_src), trainable_grads(eager), tol=1e-4)
 
 
@@ -130,8 +130,23 @@ def test_compile_model_uses_atens_random_numbers_on_cpu_only(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
-    model = torch.nn.Linear(2, 2)
-    compile_model(model)
-    compile_model(model.to("meta"))  # (a non-CPU device without needing one)
-    compile_model(model, cuda_graphs=True)
+    compile_model(torch.nn.Linear(2, 2))
+    compile_model(torch.nn.Linear(2, 2).to("meta"))  # (a non-CPU device without needing one)
+    compile_model(torch.nn.Linear(2, 2), cuda_graphs=True)
     assert calls == [{"options": {"fallback_random": True}}, {}, {"mode": "reduce-overhead"}]
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_compile_model_lets_dynamo_capture_the_packed_token_count(monkeypatch, cuda_graphs):
+    """compile_model's calls (only they) run with capture_dynamic_output_shape_ops, so packing
+    the SLM stays in the one graph; CUDA graphs need static shapes and keep it off."""
+    from pifi_fast.pifi_base import compile_model
+
+    class Probe(torch.nn.Linear):
+        def forward(self):
+            return torch._dynamo.config.capture_dynamic_output_shape_ops
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+    assert compile_model(Probe(1, 1), cuda_graphs=cuda_graphs)() is not cuda_graphs
+    assert not torch._dynamo.config.capture_dynamic_output_shape_ops

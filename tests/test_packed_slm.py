@@ -1,9 +1,10 @@
 """pifi_fast.packed_slm: the SLM's sentence vectors from the real tokens only (and on the padded
-layout, torch.compile's mode) equal the SLM's own forward (values and every parameter's
-gradient, float64) for each supported model type on ragged batches of awkward shapes, inside
-PiFiModel too (LoRA included); padding really is skipped (the layers see only real tokens, the
-last layer only the first ones); and every case it does not support falls back to the SLM's own
-forward under "auto" and is a clear error under True."""
+layout, CUDA graphs' mode) equal the SLM's own forward (values and every parameter's gradient,
+float64) for each supported model type on ragged batches of awkward shapes, right- and
+left-padded, inside PiFiModel too (LoRA included) and under torch.compile (one graph, packed as
+eager); padding really is skipped (the layers see only real tokens, the last layer only the
+first ones); and every case it does not support falls back to the SLM's own forward under
+"auto" and is a clear error under True."""
 import pytest
 import torch
 from helpers import (
@@ -39,13 +40,17 @@ def _slm(kind, dtype=torch.float64):
     return AutoModel.from_config(CONFIGS[kind]()).to(dtype)
 
 
-@pytest.mark.parametrize("padded", [True, False], ids=["ragged", "no-padding"])
+@pytest.mark.parametrize("padding", ["right", "left", None])
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_first_token_states_equal_the_slms_own_forward(kind, padded):
+def test_first_token_states_equal_the_slms_own_forward(kind, padding):
+    """A left-padded row's first position is padding: its state (what the plain forward's
+    [:, 0] reads) is computed from the real keys all the same."""
     slm = _slm(kind)
     assert packed_slm.unsupported(slm) is None
     g = torch.Generator().manual_seed(1)
-    ids, mask = ragged_batch(97, LENGTHS if padded else [9] * 4, generator=g)
+    ids, mask = ragged_batch(97, LENGTHS if padding else [9] * 4, generator=g)
+    if padding == "left":
+        ids, mask = ids.flip(1), mask.flip(1)
     types = (torch.randint(0, 2, ids.shape, generator=g) * mask
              if kind in ("bert", "electra") else None)
     cotangent = torch.randn(ids.shape[0], 1, 36, generator=g, dtype=torch.float64)
@@ -93,6 +98,15 @@ def test_padding_is_skipped_and_the_last_layer_runs_for_the_first_tokens_only():
             h.remove()
     assert packed_rows == [sum(LENGTHS)] * 2 + [len(LENGTHS)]
     assert plain_rows == [len(LENGTHS) * max(LENGTHS)] * 3
+    # left-padded: each row whose first position is padding adds that position (as a query)
+    seen.clear()
+    hook = slm.encoder.layer[0].intermediate.register_forward_hook(
+        lambda m, a, o: seen.append(a[0].shape))
+    try:
+        packed_slm.first_token_states(slm, ids.flip(1), mask.flip(1))
+    finally:
+        hook.remove()
+    assert seen[0][0] == sum(LENGTHS) + sum(n < max(LENGTHS) for n in LENGTHS)
 
 
 def test_dropout_is_applied_while_training():
@@ -146,16 +160,15 @@ def test_pifi_model_packed_equals_the_plain_slm_and_the_reference(lora):
 
 
 def test_slm_mode_per_device_batch_and_option():
-    """"auto" on a CPU packs; a left-padded batch keeps the padded layout (its first position
-    is padding: the plain forward's [:, 0], which the padded layout reproduces); inputs_embeds
-    and packed_slm=False run the SLM's own forward; True refuses what it cannot run."""
+    """"auto" on a CPU packs (left-padded batches too); inputs_embeds and packed_slm=False run
+    the SLM's own forward; True refuses what it cannot run."""
     model = _pifi(tiny_slm("bert"))
     ids, mask = ragged_batch(120, [5, 2, 4])
     inputs = {"input_ids": ids, "attention_mask": mask, "inputs_embeds": None}
     left = {"input_ids": ids.flip(1), "attention_mask": mask.flip(1), "inputs_embeds": None}
     embeds = {**inputs, "input_ids": None, "inputs_embeds": torch.randn(3, 5, 40)}
     assert model.packed_slm == "auto"
-    assert model.slm_mode(inputs) == "packed" and model.slm_mode(left) == "padded"
+    assert model.slm_mode(inputs) == "packed" and model.slm_mode(left) == "packed"
     assert model.slm_mode({**inputs, "attention_mask": None}) == "packed"
     assert model.slm_mode(embeds) is None
     model.packed_slm = False
@@ -180,7 +193,8 @@ def test_slm_mode_per_device_batch_and_option():
 
 @pytest.mark.parametrize("kind", ["bert", "electra"])
 def test_padded_layout_equals_the_slms_own_forward(kind):
-    """pack=False (torch.compile's and left padding's mode): same vectors and gradients."""
+    """pack=False (the static-shape mode: CUDA graphs, and torch.compile when Dynamo may not
+    capture data-dependent sizes): same vectors and gradients, right- or left-padded."""
     slm = _slm(kind)
     ids, mask = ragged_batch(97, LENGTHS)
     for m in (mask, mask.flip(1)):
@@ -210,9 +224,8 @@ def test_unsupported_slms_fall_back_or_refuse():
     assert "gradient checkpointing" in packed_slm.unsupported(checkpointed)
 
 
-def test_other_tasks_use_the_slms_own_forward_and_compile_traces_one_graph():
-    """Only classification reads one vector per sentence; under torch.compile the padded layout
-    keeps the model one graph (0 breaks) and compiled logits equal the eager (packed) ones."""
+def test_other_tasks_use_the_slms_own_forward():
+    """Only classification reads one vector per sentence."""
     model = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), task="question_answering",
                                  seed=0)
     model.packed_slm = True  # accepted: it has no effect outside classification
@@ -224,11 +237,46 @@ def test_other_tasks_use_the_slms_own_forward_and_compile_traces_one_graph():
     finally:
         hook.remove()
     assert calls == [1]
-    classifier = _pifi(tiny_slm("bert")).eval()
+
+
+def _traced_ops(classifier, ids, mask) -> tuple[int, int, bool]:
+    """(graphs, graph breaks, whether the graph packs: a nonzero among its nodes)."""
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(classifier)(input_ids=ids, attention_mask=mask)
-    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    packs = any("nonzero" in str(node.target) for graph in explanation.graphs
+                for node in graph.graph.nodes)
+    return explanation.graph_count, explanation.graph_break_count, packs
+
+
+def test_compile_traces_one_graph_packed_when_dynamo_may_capture_the_token_count():
+    """Plain torch.compile: the padded layout (static shapes), one graph. With Dynamo's
+    capture_dynamic_output_shape_ops (what pifi_base.compile_model turns on): packed, still one
+    graph, and the compiled logits and gradients equal eager packing's on right- and
+    left-padded batches of other lengths (no recompile for a new token count)."""
+    classifier = _pifi(tiny_slm("bert")).double()
+    ids, mask = ragged_batch(120, [5, 2, 4])
+    assert _traced_ops(classifier, ids, mask) == (1, 0, False)
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        assert _traced_ops(classifier, ids, mask) == (1, 0, True)
+    torch._dynamo.reset()
     compiled = torch.compile(classifier, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits,
-                               classifier(input_ids=ids, attention_mask=mask).logits,
-                               rtol=1e-4, atol=1e-5)
+    compiled.forward = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(
+        compiled.forward)
+    labels = torch.tensor([0, 2, 1])
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    for lengths, left in (([5, 2, 4], False), ([7, 1, 4], False), ([6, 6, 2], True)):
+        ids, mask = ragged_batch(120, lengths)
+        if left:
+            ids, mask = ids.flip(1), mask.flip(1)
+        runs = []
+        for runner in (classifier, compiled):
+            classifier.zero_grad()
+            out = runner(input_ids=ids, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            runs.append((out.logits.detach(), trainable_grads(classifier)))
+        torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-10, atol=1e-10)
+        assert_grads_close(runs[1][1], runs[0][1], tol=1e-9)
+    # 11, 12 and 14 tokens, lengths 5, 7, 6: one graph, one recompile when the length changes
+    # (then dynamic); the token count never adds one
+    assert counters["stats"]["unique_graphs"] == 2

@@ -685,7 +685,7 @@ def _build_w4(pair, n, variant, impl, device, dtype):
     out = {"dtype": "float32" if impl == "authors" else str(dtype).replace("torch.", ""),
            "tokens": tokens}
     if impl.startswith("pifi_fast") and task == "classification":
-        out["path"] = f"W4 {impl} classification: " + _slm_path(model, runner, ids, mask)
+        out["path"] = f"W4 {impl} classification: " + _slm_path(model, impl, ids, mask)
     if device.type == "cpu":  # a step is seconds here: fewer repetitions keep W4 in budget
         out.update(reps=3, warmup=1)
     if "compile" in impl or "cudagraphs" in impl:
@@ -708,14 +708,14 @@ def _build_w4(pair, n, variant, impl, device, dtype):
     return out
 
 
-def _slm_path(model, runner, ids, mask) -> str:
-    """How a W4 pifi_fast row runs its SLM (PiFiModel.slm_mode for this batch; a compiled runner
-    traces the padded layout)."""
+def _slm_path(model, impl, ids, mask) -> str:
+    """How a W4 pifi_fast row runs its SLM (PiFiModel.slm_mode for this batch: eager and
+    compiled (pifi_base.compile_model) pack alike; under CUDA graphs the padded layout)."""
     mode = model.slm_mode({"input_ids": ids, "attention_mask": mask})
-    if mode is not None and runner is not model:
+    if mode is not None and impl.endswith("_cudagraphs"):
         mode = "padded"
     return {"packed": "packed_slm, the real tokens only",
-            "padded": "packed_slm on the padded layout (compiled; last layer for [CLS] only)",
+            "padded": "packed_slm on the padded layout (CUDA graphs; last layer for [CLS] only)",
             None: "the SLM's own forward"}[mode]
 
 
