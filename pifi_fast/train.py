@@ -373,9 +373,20 @@ class TaskData:
         return batch
 
 
-def _to_device(batch, device):
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
-            if not k.startswith("_")}
+def _to_device(batch, device, compiled: bool = False):
+    """The model's inputs of a collated batch on ``device``. ``compiled``: for a compiled
+    runner, the batch and length dimensions are marked dynamic from the first call, so Dynamo
+    compiles one graph (per training / evaluation) instead of a static one first, then a
+    dynamic one at the next length and again at the first smaller batch (each 30-40 s on 2 CPU
+    cores; maybe_mark_dynamic stays static where the model needs a fixed size)."""
+    out = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()
+           if not k.startswith("_")}
+    if compiled:
+        for v in out.values():
+            if torch.is_tensor(v):
+                for dim in range(min(v.dim(), 2)):
+                    torch._dynamo.maybe_mark_dynamic(v, dim)
+    return out
 
 
 @torch.no_grad()
@@ -396,7 +407,7 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
         fault_point("eval")
         chunk = [rows[i] for i in order[start:start + batch_size]]
         raw = task_data.collate(chunk, bucketed=runner is not model)
-        batch = _to_device(raw, device)
+        batch = _to_device(raw, device, compiled=runner is not model)
         with autocast:
             if cfg.task == "seq2seq":
                 gen = model.generate(input_ids=batch["input_ids"],
@@ -646,12 +657,6 @@ def _train(cfg: TrainConfig) -> dict:
         print(f"--resume: no checkpoint in {last_dir}, starting fresh")
 
     compiled = compile_model(model) if cfg.compile else None
-    if compiled is not None and rank == 0 and getattr(model, "packed_slm", False) \
-            and model.slm_mode({"input_ids": torch.ones(1, 1, dtype=torch.long,
-                                                        device=device)}) == "packed":
-        print("--compile: on this device eager classification packs the SLM (real tokens only),"
-              " which the compiled graph cannot; compiled keeps the padded layout and was "
-              "measured slower than eager on CPU (README, torch.compile on CPU)")
     runner = compiled if compiled is not None else model
     # evaluation: the training graph (no_grad, eval mode), or its own CUDA-graph runner
     eval_runner = (inference_runner(model, "cuda-graphs") if cfg.eval_cuda_graphs else compiled)
@@ -677,7 +682,7 @@ def _train(cfg: TrainConfig) -> dict:
             cpu_batch = task_data.collate([train_rows[i] for i in mine])
             # on the CPU, before any GPU kernel sees them (a bad id there is a device assert)
             model.check_values(cpu_batch.get("input_ids"), cpu_batch.get("labels"), rows=mine)
-            batch = _to_device(cpu_batch, device)
+            batch = _to_device(cpu_batch, device, compiled=compiled is not None)
             with autocast:
                 loss = runner(**batch).loss
             (scaler.scale(loss) if scaler is not None else loss).backward()
