@@ -207,7 +207,7 @@ def _add_execution_args(p):
     p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
                    "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
                    "warns and compiles without them (default: off)")
-    p.add_argument("--packed-slm", choices=("auto", "true", "false"), default=None,
+    p.add_argument("--packed-slm", choices=_CHOICES["packed_slm"], default=None,
                    help="classification: the SLM's sentence vectors from the real tokens only "
                    "(auto: on CPU; default: the training run's setting)")
 
@@ -431,7 +431,8 @@ def info(args) -> int:
           + ("sentence vectors from the real tokens only (pifi_fast.packed_slm; model types "
              + ", ".join(packed_slm.PACKED_MODEL_TYPES) + "; eager and --compile alike, "
              "the padded layout under CUDA graphs), the SLM's own forward otherwise"
-             if device == "cpu" else "the SLM's own forward (packed_slm=True packs)"))
+             if packed_slm.packs_by_default(device)
+             else "the SLM's own forward (packed_slm=True packs)"))
     print("CPU bf16 instructions: " + cpu_bf16_instructions()
           + " (pifi-fast train --precision bf16 on a CPU autocasts to bf16: fast where they "
             "are native; the CPU default stays fp32)")

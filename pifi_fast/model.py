@@ -104,8 +104,9 @@ class PiFiModel(PiFiBase):
         if self._packed_slm is False or self.task != "classification":
             return None
         ids = slm_inputs.get("input_ids")
-        if self._packed_slm == "auto" and (ids is None or ids.device.type != "cpu"):
-            return None  # measured on CPU only: on a GPU it stays opt-in until a GPU run
+        if self._packed_slm == "auto" and (ids is None
+                                           or not packed_slm.packs_by_default(ids.device.type)):
+            return None
         reason = (packed_slm.unsupported(self.slm)
                   or packed_slm.unsupported_inputs(ids, slm_inputs.get("attention_mask"),
                                                    slm_inputs.get("inputs_embeds")))

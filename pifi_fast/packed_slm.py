@@ -86,6 +86,13 @@ def unsupported_inputs(input_ids, attention_mask, inputs_embeds=None) -> str | N
     return None
 
 
+def packs_by_default(device_type: str) -> bool:
+    """What PiFiModel's packed_slm="auto" does on a device: pack on a CPU, where packing was
+    measured to pay; on a GPU it adds a host sync and a few gathers per layer that a
+    launch-bound step may not repay, so it stays opt-in (packed_slm=True) until a GPU run."""
+    return device_type == "cpu"
+
+
 def packing_traceable() -> bool:
     """Whether torch.compile may trace packing into its graph: Dynamo captures an op whose
     output size depends on the data (nonzero) only with capture_dynamic_output_shape_ops on."""

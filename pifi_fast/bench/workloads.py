@@ -757,8 +757,10 @@ def _build_epoch(pair, n, variant, impl, device, dtype):
 
     path = {}
     if impl == "pifi_fast":
+        from pifi_fast.packed_slm import packs_by_default
+
         path["path"] = ("W4 sst2 epoch pifi_fast: packed_slm=auto ("
-                        + ("packed" if device.type == "cpu" else "the SLM's own forward")
+                        + ("packed" if packs_by_default(device.type) else "the SLM's own forward")
                         + f" on {device.type})")
     return {"fn": epoch, "tokens": _sst2_train_tokens(), "reps": 1, "warmup": 0,
             "peak_memory": False, "training_loop": loop, **path,
