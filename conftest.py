@@ -4,7 +4,9 @@
   pytest --benchmark   the benchmark suite in benchmarks/ (pytest-benchmark's own
                        --benchmark-* options keep working); --bench-sizes tiny|quick|full
 GPU-only tests carry the `gpu` marker and are skipped without a CUDA device; without one, Triton
-kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1).
+kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1). A GPU test module that sets
+CPU_DRY_RUN = True runs on the CPU instead when PIFI_FAST_GPU_DRY_RUN=1 (the CPU dry run of
+benchmarks/gpu_check.sh: the test code itself is exercised before a GPU is spent on it).
 """
 import os
 
@@ -37,7 +39,9 @@ def pytest_collection_modifyitems(config, items):
             continue
         if is_bench and not run_bench:
             item.add_marker(skip_bench)
-        if "gpu" in item.keywords and not torch.cuda.is_available():
+        dry_run = (os.environ.get("PIFI_FAST_GPU_DRY_RUN") == "1"
+                   and getattr(getattr(item, "module", None), "CPU_DRY_RUN", False))
+        if "gpu" in item.keywords and not torch.cuda.is_available() and not dry_run:
             item.add_marker(skip_gpu)
         selected.append(item)
     if deselected:

@@ -11,11 +11,21 @@
 # Steps, each time-boxed so the whole fits: wheels -> build (sm_90a) -> gpu + kernel tests ->
 # compile report -> quick bench -> autotuner picks -> CPU equivalence tests on this torch.
 # Every step runs even if an earlier one failed; the exit code says whether all passed.
+# The bench measures first the rows its targets read (pifi-fast bench --time-budget).
+#
+# GPU_CHECK_FOCUS=step: issue 10's whole PiFi step instead (the W4 targets: train step, CUDA-graph
+# inference, QA step), with these files in $OUT:
+#   summary.txt, logs.txt  as above
+#   bench.json/.md         the W4 rows of the quick suite (the targets' rows first)
+#   breakdown.md/.json/.png  where a training step's time goes on this GPU
+# Steps: wheels -> build -> the step's GPU tests (tests/test_gpu_step.py and the compiled /
+# CUDA-graph model tests) -> W4 bench -> step breakdown; no compile report, autotuner or CPU tests.
 #
 #   bash benchmarks/gpu_check.sh --prepare   on the CPU machine: the Python 3.12 wheels the GPU
 #                                            image lacks (liger-kernel) into .whl/ (git-ignored
 #                                            via .git/info/exclude; pass carry=[".whl"])
-#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   the CPU dry run: no build, tiny bench
+#   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   the CPU dry run: no build, tiny bench,
+#                                            tests/test_gpu_step.py run on the CPU
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -35,6 +45,10 @@ fi
 BUDGET=${GPU_CHECK_BUDGET_S:-510}
 START=$(date +%s)
 DRY=${GPU_CHECK_DRY_RUN:-0}
+FOCUS=${GPU_CHECK_FOCUS:-layer}
+case "$FOCUS" in layer|step) ;; *) echo "GPU_CHECK_FOCUS must be layer or step, got $FOCUS"; exit 2;; esac
+# the dry run runs the GPU test modules that allow it (CPU_DRY_RUN) on the CPU
+[ "$DRY" = 1 ] && export PIFI_FAST_GPU_DRY_RUN=1
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
@@ -68,7 +82,7 @@ step() {
   return $rc
 }
 
-say "pifi_fast GPU check, $(date -u +%FT%TZ), budget ${BUDGET}s$([ "$DRY" = 1 ] && echo ', DRY RUN on CPU')"
+say "pifi_fast GPU check ($FOCUS), $(date -u +%FT%TZ), budget ${BUDGET}s$([ "$DRY" = 1 ] && echo ', DRY RUN on CPU')"
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>/dev/null \
     || echo "no nvidia-smi"
   $PY -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], \
@@ -92,48 +106,80 @@ fi
 $PY -m pifi_fast.cli info >> "$LOG" 2>&1
 grep -E "compiled extension|CUDA device|attention backends|projections" "$LOG" | tail -6 | tee -a "$SUMMARY"
 
-# (one GEMM tile in tests, the table's first: autotuning every test shape would take minutes)
-step "gpu + kernel tests" "$(cap 200 260)" env PIFI_FAST_GEMM_TUNE=0 \
-  $PY -m pytest -q -ra -p no:cacheprovider -m "(gpu or kernels) and not compile" tests
+if [ "$FOCUS" = step ]; then
+  # the paths the W4 rows time, checked against eager PiFi on this GPU before any speed counts
+  step "step tests (gpu)" "$(cap 150 300)" env PIFI_FAST_GEMM_TUNE=0 \
+    $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu_step.py \
+    "tests/test_fused_layer.py::test_torch_compile_of_a_pifi_model_on_gpu" \
+    "tests/test_fused_layer.py::test_cuda_graph_inference_replays_eager_outputs_on_gpu"
 
-# sm_90a has 460 configurations (~300 CPU-seconds of Triton + ptxas: ~20 s on the GPU machine's
-# 16 cores); the CPU dry run compiles only the dequantizing GEMM's bf16 slice to prove the step
-KERNEL_SLICE=""
-[ "$DRY" = 1 ] && KERNEL_SLICE="--dtypes bf16 --only dq_gemm_fwd.int8"
-step "kernel compile report (sm_90a)" "$(cap 90 200)" \
-  $PY -m pifi_fast.cli kernels --targets sm_90a $KERNEL_SLICE --out "$WORK/kernels"
-cp "$WORK/kernels/kernels.md" "$WORK/kernels/kernels.json" "$OUT/" 2>/dev/null
+  SIZES=--quick
+  [ "$DRY" = 1 ] && SIZES="--sizes tiny"
+  BENCH_S=$(( $(cap 330 100) - 20 ))
+  # (the epoch rows are a session of their own; the 8-bit rows run last, as time allows)
+  step "W4 benchmark (${BENCH_S}s budget)" $(( BENCH_S + 60 )) \
+    $PY -m pifi_fast.cli bench $SIZES --workloads W4 --time-budget "$BENCH_S" \
+    --skip "sst2 epoch" --out "$WORK/bench"
+  cp "$WORK/bench/results.json" "$OUT/bench.json" 2>/dev/null
+  cp "$WORK/bench/results.md" "$OUT/bench.md" 2>/dev/null
 
-SIZES=--quick
-[ "$DRY" = 1 ] && SIZES="--sizes tiny"
-BENCH_S=$(( $(cap 300 110) - 20 ))
-# (the one-epoch W4 rows take minutes each: a session of their own; a case still running at
-# the step's limit is stopped by timeout's SIGTERM and the rows measured so far are written)
-step "quick benchmark (${BENCH_S}s budget)" $(( BENCH_S + 60 )) \
-  $PY -m pifi_fast.cli bench $SIZES --time-budget "$BENCH_S" --skip "sst2 epoch" \
-  --out "$WORK/bench"
-cp "$WORK/bench/results.json" "$OUT/bench.json" 2>/dev/null
-cp "$WORK/bench/results.md" "$OUT/bench.md" 2>/dev/null
-cp "$WORK/bench/speedup_vs_tokens.png" "$OUT/bench_speedup.png" 2>/dev/null
-
-if [ "$DRY" = 1 ]; then
-  say "autotuner picks: skipped in the dry run (needs a GPU)"
+  PAIRS="bert-base+llama-3.1-8b minilm+smollm2"
+  [ "$DRY" = 1 ] && PAIRS=tiny
+  # (building the BERT-base + 8B-shaped pair takes ~30 s of CPU; the timed steps are short)
+  step "step breakdown" "$(cap 90 5)" \
+    $PY -m pifi_fast.cli breakdown --pairs $PAIRS --out "$WORK/breakdown"
+  cp "$WORK/breakdown/breakdown."{md,json,png} "$OUT/" 2>/dev/null
 else
-  step "GEMM autotuner picks" "$(cap 90 60)" \
-    $PY -m pifi_fast.cli kernels --tuned --out "$WORK/kernels"
-  cp "$WORK/kernels/autotuner_picks.json" "$OUT/" 2>/dev/null
+  # (one GEMM tile in tests, the table's first: autotuning every test shape would take minutes;
+  # the whole step's GPU tests are the step focus's)
+  step "gpu + kernel tests" "$(cap 200 260)" env PIFI_FAST_GEMM_TUNE=0 \
+    $PY -m pytest -q -ra -p no:cacheprovider -m "(gpu or kernels) and not compile" tests \
+    --ignore tests/test_gpu_step.py
+
+  # sm_90a has 460 configurations (~300 CPU-seconds of Triton + ptxas: ~20 s on the GPU machine's
+  # 16 cores); the CPU dry run compiles only the dequantizing GEMM's bf16 slice to prove the step
+  KERNEL_SLICE=""
+  [ "$DRY" = 1 ] && KERNEL_SLICE="--dtypes bf16 --only dq_gemm_fwd.int8"
+  step "kernel compile report (sm_90a)" "$(cap 90 200)" \
+    $PY -m pifi_fast.cli kernels --targets sm_90a $KERNEL_SLICE --out "$WORK/kernels"
+  cp "$WORK/kernels/kernels.md" "$WORK/kernels/kernels.json" "$OUT/" 2>/dev/null
+
+  SIZES=--quick
+  [ "$DRY" = 1 ] && SIZES="--sizes tiny"
+  BENCH_S=$(( $(cap 300 110) - 20 ))
+  # (the one-epoch W4 rows take minutes each: a session of their own; a case still running at
+  # the step's limit is stopped by timeout's SIGTERM and the rows measured so far are written)
+  step "quick benchmark (${BENCH_S}s budget)" $(( BENCH_S + 60 )) \
+    $PY -m pifi_fast.cli bench $SIZES --time-budget "$BENCH_S" --skip "sst2 epoch" \
+    --out "$WORK/bench"
+  cp "$WORK/bench/results.json" "$OUT/bench.json" 2>/dev/null
+  cp "$WORK/bench/results.md" "$OUT/bench.md" 2>/dev/null
+  cp "$WORK/bench/speedup_vs_tokens.png" "$OUT/bench_speedup.png" 2>/dev/null
+
+  if [ "$DRY" = 1 ]; then
+    say "autotuner picks: skipped in the dry run (needs a GPU)"
+  else
+    step "GEMM autotuner picks" "$(cap 90 60)" \
+      $PY -m pifi_fast.cli kernels --tuned --out "$WORK/kernels"
+    cp "$WORK/kernels/autotuner_picks.json" "$OUT/" 2>/dev/null
+  fi
+
+  XDIST=""
+  $PY -c "import xdist" 2> /dev/null && XDIST="-n 8"
+  step "CPU equivalence tests on this torch" "$(cap 150 5)" \
+    $PY -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_model_equivalence.py \
+    tests/test_extension.py tests/test_fused_layer.py tests/test_mixed_precision.py \
+    -m "not slow and not gpu"
 fi
 
-XDIST=""
-$PY -c "import xdist" 2> /dev/null && XDIST="-n 8"
-step "CPU equivalence tests on this torch" "$(cap 150 5)" \
-  $PY -m pytest -q -ra -p no:cacheprovider $XDIST tests/test_model_equivalence.py \
-  tests/test_extension.py tests/test_fused_layer.py tests/test_mixed_precision.py \
-  -m "not slow and not gpu"
-
 say ""
-if [ -f "$OUT/bench.md" ]; then
-  sed -n '/## Targets/,$p' "$OUT/bench.md" | head -14 | tee -a "$SUMMARY"
+if [ -f "$OUT/bench.md" ]; then  # the targets tables: the fused layer's (layer), the step's
+  FROM='## Targets'
+  [ "$FOCUS" = step ] && FROM='## Targets of the whole step'
+  sed -n "/$FROM/,\$p" "$OUT/bench.md" | grep -v '^$' | head -26 | tee -a "$SUMMARY"
+fi
+if [ -f "$OUT/breakdown.md" ]; then
+  cat "$OUT/breakdown.md" | tee -a "$SUMMARY"
 fi
 if [ -f "$OUT/autotuner_picks.json" ]; then
   $PY - "$OUT/autotuner_picks.json" <<'EOF' | tee -a "$SUMMARY"

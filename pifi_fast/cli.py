@@ -314,8 +314,7 @@ def bench(args) -> int:
     reps = args.reps or workloads.size_lists(level, device)["reps"]
     deadline = None
     if args.time_budget is not None:
-        # time-boxed: the cases behind the fused-layer targets first, the rest as time allows
-        cases.sort(key=lambda c: c.shape != report.TARGET_SHAPE)
+        cases = report.budget_order(cases)  # the rows the targets read first
         deadline = time.monotonic() + args.time_budget
     import signal
 
@@ -539,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: none)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start no case after this many seconds (the rest are marked skipped); "
-                        "the target-shape cases run first (default: no limit)")
+                        "the rows the targets read run first (compiled ones last among them), "
+                        "then the target shape (default: no limit)")
     p.set_defaults(func=bench)
     p = sub.add_parser("breakdown", help="where a PiFi training step's time goes: SLM, "
                        "adapters, frozen layer, head, optimizer, the rest")

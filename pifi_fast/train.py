@@ -256,7 +256,9 @@ def layer_indices(cfg: TrainConfig) -> int | list[int]:
                          f"got {cfg.layers!r}") from None
 
 
-def _autocast(device: torch.device, precision: str):
+def precision_autocast(device: torch.device, precision: str):
+    """(the autocast context the model's forward runs in, the resolved precision) for
+    --precision: what training, evaluation and the W4 benchmark rows run under."""
     if precision == "auto":
         if device.type != "cuda":
             precision = "fp32"
@@ -398,7 +400,7 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
     cfg = task_data.cfg
     was_training = model.training
     model.eval()
-    autocast, _ = _autocast(device, precision)
+    autocast, _ = precision_autocast(device, precision)
     preds, golds = [], []
     loss_sum, n = 0.0, 0
     lengths = task_data.lengths(rows)
@@ -626,7 +628,7 @@ def _train(cfg: TrainConfig) -> dict:
     task_data = TaskData(cfg, tokenizer, train_rows)
     task_data.check_rows(dev_rows, cfg.eval_split)  # once, before any training
     num_labels = len(task_data.label_map) if task_data.label_map else 0
-    autocast, precision = _autocast(device, cfg.precision)
+    autocast, precision = precision_autocast(device, cfg.precision)
     model = build_model(cfg, num_labels, precision).to(device)
     model.labels = task_data.labels
     vocab = model.slm.get_input_embeddings().num_embeddings

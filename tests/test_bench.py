@@ -2,6 +2,7 @@
 bytes counter counts what autograd keeps."""
 import json
 
+import pytest
 import torch
 
 from pifi_fast.bench import report
@@ -65,13 +66,70 @@ def test_targets_are_read_off_the_rows():
                       (None, None), (0.5, True)], values
 
 
+def test_step_targets_take_the_fastest_pifi_fast_row_and_name_it():
+    """Issue 10's whole-step targets per W4 pair: the fastest of the named pifi_fast rows over
+    the baseline; no value without the baseline or without any pifi_fast row."""
+    pair = report.STEP_PAIRS[0]
+
+    def row(variant, size, impl, median):
+        return {"workload": "W4", "variant": variant, "shape": pair, "size": size, "impl": impl,
+                "group": f"W4 {variant}|{pair}|{size}", "median_s": median}
+
+    rows = [row("train step", 32, "pifi_fast", 0.4), row("train step", 32, "pifi_fast_compiled",
+                                                         0.25),
+            row("train step", 32, "pifi_fast_int8", 0.01),  # not a row the target reads
+            row("train step", 32, "hf_sdpa", 1.0), row("train step", 32, "authors", 1.5),
+            row("inference", 32, "pifi_fast", 0.01),  # eager: not the CUDA-graph target's row
+            row("inference", 32, "hf_sdpa", 0.5),
+            row("qa train step", 8, "pifi_fast", 0.5), row("qa train step", 8, "hf_compile", 0.7),
+            {**row("qa train step", 8, "pifi_fast_compiled", 0.1), "median_s": None,
+             "skipped": "time budget"}]
+    rows[-1].pop("median_s")
+    got = [(t["pair"], round(t["value"], 3) if t["value"] is not None else None, t["impl"],
+            t["met"]) for t in report.step_targets(rows)]
+    assert got[:4] == [(pair, 4.0, "pifi_fast_compiled", True),
+                       (pair, 6.0, "pifi_fast_compiled", False),
+                       (pair, None, None, None),
+                       (pair, 1.4, "pifi_fast", True)], got
+    other = report.STEP_PAIRS[1]  # no rows of the other pair: every value missing
+    assert [g[1:] for g in got[4:]] == [(None, None, None)] * 4 and {g[0] for g in got[4:]} == {
+        other}
+
+
+def test_a_time_boxed_run_measures_what_the_targets_read_first():
+    """--time-budget order on the GPU's quick list: every row a target reads (fused layer and
+    whole step) comes first; the compiled / CUDA-graph ones last among them, compiled pifi_fast
+    (an alternative to its eager row) after the compiled baselines and CUDA graphs."""
+    from pifi_fast.bench import workloads
+
+    cases = workloads.all_cases("quick", torch.device("cuda"), torch.bfloat16)
+    needed = report.needed_rows()
+    ordered = report.budget_order(cases)
+    keys = [(c.workload, c.variant, c.shape, c.size, c.impl) for c in ordered]
+    assert len(ordered) == len(cases) and set(keys[:len(needed)]) == needed
+    def compiles(k):
+        return "compile" in k[4] or "cudagraphs" in k[4]
+
+    tier = [0 if not compiles(k) else 2 if k[4].startswith("pifi_fast") and "compiled" in k[4]
+            else 1 for k in keys[:len(needed)]]
+    assert tier == sorted(tier) and set(tier) == {0, 1, 2}
+    assert ("W4", "inference", "bert-base+llama-3.1-8b", 32, "pifi_fast_cudagraphs") in needed
+    assert ("W1", "fwd dense", report.TARGET_SHAPE, report.DENSE_TOKENS, "hf_sdpa") in needed
+    rest = keys[len(needed):]  # the eager rows first, the target shape first among each
+    assert [compiles(k) for k in rest] == sorted(compiles(k) for k in rest)
+    for part in ([k for k in rest if not compiles(k)], [k for k in rest if compiles(k)]):
+        on_shape = [k[2] == report.TARGET_SHAPE for k in part]
+        assert on_shape == sorted(on_shape, reverse=True) and any(on_shape)
+
+
 def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
     out = tmp_path / "res"
     assert main(["bench", "--sizes", "tiny", "--workloads", "W3", "--reps", "1",
                  "--time-budget", "0", "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows and all(r.get("skipped") == "time budget of this run reached" for r in rows)
-    assert "## Targets of the fused layer" in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "## Targets of the fused layer" in text and "## Targets of the whole step" in text
 
 
 def test_liger_baseline_swaps_liger_modules_into_a_copy_sharing_the_weights():
@@ -162,6 +220,36 @@ def test_w4_compiled_qa_step_runs_the_model_under_torch_compile_with_eager_gradi
     assert grads["pifi_fast"].keys() == grads["pifi_fast_compiled"].keys()
     for name, g in grads["pifi_fast"].items():
         torch.testing.assert_close(grads["pifi_fast_compiled"][name], g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["train step", "inference"])
+def test_w4_rows_run_the_model_under_the_trainers_autocast(variant):
+    """A bf16 run (a GPU's default) times the whole model in bf16 autocast, as pifi-fast train
+    runs it there (the SLM, most of a step, included); the authors' setup stays fp32; an fp32
+    run (the CPU's default) uses no autocast."""
+    from pifi_fast.bench import workloads
+
+    seen = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        for impl in ("pifi_fast", "hf_sdpa", "authors"):
+            built = workloads._build_w4("tiny", 2, variant, impl, torch.device("cpu"), dtype)
+            model = workloads._pifi_models("tiny", "cpu", str(dtype).replace("torch.", ""),
+                                           "classification")[0][impl]
+            linear = next(m for m in model.slm.modules() if isinstance(m, torch.nn.Linear))
+            hook = linear.register_forward_hook(  # the SLM's first GEMM (packed or not)
+                lambda m, a, o, key=(impl, dtype): seen.__setitem__(key, (
+                    torch.is_autocast_enabled("cpu"), o.dtype)))
+            try:
+                built["fn"]()
+            finally:
+                hook.remove()
+            assert built["precision"] == ("bf16" if dtype == torch.bfloat16 and impl != "authors"
+                                          else "fp32")
+    assert seen == {("pifi_fast", torch.bfloat16): (True, torch.bfloat16),
+                    ("hf_sdpa", torch.bfloat16): (True, torch.bfloat16),
+                    ("authors", torch.bfloat16): (False, torch.float32),
+                    **{(impl, torch.float32): (False, torch.float32)
+                       for impl in ("pifi_fast", "hf_sdpa", "authors")}}, seen
 
 
 def test_w4_epoch_rows_train_one_epoch_per_implementation(monkeypatch, tmp_path):

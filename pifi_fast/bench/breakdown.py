@@ -43,7 +43,9 @@ def step_breakdown(pair: str = "minilm+smollm2", impl: str = "pifi_fast", senten
     ids, mask, labels, tokens = workloads._w4_batch(pair, sentences, "train step", impl, device,
                                                     vocab)
     params = [p for p in model.parameters() if p.requires_grad]
-    from pifi_fast.train import make_optimizer
+    from pifi_fast.train import make_optimizer, precision_autocast
+
+    autocast, _ = precision_autocast(device, workloads.w4_precision(impl, dtype))  # as train
 
     optimizer = make_optimizer(params, lr=1e-5, fused=impl != "authors")  # as train runs them
 
@@ -81,7 +83,8 @@ def step_breakdown(pair: str = "minilm+smollm2", impl: str = "pifi_fast", senten
             t0 = now()
             optimizer.zero_grad(set_to_none=True)
             t1 = now()
-            loss = model(input_ids=ids, attention_mask=mask, **labels).loss
+            with autocast:
+                loss = model(input_ids=ids, attention_mask=mask, **labels).loss
             loss.backward()
             t2 = now()
             torch.nn.utils.clip_grad_norm_(params, 5.0)

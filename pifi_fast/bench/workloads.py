@@ -523,7 +523,9 @@ def _gemm_choice_case(layer, op, impl, rand, t, h, inter):
 
 
 # -- W4: a whole PiFi step ------------------------------------------------------------------------
-@functools.lru_cache(maxsize=2)
+# (4: a time-boxed run visits the pairs' classification and QA models in turn, eager rows first,
+# then the compiled ones; a GPU holds all four, ~15 GB in bf16, a CPU run has three)
+@functools.lru_cache(maxsize=4)
 def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classification"):
     from transformers import BertConfig
 
@@ -660,6 +662,15 @@ def _w4_runner(models, impl, device):
     return model, model, None
 
 
+def w4_precision(impl: str, dtype: torch.dtype) -> str:
+    """The trainer's --precision for a W4 row: the run's dtype as autocast over the whole model
+    (bf16 / fp16, as pifi-fast train runs it on a GPU; fp32 on the CPU by default), and fp32 for
+    the authors' setup, fp32 by definition."""
+    if impl == "authors":
+        return "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
 def _build_w4(pair, n, variant, impl, device, dtype):
     task = "question_answering" if variant == "qa train step" else "classification"
     try:
@@ -672,18 +683,26 @@ def _build_w4(pair, n, variant, impl, device, dtype):
     train = variant != "inference"
     ids, mask, labels, tokens = _w4_batch(pair, n, variant, impl, device, vocab)
     model.train(train)
+    from pifi_fast.train import precision_autocast
+
+    # the whole model under the trainer's autocast (the SLM is most of a step: without it a GPU
+    # row would time the SLM in fp32, which pifi-fast train never runs there); backward outside
+    # it, as in the training loop (fp16's loss scaling is left out: one multiply)
+    autocast, precision = precision_autocast(device, w4_precision(impl, dtype))
 
     def step():
         model.zero_grad(set_to_none=True)
-        runner(input_ids=ids, attention_mask=mask, **labels).loss.backward()
+        with autocast:
+            loss = runner(input_ids=ids, attention_mask=mask, **labels).loss
+        loss.backward()
 
     def infer():  # as predict() runs it: inference mode eager, no_grad compiled
-        with torch.inference_mode(runner is model), torch.no_grad():
+        with torch.inference_mode(runner is model), torch.no_grad(), autocast:
             runner(input_ids=ids, attention_mask=mask)
 
     fn = step if train else infer
     out = {"dtype": "float32" if impl == "authors" else str(dtype).replace("torch.", ""),
-           "tokens": tokens}
+           "precision": precision, "tokens": tokens}
     if impl.startswith("pifi_fast") and task == "classification":
         out["path"] = f"W4 {impl} classification: " + _slm_path(model, impl, ids, mask)
     if device.type == "cpu":  # a step is seconds here: fewer repetitions keep W4 in budget
@@ -730,10 +749,7 @@ def _build_epoch(pair, n, variant, impl, device, dtype):
 
     if not (data_root() / "sst2").is_dir():
         return {"skip": f"SST-2 not found under {data_root()}"}
-    # the run's dtype (bench --dtype; fp32 by default on a CPU, bf16 on a GPU) as the trainer's
-    # --precision, autocast included; the authors' setup is fp32 by definition
-    precision = "fp32" if impl == "authors" else \
-        {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    precision = w4_precision(impl, dtype)  # bench --dtype as the trainer's --precision
     options = {"pifi_fast": {}, "pifi_fast_compiled": {"compile": True},
                "hf_sdpa": {"implementation": "reference"},
                "hf_compile": {"implementation": "reference", "compile": True},
