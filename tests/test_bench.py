@@ -252,6 +252,25 @@ def test_w4_rows_run_the_model_under_the_trainers_autocast(variant):
                        for impl in ("pifi_fast", "hf_sdpa", "authors")}}, seen
 
 
+def test_w4_8bit_rows_build_their_model_only_when_asked_with_the_same_trainable_weights():
+    """The 8-bit models (~7 s each to quantize the 8B-shaped layer on 2 cores) are built apart,
+    for their own rows only, and share every trainable weight with the other rows' models."""
+    from pifi_fast.bench import workloads
+
+    workloads._quant_model.cache_clear()
+    cpu, pair = torch.device("cpu"), "minilm+smollm2"
+    workloads._build_w4(pair, 4, "train step", "pifi_fast", cpu, torch.float32)
+    assert workloads._quant_model.cache_info().currsize == 0
+    built = workloads._build_w4(pair, 4, "train step", "pifi_fast_int8", cpu, torch.float32)
+    built["fn"]()
+    int8 = workloads._quant_model(pair, "cpu", "float32", "int8")
+    assert int8.llm_layer.weights == "int8" and int8.adapter_in.weight.grad is not None
+    fast = workloads._pifi_models(pair, "cpu", "float32")[0]["pifi_fast"]
+    trainable = {n: p for n, p in fast.named_parameters() if p.requires_grad}
+    assert trainable and all(torch.equal(p, dict(int8.named_parameters())[n])
+                             for n, p in trainable.items())
+
+
 def test_w4_epoch_rows_train_one_epoch_per_implementation(monkeypatch, tmp_path):
     """The epoch rows run pifi_fast.train for one epoch with each implementation's options
     (training itself is tested elsewhere; here: the wiring, and one call per timed run)."""

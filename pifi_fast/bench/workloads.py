@@ -523,35 +523,41 @@ def _gemm_choice_case(layer, op, impl, rand, t, h, inter):
 
 
 # -- W4: a whole PiFi step ------------------------------------------------------------------------
+def _pair_parts(pair: str):
+    """(SLM config or folder, the LLM layer in fp32) of a W4 pair."""
+    from transformers import BertConfig
+
+    from pifi_fast.loading import random_layer
+
+    if pair == "tiny":
+        slm = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, vocab_size=1000)
+        return slm, random_layer(llm_config("smollm2-135m"), 0, dtype=torch.float32, seed=0)
+    if pair == "bert-base+llama-3.1-8b":  # BERT-base shape, random weights
+        return BertConfig(), random_layer(llm_config("llama-3.1-8b"), 0, dtype=torch.float32,
+                                          seed=0)
+    if pair == "minilm+smollm2":
+        from pifi_fast.loading import load_llm_layer
+        from pifi_fast.offline import minilm_dir, smollm2_gguf
+
+        return str(minilm_dir()), load_llm_layer(smollm2_gguf(), dtype=torch.float32)
+    raise ValueError(pair)
+
+
 # (4: a time-boxed run visits the pairs' classification and QA models in turn, eager rows first,
 # then the compiled ones; a GPU holds all four, ~15 GB in bf16, a CPU run has three)
 @functools.lru_cache(maxsize=4)
 def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classification"):
-    from transformers import BertConfig
-
+    """({impl: model}, vocabulary size) of a W4 pair and task, every model with the authors'
+    trainable weights; the 8-bit models are built apart, when a row asks (_quant_model)."""
     from pifi_fast import PiFiModel, reference
-    from pifi_fast.loading import random_layer
 
     device, dtype = torch.device(device_str), getattr(torch, dtype_str)
-    if pair == "tiny":
-        slm = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, vocab_size=1000)
-        llm32 = random_layer(llm_config("smollm2-135m"), 0, dtype=torch.float32, seed=0)
-    elif pair == "bert-base+llama-3.1-8b":
-        slm = BertConfig()  # BERT-base shape, random weights
-        llm32 = random_layer(llm_config("llama-3.1-8b"), 0, dtype=torch.float32, seed=0)
-    elif pair == "minilm+smollm2":
-        from pifi_fast.loading import load_llm_layer
-        from pifi_fast.offline import minilm_dir, smollm2_gguf
-
-        slm = str(minilm_dir())
-        llm32 = load_llm_layer(smollm2_gguf(), dtype=torch.float32)
-    else:
-        raise ValueError(pair)
+    slm, llm32 = _pair_parts(pair)
     torch.manual_seed(0)
     authors = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm32), task=task,
                                              attend_to_padding=True)
-    llm = copy.deepcopy(llm32)
+    llm = llm32
     llm.module.to(dtype)
     fast = PiFiModel.from_parts(slm, llm, task=task, llm_dtype=dtype)
     ref = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task, llm_dtype=dtype)
@@ -563,14 +569,25 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classi
                                       packed_slm=True)
         packed.load_state_dict(authors.state_dict())
         models["pifi_fast_packed"] = packed
-    if pair != "tiny":  # the same model with the frozen layer in 8 bits (quantized on load)
-        for mode in ("int8", "fp8"):
-            model = PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task, llm_dtype=dtype,
-                                         weights=mode)
-            model.load_state_dict(authors.state_dict())
-            models[f"pifi_fast_{mode}"] = model
     vocab = authors.slm.config.vocab_size
     return {k: m.to(device) for k, m in models.items()}, vocab
+
+
+@functools.lru_cache(maxsize=2)
+def _quant_model(pair: str, device_str: str, dtype_str: str, mode: str):
+    """The classification model of a pair with its frozen layer in 8 bits (``mode`` int8 or fp8,
+    quantized on load; ~7 s each for the 8B-shaped layer on 2 cores, so only when asked), with
+    the same trainable weights as _pifi_models' models."""
+    from pifi_fast import PiFiModel
+
+    dtype = getattr(torch, dtype_str)
+    slm, llm = _pair_parts(pair)
+    llm.module.to(dtype)
+    torch.manual_seed(0)
+    model = PiFiModel.from_parts(slm, llm, task="classification", llm_dtype=dtype, weights=mode)
+    authors = _pifi_models(pair, device_str, dtype_str, "classification")[0]["authors"]
+    model.load_state_dict(authors.state_dict())
+    return model.to(device_str)
 
 
 # W4 implementations besides the fused model's 8-bit variants: eager and compiled pifi_fast and
@@ -673,8 +690,12 @@ def w4_precision(impl: str, dtype: torch.dtype) -> str:
 
 def _build_w4(pair, n, variant, impl, device, dtype):
     task = "question_answering" if variant == "qa train step" else "classification"
+    dtype_str = str(dtype).replace("torch.", "")
     try:
-        models, vocab = _pifi_models(pair, str(device), str(dtype).replace("torch.", ""), task)
+        models, vocab = _pifi_models(pair, str(device), dtype_str, task)
+        if impl in QUANT_IMPLS:  # built apart, when a row asks
+            models = {impl: _quant_model(pair, str(device), dtype_str,
+                                         impl.removeprefix("pifi_fast_"))}
     except FileNotFoundError as exc:
         return {"skip": str(exc)}
     model, runner, why = _w4_runner(models, impl, device)
