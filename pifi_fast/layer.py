@@ -15,7 +15,7 @@ from torch import nn
 from pifi_fast.attention import BACKENDS, Segments
 from pifi_fast.kernels import quant as _quant
 from pifi_fast.ops import (GEMM_CHOICES, KERNEL_CHOICES, RECOMPUTE_CHOICES, WEIGHT_CHOICES,
-                           FrozenLayerFunction, LayerRun, QuantWeight)
+                           FrozenLayerFunction, LayerRun, QuantWeight, register_layer)
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -91,6 +91,7 @@ class FrozenLlamaLayer(nn.Module):
                  gemm: str = "cublas", chunk_tokens: int | str | None = "auto",
                  causal: bool = False, weights: str = "auto"):
         super().__init__()
+        register_layer(self)  # its id for pifi_fast::frozen_layer (see pifi_fast.ops)
         if weights not in WEIGHT_CHOICES:
             raise ValueError(f"weights must be one of {WEIGHT_CHOICES}, got {weights!r}")
         self.weights = weights
@@ -174,6 +175,12 @@ class FrozenLlamaLayer(nn.Module):
         self.rotary = rotary
 
     # -- construction ------------------------------------------------------------------------
+    def __setstate__(self, state):
+        """copy.copy, copy.deepcopy and unpickling come through here: the new object gets its
+        own registry id (a shallow copy with other options must not run as the original)."""
+        super().__setstate__(state)
+        register_layer(self)
+
     @classmethod
     def from_hf(cls, hf_layer: nn.Module, config=None, rotary: nn.Module | None = None,
                 quantized: dict | None = None, **options):

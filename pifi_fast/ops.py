@@ -452,19 +452,31 @@ def _qk_norm_input_grad(layer, qkv_raw, dqkv):
 # mask). Those hold the T real tokens in their first T rows of B*S: static shapes, so a plain
 # torch.compile needs no data-dependent sizes (the price, in compiled mode with padding only: the
 # saved tensors are sized for every position and copied there once). Frozen weights are read
-# from the layer object, found through a registry of live layers by an integer id.
+# from the layer object, found through a registry of live layers by an integer id, which each
+# layer object gets when it is built, copied or unpickled (register_layer): an int attribute
+# Dynamo reads as a constant of the graph. (Computing it lazily inside the traced call, as an
+# assume_constant_result function of the layer, works on torch 2.14 but fails to trace on 2.11,
+# the GPU image's: "UnspecializedNNModuleVariable(FrozenLlamaLayer) is not a constant".)
 _LAYER_IDS = itertools.count()
 _LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-@torch.compiler.assume_constant_result  # run eagerly while tracing: a constant of the graph
+def register_layer(layer) -> int:
+    """Give a layer object its own registry id (FrozenLlamaLayer calls it when it is built, and
+    when it is copied or unpickled: a copy, perhaps with other options, never runs as its
+    original)."""
+    lid = next(_LAYER_IDS)
+    _LAYERS[lid] = layer
+    layer._op_id = lid
+    return lid
+
+
 def _layer_id(layer) -> int:
-    """The registry id of a layer (a shallow copy with other options gets its own)."""
-    lid = getattr(layer, "_op_id", None)
-    if lid is None or _LAYERS.get(lid) is not layer:
-        lid = next(_LAYER_IDS)
-        _LAYERS[lid] = layer
-        layer._op_id = lid
+    """The layer's registry id; in eager mode also checked (a layer object made some way that
+    bypassed __init__ and __setstate__ gets its own id here; torch.compile reads the attribute)."""
+    lid = layer._op_id
+    if not torch.compiler.is_compiling() and _LAYERS.get(lid) is not layer:
+        lid = register_layer(layer)
     return lid
 
 

@@ -361,6 +361,10 @@ class PiFiBase(nn.Module):
             self.check_values(input_ids, labels)
         h = self._encode(input_ids, attention_mask, token_type_ids, inputs_embeds)
         if self.task == "seq2seq":
+            # no key/value cache unless asked for: nothing decodes incrementally through this
+            # forward (generate() has its own path), and building one deep-copies the config,
+            # a graph break under torch.compile on transformers 5.17 (the GPU image's)
+            kwargs.setdefault("use_cache", False)
             return self.slm(encoder_outputs=BaseModelOutput(last_hidden_state=h),
                             attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
                             decoder_attention_mask=decoder_attention_mask, labels=labels,

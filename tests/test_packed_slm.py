@@ -220,7 +220,11 @@ def test_unsupported_slms_fall_back_or_refuse():
     with pytest.raises(ValueError, match="cannot be packed.*deberta-v2"):
         model.packed_slm = True
     checkpointed = AutoModel.from_config(tiny_slm("bert"))
-    checkpointed.activation_checkpointing_enable()
+    # (transformers 5.24 names it activation_checkpointing_enable, 5.17 (the GPU image's)
+    # gradient_checkpointing_enable)
+    enable = (getattr(checkpointed, "activation_checkpointing_enable", None)
+              or checkpointed.gradient_checkpointing_enable)
+    enable()
     assert "gradient checkpointing" in packed_slm.unsupported(checkpointed)
 
 
