@@ -62,6 +62,8 @@ def smollm2_hf_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if tokenizer.pad_token is None:  # transformers 5.17 leaves it unset; 5.24 reads it from
+            tokenizer.pad_token = tokenizer.eos_token  # the GGUF: <|im_end|>, the eos token
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                       dtype=torch.float32)
         # Transformers marks a GGUF-loaded model as quantized and refuses to save it: the same

@@ -43,6 +43,7 @@ RoPE never touches v, so attention is v repeated over each KV head's query group
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import warnings
@@ -202,10 +203,25 @@ def _proj_input_grad(run, dy, w, epilogue="none", aux=None):
 
 
 def fp8_matmul_available(x: torch.Tensor) -> bool:
-    """torch._scaled_mm runs FP8 GEMMs on CUDA from sm_89 (Ada, Hopper) and on the CPU."""
+    """torch._scaled_mm runs FP8 GEMMs with per-row and per-column scales on CUDA from sm_89
+    (Ada, Hopper) and on the CPU of recent torch (2.14; 2.11's CPU kernel asserts per-tensor
+    scales only, so it is tried once per device)."""
     if not hasattr(torch, "_scaled_mm"):
         return False
-    return (not x.is_cuda) or torch.cuda.get_device_capability(x.device) >= (8, 9)
+    if x.is_cuda and torch.cuda.get_device_capability(x.device) < (8, 9):
+        return False
+    return _rowwise_scaled_mm_runs(str(x.device))
+
+
+@functools.lru_cache(maxsize=None)
+def _rowwise_scaled_mm_runs(device: str) -> bool:
+    a = torch.zeros(16, 16, device=device).to(_quant.FP8)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=device),
+                         scale_b=torch.ones(1, 16, device=device), out_dtype=torch.float32)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _quant_linear(x, w: QuantWeight, bias=None, residual=None, triton: bool = True):

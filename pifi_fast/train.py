@@ -139,6 +139,23 @@ def apply_baseline(cfg: TrainConfig) -> TrainConfig:
                                lora_r=cfg.lora_r or 8, layers=None)
 
 
+def load_tokenizer(path):
+    """The SLM's tokenizer. One without a padding token (decoder-only tokenizers such as GPT-2's
+    or Llama's; SmolLM2's as transformers 5.17 converts it from the GGUF, where 5.24 sets
+    <|im_end|>) pads with its end-of-sequence token, as SmolLM2's own configuration does:
+    padding is masked out, and a decoder-only SLM reads its last real token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ValueError(f"the tokenizer of {path} has neither a padding token nor an "
+                             "end-of-sequence token to pad with: set tokenizer.pad_token and "
+                             "save it with the model")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def resolve_llm(name):
     if name in (None, "", "none"):
         return None
@@ -602,8 +619,6 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def _train(cfg: TrainConfig) -> dict:
-    from transformers import AutoTokenizer
-
     cfg = apply_baseline(cfg)
     rank, world = _dist_setup()
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -624,7 +639,7 @@ def _train(cfg: TrainConfig) -> dict:
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     train_rows = _load_rows(cfg, "train", cfg.limit_train)
     dev_rows = _load_rows(cfg, cfg.eval_split, cfg.limit_eval)
-    tokenizer = AutoTokenizer.from_pretrained(resolve_slm(cfg.slm))
+    tokenizer = load_tokenizer(resolve_slm(cfg.slm))
     task_data = TaskData(cfg, tokenizer, train_rows)
     task_data.check_rows(dev_rows, cfg.eval_split)  # once, before any training
     num_labels = len(task_data.label_map) if task_data.label_map else 0
@@ -832,8 +847,6 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     ``compile``: torch.compile the model; ``cuda_graphs``: compiled with CUDA graphs (GPU;
     elsewhere compiled without them, with a warning). Both bucket the batch lengths.
     ``packed_slm``: PiFiModel.packed_slm (auto, true or false; None: the training run's)."""
-    from transformers import AutoTokenizer
-
     from pifi_fast import PiFiModel
     from pifi_fast.pifi_base import _looks_like_repo_id
 
@@ -850,7 +863,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     cfg.text_column = text_column or cfg.text_column
     cfg.label_column = label_column or cfg.label_column
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    tokenizer = load_tokenizer(ckpt / "tokenizer")
     task_data = TaskData(cfg, tokenizer, label_map=None if labels is None else
                          {k: v for k, v in labels})
     model = PiFiModel.from_pretrained(ckpt).to(device)

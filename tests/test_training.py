@@ -637,6 +637,30 @@ def test_decoder_slm_pools_its_last_real_token():
 
 
 @needs_sst2
+def test_a_tokenizer_without_a_padding_token_pads_with_its_eos_token(tmp_path):
+    """Decoder-only tokenizers (GPT-2's, Llama's, SmolLM2's as transformers 5.17 converts it)
+    have no padding token: training pads with the end-of-sequence token; with neither, a clear
+    error."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    from pifi_fast.train import load_tokenizer
+
+    vocab = {"<unk>": 0, "<eos>": 1, "good": 2, "film": 3}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    for name, eos in (("with_eos", "<eos>"), ("without", None)):
+        PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                eos_token=eos).save_pretrained(tmp_path / name)
+    tok = load_tokenizer(tmp_path / "with_eos")
+    assert tok.pad_token == "<eos>" and tok.pad_token_id == 1
+    assert tok(["good film", "film"], padding=True)["input_ids"] == [[2, 3], [3, 1]]
+    with pytest.raises(ValueError, match="neither a padding token nor an end-of-sequence"):
+        load_tokenizer(tmp_path / "without")
+
+
 def test_llm_lora_baseline_trains_resumes_and_reports_its_cost(tiny_models, tmp_path,
                                                               monkeypatch):
     """--baseline llm-lora: the whole SmolLM2 (converted once from the offline GGUF) with LoRA
