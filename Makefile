@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1
 export MAX_JOBS ?= 2
 STAMP = $(VENV)/.pifi_fast-installed
 
-.PHONY: install demo test test-gpu bench wheel clean
+.PHONY: install demo test test-gpu test-gpu-image bench wheel clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ bench: install
 
 test-gpu: install
 	$(PY) -m pytest -q -ra -m gpu
+
+# Before a GPU session: the compile / packing / W4 / GPU-step tests under the GPU image's
+# torch 2.11, transformers 5.17 and triton 3.6, on the CPU, in their own venv under build/.
+test-gpu-image:
+	bash scripts/test_gpu_image_versions.sh
 
 # A wheel for the installed torch (its version says which: 0.1.0+torch2.14cu130), repaired to a
 # manylinux tag; torch's and CUDA's own libraries stay out of it (torch provides them).

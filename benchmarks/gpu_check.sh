@@ -26,6 +26,8 @@
 #                                            via .git/info/exclude; pass carry=[".whl"])
 #   GPU_CHECK_DRY_RUN=1 bash benchmarks/gpu_check.sh   the CPU dry run: no build, tiny bench,
 #                                            tests/test_gpu_step.py run on the CPU
+#   make test-gpu-image                      the tests these paths depend on, on the CPU under
+#                                            the GPU image's torch / transformers / triton
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
