@@ -85,3 +85,19 @@ def assert_grads_close(g_fast, g_ref, tol=1e-5):
         floor = 0.0 if name.startswith(STRICT) else 1e-3 * scale
         err = rel_err(g_fast[name], g_ref[name], floor=floor)
         assert err <= tol, f"gradient of {name}: relative error {err:.3e} > {tol}"
+
+
+def trained_scale_state(task: str, num_labels: int) -> dict:
+    """The state dict of a tiny PiFiModel (BERT SLM, Llama layer) with trained-model scales in
+    the frozen layer (its update as large as its input), fixed per task: mixed-precision tests
+    compare errors against a float64 truth on it."""
+    from pifi_fast import PiFiModel
+
+    base = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), task=task, seed=0,
+                                head_dropout=0.0, num_labels=num_labels)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in base.llm_layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 if p.dim() == 2
+                    else 1 + 0.1 * torch.randn(p.shape, generator=g))
+    return base.state_dict()

@@ -20,7 +20,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import ragged_batch, rel_err, tiny_llm, tiny_slm
+from helpers import ragged_batch, rel_err, tiny_llm, tiny_slm, trained_scale_state
 
 from pifi_fast import PiFiModel, packed_slm, reference
 from pifi_fast.pifi_base import compile_model, inference_runner
@@ -30,18 +30,6 @@ pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TASKS = ["classification", "question_answering"]
 LENGTHS = ([11, 3, 16, 1, 7, 16, 9, 5], [6, 13, 2, 13, 4])  # two shapes; rows of length 1, full
-
-
-def _weights(task):
-    """Shared weights, trained-model scales in the layer (its update as large as its input)."""
-    base = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), task=task, seed=0,
-                                head_dropout=0.0, num_labels=3)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in base.llm_layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 if p.dim() == 2
-                    else 1 + 0.1 * torch.randn(p.shape, generator=g))
-    return base.state_dict()
 
 
 def _model(cls, task, state, dtype=None, **options):
@@ -86,7 +74,7 @@ def _step(runner, model, batch, task, autocast=None):
 @pytest.mark.parametrize("task,packed", [("classification", False), ("classification", True),
                                          ("question_answering", False)])
 def test_w4_models_under_bf16_autocast_within_twice_the_reference_error(task, packed):
-    state = _weights(task)
+    state = trained_scale_state(task, 3)
     batch = _batch(LENGTHS[0], seed=0)
     truth = _model(reference.PiFiModel, task, state).double()
     y_truth, g_truth = _step(truth, truth, batch, task)
@@ -106,7 +94,7 @@ def test_w4_models_under_bf16_autocast_within_twice_the_reference_error(task, pa
                                          ("question_answering", False)])
 def test_compiled_train_step_equals_eager_on_the_device(task, packed):
     torch._dynamo.reset()
-    state = _weights(task)
+    state = trained_scale_state(task, 3)
     model = _model(PiFiModel, task, state, packed_slm=packed).train()
     compiled = compile_model(model)
     for seed, lengths in enumerate(LENGTHS):  # a second shape: recompiled (or dynamic), not stale
@@ -121,7 +109,7 @@ def test_compiled_train_step_equals_eager_on_the_device(task, packed):
 @pytest.mark.parametrize("task", TASKS)
 def test_cuda_graph_inference_under_bf16_autocast_within_twice_the_reference_error(task):
     torch._dynamo.reset()
-    state = _weights(task)
+    state = trained_scale_state(task, 3)
     truth = _model(reference.PiFiModel, task, state).double().eval()
     fast = _model(PiFiModel, task, state, torch.bfloat16).eval()
     ref = _model(reference.PiFiModel, task, state, torch.bfloat16).eval()

@@ -9,7 +9,7 @@ and for the trainable gradients (adapter and embedding), in classification and Q
 """
 import pytest
 import torch
-from helpers import ragged_batch, rel_err, tiny_llm, tiny_slm
+from helpers import ragged_batch, rel_err, tiny_llm, tiny_slm, trained_scale_state
 
 from pifi_fast import PiFiModel, reference
 from pifi_fast.layer import FrozenLlamaLayer
@@ -17,18 +17,6 @@ from pifi_fast.loading import random_layer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = ["classification", "question_answering"]
-
-
-def _weights(task):
-    """Trained-model scales in the layer (its update as large as its input), fixed per task."""
-    base = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), task=task, seed=0,
-                                head_dropout=0.0, num_labels=5)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in base.llm_layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 if p.dim() == 2
-                    else 1 + 0.1 * torch.randn(p.shape, generator=g))
-    return base.state_dict()
 
 
 def _run(model, batch, task, autocast, upstream):
@@ -51,7 +39,7 @@ def setups():
     for task in TASKS:
         g = torch.Generator().manual_seed(2)
         ids, mask = ragged_batch(120, torch.randint(1, 12, (16,), generator=g).tolist(), g)
-        out[task] = (_weights(task), {"input_ids": ids, "attention_mask": mask})
+        out[task] = (trained_scale_state(task, 5), {"input_ids": ids, "attention_mask": mask})
     return out
 
 
