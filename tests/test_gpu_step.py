@@ -47,7 +47,7 @@ def _batch(lengths, seed, left=False):
 
 
 def _outputs(out, task, mask):
-    """The outputs to compare, float64 (QA: the real positions; padding holds -inf by design)."""
+    """The outputs to compare, float64 (QA: the real positions; padding holds the dtype minimum)."""
     if task == "classification":
         return out.logits.detach().double()
     y = torch.stack([out.start_logits, out.end_logits]).detach().double()
