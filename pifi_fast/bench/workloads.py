@@ -553,11 +553,10 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classi
     from pifi_fast import PiFiModel, reference
 
     device, dtype = torch.device(device_str), getattr(torch, dtype_str)
-    slm, llm32 = _pair_parts(pair)
+    slm, llm = _pair_parts(pair)
     torch.manual_seed(0)
-    authors = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm32), task=task,
-                                             attend_to_padding=True)
-    llm = llm32
+    authors = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task,
+                                             attend_to_padding=True)  # fp32, its own copy
     llm.module.to(dtype)
     fast = PiFiModel.from_parts(slm, llm, task=task, llm_dtype=dtype)
     ref = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task, llm_dtype=dtype)
