@@ -51,12 +51,14 @@ def test_quantize_round_trip_and_groups(mode, cols, group):
     q, s = Q.quantize(w, mode)
     assert q.dtype == (torch.int8 if mode == "int8" else Q.FP8)
     assert s.shape == (40, cols // group) and s.dtype == torch.float32
-    # per element: int8 rounds to the nearest multiple of its scale; e4m3 keeps 3 mantissa bits
-    # (a relative error of at most 2^-4), below 2^-6 its subnormals are spaced 2^-9 apart
+    # per element: int8 rounds to the nearest multiple of its scale, plus the fp32 rounding of
+    # w / s, q * s and the difference, a few ulps of |w| and s (a relative 1e-6 of s / 2 alone
+    # failed for 0.3-2.3 % of random seeds, by shape); e4m3 keeps 3 mantissa bits (a relative
+    # error of at most 2^-4), below 2^-6 its subnormals are spaced 2^-9 apart
     err = (Q.dequantize(q, s) - w).abs()
     scale = s.repeat_interleave(group, dim=1)
     if mode == "int8":
-        assert (err <= scale / 2 * (1 + 1e-6)).all()
+        assert (err <= scale / 2 + (w.abs() + scale) * 2 ** -22).all()
     else:
         assert (err <= torch.maximum(w.abs() * 2 ** -4, scale * 2 ** -10) * (1 + 1e-6)).all()
     if mode == "int8":
