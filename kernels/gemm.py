@@ -53,12 +53,15 @@ def gemm_ref(a, b, epilogue="none", bias=None, residual=None, aux=None):
 # -- tile configurations per GPU target -----------------------------------------------------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) per (target, epilogue), for 16-bit inputs.
 # Every entry is compiled by pifi_fast.kernels.compile_report for its target and must use
-# tensor-core instructions, spill nothing and fit the target's shared memory; the CI test
-# tests/test_compile_report.py fails otherwise. BLOCK_N counts output columns: the "swiglu"
-# epilogue keeps two accumulators (gate and up) and loads two B tiles, so its tiles are half as
-# wide for the same registers and shared memory. No entry: the layer uses cuBLAS there (sm_75:
-# Triton 3.8 compiles tl.dot to FMA on Turing, where even a 64x64x32 tile spills; fp32: the
-# IEEE-exact dot runs on FMA units too, and cuBLAS is faster on every target).
+# tensor-core instructions, spill nothing and fit the target's shared memory, under Triton 3.8
+# (ptxas 12.9) and 3.6 (ptxas 12.8, torch 2.11's); the CI test tests/test_compile_report.py
+# fails otherwise (`make test-gpu-image` runs it under 3.6). Before sm_90a, the 128x256 tile
+# is 32 deep: at 64 deep it needs all 255 registers under 3.8 and spills 16-44 B under 3.6.
+# BLOCK_N counts output columns: the "swiglu" epilogue keeps two accumulators (gate and up) and
+# loads two B tiles, so its tiles are half as wide for the same registers and shared memory.
+# No entry: the layer uses cuBLAS there (sm_75: Triton 3.8 compiles tl.dot to FMA on Turing,
+# where even a 64x64x32 tile spills; fp32: the IEEE-exact dot runs on FMA units too, and cuBLAS
+# is faster on every target).
 _SMALL_M = [(32, 64, 128, 3, 4), (16, 128, 64, 4, 4)]  # CLS mode: 32 rows per batch
 TILES: dict[int, dict[str, list[tuple[int, int, int, int, int]]]] = {
     90: {  # sm_90a: wgmma; 227 KB shared memory
@@ -70,7 +73,7 @@ TILES: dict[int, dict[str, list[tuple[int, int, int, int, int]]]] = {
         "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
     },
     80: {  # sm_80: mma.sync; 163 KB shared memory
-        "none": [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
+        "none": [(128, 256, 32, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
                  (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
                  (16, 128, 128, 4, 4)],
         "swiglu": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
@@ -79,7 +82,7 @@ TILES: dict[int, dict[str, list[tuple[int, int, int, int, int]]]] = {
 }
 # sm_86 and sm_89: as sm_80 but 99 KB of shared memory: fewer stages and no 16x128x128 tile
 TILES[86] = TILES[89] = {
-    "none": [(128, 256, 64, 3, 8), (128, 128, 64, 3, 8), (64, 256, 64, 3, 8),
+    "none": [(128, 256, 32, 3, 8), (128, 128, 64, 3, 8), (64, 256, 64, 3, 8),
              (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
              (16, 64, 128, 4, 4)],
     "swiglu": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 3, 4),

@@ -27,6 +27,7 @@ which checks the kernel on CPUs, has no fp8 numpy type; on GPUs the bitcast is f
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -97,8 +98,9 @@ def dequant_gemm_ref(a, q, scale, transposed: bool, bias=None, residual=None):
 # -- tile configurations per target ------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per (arch, storage), each entry compiled by
 # pifi_fast.kernels.compile_report for its target in both orientations and every activation
-# dtype it serves (spill-free, within shared memory, tensor cores from sm_80); BLOCK_K divides
-# 64 (the smallest scale group). Chosen with scripts/explore_gemm_tiles.py --kernel dq_gemm:
+# dtype it serves (spill-free, within shared memory, tensor cores from sm_80), under Triton 3.8
+# (ptxas 12.9) and Triton 3.6 (ptxas 12.8: torch 2.11's); BLOCK_K divides 64 (the smallest
+# scale group). Chosen with scripts/explore_gemm_tiles.py --kernel dq_gemm under both:
 # the converted B tile lives in shared memory, so the 99-KB targets lose the 3-4-stage 128-wide
 # tiles, and 128x256 tiles exceed every target. The small tiles serve CLS mode (32 rows).
 # sm_75: Triton 3.8 compiles tl.dot to FMA on Turing; only tiles up to 32x64x32 stay out of
@@ -109,23 +111,30 @@ TILES: dict[int, dict[str, list[tuple[int, int, int, int, int]]]] = {
                   (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL,
          "fp8": [(128, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 128, 64, 3, 8),
                  (64, 64, 64, 4, 4)] + _SMALL},
-    # (128x64x64 at 3 stages spills 8 B on sm_80 in bf16)
-    80: {"int8": [(128, 128, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL},
+    # (128x64x64 at 3 stages spills 8 B on sm_80 in bf16 under 3.8; 16x128x64 spills 4 B in
+    # the fp16 input gradient under 3.6)
+    80: {"int8": [(128, 128, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4),
+                  (64, 64, 32, 4, 4), (32, 128, 64, 4, 4), (16, 64, 64, 4, 4)]},
     75: {"int8": [(32, 64, 32, 2, 4), (32, 32, 32, 2, 4), (16, 64, 32, 2, 2),
                   (16, 32, 32, 2, 2)]},
 }
 # (32x64x64 at 4 stages spills 8 B in the bf16 input gradient on sm_86/sm_89, and 64x64x64 with
-# fp8 storage on sm_89: their 32-deep neighbours take their place)
+# fp8 storage on sm_89: their 32-deep neighbours take their place. Under 3.6, 128x128x32 spills
+# 76 B in the fp16 input gradient and 64x64x64 12 B in the bf16 forward of int8 storage.)
 _SMALL_99KB = [(32, 64, 32, 2, 4), (16, 64, 64, 4, 4)]
-TILES[86] = {"int8": [(128, 128, 32, 4, 4), (128, 64, 64, 3, 8), (64, 128, 64, 3, 8),
-                      (64, 64, 64, 4, 4)] + _SMALL_99KB}
+TILES[86] = {"int8": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)]
+             + _SMALL_99KB}
 TILES[89] = {"int8": TILES[86]["int8"],
              "fp8": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)] + _SMALL_99KB}
-# Tiles that spill with finer scale groups (one scale per input; its offsets and scales take
-# registers): left out for them (pifi-fast kernels, "int8-g32" launches)
-_FINE_SPILLS = {80: {(32, 128, 64, 4, 4)},  # 8-12 B
-                86: {(128, 128, 32, 4, 4), (128, 64, 64, 3, 8)},  # 8-24 B
-                89: {(128, 128, 32, 4, 4), (128, 64, 64, 3, 8)}}
+# The forward with finer scale groups (one scale per input; its offsets and scales take
+# registers; pifi-fast kernels' "int8-g32" launches): the tiles that spill with it under either
+# Triton are left out (4-24 B each), and on sm_86/sm_89, where that leaves no tile of 64 rows,
+# 64x64x64 (clean with fine groups under both, though int8's coarse forward spills in it under
+# 3.6) takes their place.
+_FINE_SPILLS = {80: {(32, 128, 64, 4, 4), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)},
+                86: {(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)},
+                89: {(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)}}
+_FINE_ONLY = {86: [(64, 64, 64, 4, 4)], 89: [(64, 64, 64, 4, 4)]}
 GPU_ARCHS = (75, 80, 86, 89, 90)
 FP8_MIN_ARCH = 89  # e4m3 storage is a Hopper/Ada format; older GPUs use int8
 
@@ -142,7 +151,10 @@ def tiles(arch: int, storage: str, dtype: str,
     if storage == "fp8" and arch < FP8_MIN_ARCH:
         return []
     table = TILES.get(arch, {}).get(storage, [])
-    return [t for t in table if not (fine and t in _FINE_SPILLS.get(arch, ()))]
+    if not fine:
+        return list(table)
+    kept = [t for t in table if t not in _FINE_SPILLS.get(arch, ())]
+    return kept + (_FINE_ONLY.get(arch, []) if storage == "int8" else [])
 
 
 def _tile_of(config) -> tuple:
@@ -183,8 +195,8 @@ def _all_configs():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
     seen, out = set(), []
     for arch in GPU_ARCHS:
-        for storage in MODES:
-            for t in tiles(arch, storage, "fp16"):
+        for storage, fine in itertools.product(MODES, (False, True)):
+            for t in tiles(arch, storage, "fp16", fine):
                 if t not in seen:
                     seen.add(t)
                     bm, bn, bk, st, w = t

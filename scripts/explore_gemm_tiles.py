@@ -2,12 +2,16 @@
 use tensor cores, spill nothing and fit shared memory: the method behind the per-target tables
 in kernels/gemm.py and kernels/quant.py (TILES). A tile can join a target's table for an
 epilogue (gemm) or a weight storage (dq_gemm) only if it is clean for every launch of it
-(LAYER_LAUNCHES in each module). Usage:
+(LAYER_LAUNCHES in each module), and only if clean under every Triton we support: run it with
+.venv's Triton 3.8 and again with the GPU image's 3.6 (build/gpu-image-venv, from `make
+test-gpu-image`; run from build/gpu-image-src), whose ptxas allocates registers differently.
+Usage:
 
     python scripts/explore_gemm_tiles.py --targets sm_80 sm_90a --dtypes bf16 [--out tiles.json]
     python scripts/explore_gemm_tiles.py --kernel dq_gemm --targets sm_75 --dtypes fp16
 
-About 6 minutes for the four tensor-core targets on 2 cores.
+About 6 minutes for the four tensor-core targets on 2 cores in bf16; sm_80, sm_86 and sm_89 in
+bf16 and fp16, 12-14 minutes (gemm) and 5 (dq_gemm).
 """
 import argparse
 import json
