@@ -128,7 +128,7 @@ TILES[89] = {"int8": TILES[86]["int8"],
              "fp8": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)] + _SMALL_99KB}
 # The forward with finer scale groups (one scale per input; its offsets and scales take
 # registers; pifi-fast kernels' "int8-g32" launches): the tiles that spill with it under either
-# Triton are left out (4-24 B each), and on sm_86/sm_89, where that leaves no tile of 64 rows,
+# Triton are left out (4-28 B each), and on sm_86/sm_89, where that leaves no tile of 64 rows,
 # 64x64x64 (clean with fine groups under both, though int8's coarse forward spills in it under
 # 3.6) takes their place.
 _FINE_SPILLS = {80: {(32, 128, 64, 4, 4), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)},

@@ -11,9 +11,10 @@
 # W4 benchmark machinery, mixed precision, the GPU step tests on the CPU (PIFI_FAST_GPU_DRY_RUN),
 # the training loop's compile / 8-bit / tokenizer paths, and the compile report of every Triton
 # kernel configuration for the five GPU targets with this Triton and its ptxas (12.8, not 3.8's
-# 12.9: register allocation differs; 26 configurations clean under 3.8 once spilled here). Left out, said here: the Triton GEMM
-# through Triton 3.6's CPU interpreter fails inside the interpreter ("only 0-dimensional arrays
-# can be converted to Python scalars"), a path a GPU never runs (it compiles the kernels).
+# 12.9: register allocation differs; 26 configurations clean under 3.8 once spilled here).
+# Left out, said here: the Triton GEMM through Triton 3.6's CPU interpreter fails inside the
+# interpreter ("only 0-dimensional arrays can be converted to Python scalars"), a path a GPU
+# never runs (it compiles the kernels).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SPEC=${GPU_IMAGE_SPEC:-"torch==2.11.0 triton==3.6.0 transformers==5.17.0"}
