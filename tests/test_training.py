@@ -636,7 +636,6 @@ def test_decoder_slm_pools_its_last_real_token():
                               model.head(slm(input_ids=ids).last_hidden_state[:, -1]), atol=1e-6)
 
 
-@needs_sst2
 def test_a_tokenizer_without_a_padding_token_pads_with_its_eos_token(tmp_path):
     """Decoder-only tokenizers (GPT-2's, Llama's, SmolLM2's as transformers 5.17 converts it)
     have no padding token: training pads with the end-of-sequence token; with neither, a clear
@@ -661,6 +660,7 @@ def test_a_tokenizer_without_a_padding_token_pads_with_its_eos_token(tmp_path):
         load_tokenizer(tmp_path / "without")
 
 
+@needs_sst2
 def test_llm_lora_baseline_trains_resumes_and_reports_its_cost(tiny_models, tmp_path,
                                                               monkeypatch):
     """--baseline llm-lora: the whole SmolLM2 (converted once from the offline GGUF) with LoRA
