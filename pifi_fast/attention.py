@@ -15,7 +15,13 @@ call logs once) which one ran:
                     Turing (T4, sm_75) it is the only one: FlashAttention 2 needs sm_80, and
                     SDPA takes its memory-efficient kernel there
 
-Attention is bidirectional unless ``causal=True``. All backends are differentiable through
+Attention is bidirectional unless ``causal=True``. A sliding ``window`` (Mistral v0.1, Gemma-2's
+and Qwen2's sliding layers) hides keys ``window`` or more positions from the query (on both
+sides when bidirectional): flash_attn takes it as its window_size, torch_varlen where its
+signature has one, and sdpa as a band in its mask; a window no shorter than the longest
+sequence changes nothing and is dropped. Distances are between columns of the padded batch, as
+the reference counts positions (0..S-1 per row); the varlen kernels count them within the packed
+sequence, the same only without padding, so a padded batch with a window runs on sdpa. All backends are differentiable through
 autograd; pifi_fast.ops differentiates them by recomputing the forward in backward, so no
 attention output or log-sum-exp is kept between forward and backward.
 """
@@ -149,7 +155,7 @@ def _announce(name: str, q: torch.Tensor):
 
 
 # -- the backends ----------------------------------------------------------------------------------
-def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool):
+def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool, window: int | None = None):
     b, s = seg.batch, seg.seq
     if seg.indices is None:
         dense = [t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v)]
@@ -162,6 +168,12 @@ def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool):
         mask = seg.mask[:, None, None, :]
         if causal:
             mask = mask & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+    if window is not None:
+        pos = torch.arange(s, device=q.device)
+        band = (pos[:, None] - pos[None, :]).abs() < window
+        if causal:
+            band = band & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+        mask = band if mask is None else mask & band
     o = F.scaled_dot_product_attention(*dense, attn_mask=mask, scale=scale,
                                        is_causal=causal and mask is None,
                                        enable_gqa=q.shape[1] != k.shape[1])
@@ -169,10 +181,18 @@ def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool):
     return o if seg.indices is None else o.index_select(0, seg.indices)
 
 
-def _varlen_kwargs(fn, scale, causal, gqa):
+def _window_size(causal: bool, window: int | None) -> tuple[int, int]:
+    """(keys to the left, keys to the right) a query sees, -1 for all, as flash-attn counts."""
+    side = -1 if window is None else window - 1
+    return (side, 0 if causal else side)
+
+
+def _varlen_kwargs(fn, scale, causal, gqa, window=None):
     params = inspect.signature(fn).parameters
     kw = {"scale": scale}
-    if causal:
+    if window is not None:  # attention() sends a window only where the signature takes it
+        kw["window_size"] = _window_size(causal, window)
+    elif causal:
         if "window_size" in params:
             kw["window_size"] = (-1, 0)
         else:
@@ -182,9 +202,9 @@ def _varlen_kwargs(fn, scale, causal, gqa):
     return kw, gqa and "enable_gqa" not in params
 
 
-def _torch_varlen_call(q, k, v, seg, scale, causal):
+def _torch_varlen_call(q, k, v, seg, scale, causal, window=None):
     gqa = q.shape[1] != k.shape[1]
-    kw, repeat = _varlen_kwargs(_VARLEN, scale, causal, gqa)
+    kw, repeat = _varlen_kwargs(_VARLEN, scale, causal, gqa, window)
     if repeat:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -192,29 +212,47 @@ def _torch_varlen_call(q, k, v, seg, scale, causal):
     return _VARLEN(q, k, v, cu, cu, seg.max_seqlen, seg.max_seqlen, **kw)
 
 
-def _flash_attn_call(q, k, v, seg, scale, causal):
+def _flash_attn_call(q, k, v, seg, scale, causal, window=None):
     cu = seg.cu_seqlens
+    kw = {} if window is None else {"window_size": _window_size(causal, window)}
     out = _FLASH(q, k, v, cu, cu, seg.max_seqlen, seg.max_seqlen, softmax_scale=scale,
-                 causal=causal)
+                 causal=causal, **kw)
     return out[0] if isinstance(out, tuple) else out  # FA3 may return (out, lse)
 
 
+def _takes_window(name: str, seg: Segments) -> bool:
+    if name == "sdpa":
+        return True
+    fn = _FLASH if name == "flash_attn" else _VARLEN
+    return (seg.indices is None and fn is not None
+            and "window_size" in inspect.signature(fn).parameters)
+
+
 def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
-              backend: str | None = None) -> torch.Tensor:
-    """Packed attention: q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+              backend: str | None = None, window: int | None = None) -> torch.Tensor:
+    """Packed attention: q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D); ``window``: the sliding
+    window (None: every key)."""
+    if window is not None and window >= seg.max_seqlen:
+        window = None  # every pair of tokens is closer than the window
     name = select_backend(q, backend)
+    if window is not None and not _takes_window(name, seg):
+        if backend:
+            raise ValueError(f"attention backend {name!r} takes no sliding window here; "
+                             "use sdpa or flash_attn")
+        name = "sdpa"  # the one backend always able to band its mask
     _announce(name, q)
     if name == "sdpa":
-        return _sdpa(q, k, v, seg, scale, causal)
+        return _sdpa(q, k, v, seg, scale, causal, window)
     call = _flash_attn_call if name == "flash_attn" else _torch_varlen_call
     if backend or os.environ.get("PIFI_FAST_ATTENTION"):
-        return call(q, k, v, seg, scale, causal)  # asked for by name: its errors are the user's
+        # asked for by name: its errors are the user's
+        return call(q, k, v, seg, scale, causal, window)
     try:
-        return call(q, k, v, seg, scale, causal)
+        return call(q, k, v, seg, scale, causal, window)
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         # An automatically chosen backend that cannot run these inputs (an older signature, an
         # unsupported head size, ...): say so once and use the next one from now on.
         _failed[name] = f"{type(exc).__name__}: {exc}"
         log.warning("pifi_fast attention backend %s failed (%s); falling back", name,
                     _failed[name])
-        return attention(q, k, v, seg, scale, causal)
+        return attention(q, k, v, seg, scale, causal, window=window)

@@ -443,6 +443,20 @@ def info(args) -> int:
     print("CPU bf16 instructions: " + cpu_bf16_instructions()
           + " (pifi-fast train --precision bf16 on a CPU autocasts to bf16: fast where they "
             "are native; the CPU default stays fp32)")
+    from pifi_fast import families
+
+    print(f"fused frozen-layer families: {', '.join(families.FUSED_MODEL_TYPES)}; every other "
+          "decoder family Transformers ships runs its own Hugging Face layer, unfused")
+    if args.llm:
+        from pifi_fast.loading import load_llm_config, resolve_index
+
+        try:
+            config = load_llm_config(args.llm)
+            line = families.describe(config, resolve_index(config, args.layer))
+        except (ValueError, OSError, IndexError) as exc:  # CheckpointError is a ValueError
+            print(f"pifi-fast info: error: --llm {args.llm}: {exc}", file=sys.stderr)
+            return 2
+        print(f"--llm {args.llm}: {line}")
     if torch.cuda.is_available():
         from pifi_fast.ops import gemm_path
 
@@ -582,7 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "the Llama-3.1-8B shape and print its pick against the table's first tile "
                    "(default: off)")
     p.set_defaults(func=kernels_cmd)
-    sub.add_parser("info", help="versions, extension and device").set_defaults(func=info)
+    p = sub.add_parser("info", help="versions, extension, device, and which path an LLM's "
+                       "layer takes")
+    p.add_argument("--llm", default=None, help="an LLM (folder, .gguf file or Hub id): say "
+                   "whether its layer runs fused or unfused, and how (reads its config only; default: none)")
+    p.add_argument("--layer", type=int, default=-1, help="the layer index for --llm "
+                   "(default: -1, the last)")
+    p.set_defaults(func=info)
     return parser
 
 

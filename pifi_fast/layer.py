@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 from pifi_fast.attention import BACKENDS, Segments
+from pifi_fast.families import FUSED_MODEL_TYPES, attention_window, is_fusable, make_rotary
 from pifi_fast.kernels import quant as _quant
 from pifi_fast.ops import (GEMM_CHOICES, KERNEL_CHOICES, RECOMPUTE_CHOICES, WEIGHT_CHOICES,
                            FrozenLayerFunction, LayerRun, QuantWeight, register_layer)
-
-FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Hugging Face key -> (merged parameter, which part). Parts are concatenated in this order.
 _MERGED = {
@@ -43,12 +42,6 @@ _SINGLE = {
     "q_norm_weight": "self_attn.q_norm.weight",
     "k_norm_weight": "self_attn.k_norm.weight",
 }
-
-
-def is_fusable(config) -> bool:
-    return getattr(config, "model_type", None) in FUSED_MODEL_TYPES and getattr(
-        config, "hidden_act", "silu"
-    ) in ("silu", "swish")
 
 
 # chunk_tokens="auto" on CPU: one fp32 (tokens x 2 * intermediate) temporary at most this large
@@ -174,6 +167,11 @@ class FrozenLlamaLayer(nn.Module):
         self.k_norm_weight = frozen(self.head_dim, present=qk_norm)
         self.rotary = rotary
 
+    @property
+    def window(self) -> int | None:
+        """The layer's sliding attention window (None: every key), from its config and index."""
+        return attention_window(self.config, self.layer_index)
+
     # -- construction ------------------------------------------------------------------------
     def __setstate__(self, state):
         """copy.copy, copy.deepcopy and unpickling come through here: the new object gets its
@@ -190,8 +188,6 @@ class FrozenLlamaLayer(nn.Module):
         stored in int8 take as they are instead of quantizing the module's float weights."""
         config = config or hf_layer.self_attn.config
         if rotary is None:
-            from pifi_fast.loading import make_rotary
-
             rotary = make_rotary(config)
         ref = next(hf_layer.parameters())
         layer = cls(config, rotary, getattr(hf_layer.self_attn, "layer_idx", -1),
@@ -478,6 +474,7 @@ class FrozenLlamaLayer(nn.Module):
         return (f"{self.config.model_type}, hidden={self.hidden_size}, heads={self.num_heads}/"
                 f"{self.num_kv_heads}, head_dim={self.head_dim}, "
                 f"mlp={self.config.intermediate_size}, layer={self.layer_index}, "
+                f"window={self.window}, "
                 f"kernels={self.kernels}, recompute={self.recompute}, "
                 f"attention={self.attention or 'auto'}, gemm={self.gemm}, causal={self.causal}, "
                 f"weights={self.weights}")

@@ -5,9 +5,15 @@ load_llm_layer(source, layer=-1) reads only the tensors of that layer:
     which shard holds the layer; only those shards are opened, through safe_open;
   * a Hub repo id: config.json, the index, and only the shard(s) holding the layer are
     downloaded (with a progress bar);
-  * a GGUF file: only that block's tensors are dequantized, with llama.cpp's q/k row
-    permutation undone exactly as Transformers does; Q8_0 projections are also kept as their
-    int8 blocks and scales (LLMLayer.quantized), which an int8 layer stores without requantizing.
+  * a GGUF file: only that block's tensors are dequantized, named through gguf-py's table of
+    llama.cpp's tensor names, with what llama.cpp rewrites on conversion undone (Llama's q/k
+    row permutation, Gemma's +1 on norms, Falcon's q/k/v regrouping) and what Transformers'
+    GGUF parser leaves at its defaults read from the file (_fix_gguf_config); Q8_0 projections
+    are also kept as their int8 blocks and scales (LLMLayer.quantized), which an int8 layer
+    stores without requantizing.
+Checkpoint keys are converted the way Transformers converts them on load (its conversion
+mapping: MoE experts stacked, renamed keys), and the layer is built with the attention
+implementation it supports (pifi_fast.families).
 Pickle checkpoints (.bin) load only with allow_pickle=True, and then with weights_only=True.
 trust_remote_code is never turned on.
 """
@@ -17,12 +23,13 @@ import dataclasses
 import json
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from pifi_fast import families
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -50,59 +57,24 @@ class LLMLayer:
         return self.config.model_type
 
 
-# -- classes of the architecture -------------------------------------------------------------------
-def _modeling_module(config):
-    from transformers import AutoModelForCausalLM
-
-    mapping = AutoModelForCausalLM._model_mapping
-    try:
-        model_cls = mapping[type(config)]
-    except KeyError as exc:
-        raise ValueError(f"no causal-LM class in Transformers for model_type "
-                         f"{config.model_type!r}") from exc
-    return model_cls, sys.modules[model_cls.__module__]
-
-
-def decoder_layer_class(config):
-    model_cls, module = _modeling_module(config)
-    for name in getattr(model_cls, "_no_split_modules", None) or []:
-        cls = getattr(module, name, None)
-        if cls is not None and ("DecoderLayer" in name or "Block" in name):
-            return cls
-    raise ValueError(f"cannot find the decoder-layer class of {config.model_type!r}")
-
-
-def make_rotary(config, device=None):
-    """The LLM's own rotary module (so every rope_scaling type, llama3 included, is honoured)."""
-    _, module = _modeling_module(config)
-    names = [n for n in dir(module) if n.endswith("RotaryEmbedding")]
-    prefix = type(config).__name__.replace("Config", "")
-    names.sort(key=lambda n: (not n.startswith(prefix), len(n)))
-    if not names:
-        return None
-    rotary_cls = getattr(module, names[0])
-    if _takes_device(rotary_cls):
-        return rotary_cls(config, device=device)
-    return rotary_cls(config)
-
-
-def _takes_device(cls) -> bool:
-    import inspect
-
-    return "device" in inspect.signature(cls.__init__).parameters
-
-
+# -- building the layer ---------------------------------------------------------------------------
 def build_layer(config, index: int, state_dict: dict[str, torch.Tensor], dtype=None,
                 source: str = "", origins: dict[str, str] | None = None) -> LLMLayer:
     """Instantiate the architecture's own decoder layer from its tensors (no random init).
-    ``origins`` maps a layer-local key to the file it came from (for error messages)."""
-    layer_cls = decoder_layer_class(config)
-    if getattr(config, "_attn_implementation", None) in (None, "eager") and \
-            getattr(config, "_attn_implementation_autoset", True):
-        config._attn_implementation = "sdpa"
+    ``state_dict``: the layer's tensors under layer-local keys, as the module names them or as
+    the checkpoint stores them (converted the way Transformers converts them on load: per-expert
+    MoE tensors fused, renamed keys). ``origins`` maps a layer-local key to the file it came
+    from (for error messages)."""
+    why = families.unsupported(config, index)
+    if why:
+        raise ValueError(f"{source or config.model_type}: {why}")
+    layer_cls = families.decoder_layer_class(config)
+    families.use_attention_implementation(config)
     with torch.device("meta"):
         module = layer_cls(config, layer_idx=index)
     expected = set(module.state_dict().keys())
+    if expected - set(state_dict):
+        state_dict = convert_checkpoint_keys(config, index, state_dict, source)
     missing = sorted(expected - set(state_dict))
     if missing:
         raise CheckpointError(f"{source or 'checkpoint'}: layer {index} lacks tensors {missing[:6]}"
@@ -124,16 +96,69 @@ def build_layer(config, index: int, state_dict: dict[str, torch.Tensor], dtype=N
     module.load_state_dict(sd, assign=True, strict=True)
     for p in module.parameters():
         p.requires_grad_(False)
-    rotary = make_rotary(config)
+    rotary = families.make_rotary(config)
     return LLMLayer(config=config, index=index, module=module, rotary=rotary, source=source)
+
+
+def convert_checkpoint_keys(config, index: int, tensors: dict[str, torch.Tensor],
+                            source: str = "") -> dict[str, torch.Tensor]:
+    """The layer's tensors under the names its module uses, converted as Transformers converts a
+    checkpoint on load (its conversion mapping for the family): renamed keys (Mixtral's
+    block_sparse_moe -> mlp), and per-expert tensors stacked into the fused experts tensors
+    (``experts.*.w1`` and ``experts.*.w3`` -> ``experts.gate_up_proj``). Keys are matched with
+    the layer's prefix ("model.layers.<index>.") in front, as in the file. A conversion this
+    function does not implement raises CheckpointError naming it."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    transforms = get_checkpoint_conversion_mapping(config.model_type) or []
+    prefix = f"model.layers.{index}."
+    keyed = {prefix + k: t for k, t in tensors.items()}
+    for transform in transforms:
+        sources = list(getattr(transform, "_original_source_patterns", transform.source_patterns))
+        targets = list(getattr(transform, "_original_target_patterns", transform.target_patterns))
+        ops = [type(op).__name__ for op in getattr(transform, "operations", [])]
+        if not ops:  # a renaming: regular expressions, applied in order
+            for src, dst in zip(sources, targets):
+                keyed = {re.sub(src, dst, k): t for k, t in keyed.items()}
+            continue
+        patterns = [re.compile(re.escape(p).replace(r"\*", r"(\d+)")) for p in sources]
+        found: dict[str, dict[int, dict[int, torch.Tensor]]] = {}  # target -> source -> expert
+        for key in list(keyed):
+            for i, pattern in enumerate(patterns):
+                m = pattern.search(key)
+                if m:
+                    target = key[:m.start()] + targets[0] + key[m.end():]
+                    found.setdefault(target, {}).setdefault(i, {})[int(m.group(1))] = keyed.pop(key)
+                    break
+        if not found:
+            continue
+        if not set(ops) <= {"MergeModulelist", "Concatenate"} or len(targets) != 1:
+            raise CheckpointError(f"{source or 'checkpoint'}: {config.model_type!r} checkpoints "
+                                  f"need Transformers' conversion {ops} on {sources}, which "
+                                  "pifi_fast does not apply to a single layer")
+        dims = {type(op).__name__: op.dim for op in transform.operations}
+        for target, by_source in found.items():
+            stacked = []
+            for i in range(len(patterns)):
+                experts = by_source.get(i, {})
+                if sorted(experts) != list(range(len(experts))) or not experts:
+                    raise CheckpointError(f"{source or 'checkpoint'}: layer {index}: the experts "
+                                          f"of {sources[i]!r} are {sorted(experts)}, not 0..n-1")
+                stacked.append(torch.stack([experts[e] for e in sorted(experts)],
+                                           dims.get("MergeModulelist", 0)))
+            keyed[target] = (torch.cat(stacked, dims["Concatenate"]) if len(stacked) > 1
+                             else stacked[0])
+    return {k[len(prefix):] if k.startswith(prefix) else k: t for k, t in keyed.items()}
 
 
 def random_layer(config, index: int = -1, dtype=torch.float32, seed: int | None = None) -> LLMLayer:
     """A layer with random weights of the given architecture (tests and speed benchmarks)."""
     index = resolve_index(config, index)
-    layer_cls = decoder_layer_class(config)
-    if getattr(config, "_attn_implementation", None) is None:
-        config._attn_implementation = "sdpa"
+    why = families.unsupported(config, index)
+    if why:
+        raise ValueError(why)
+    layer_cls = families.decoder_layer_class(config)
+    families.use_attention_implementation(config)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.device("meta"):
         meta = layer_cls(config, layer_idx=index)
@@ -163,9 +188,28 @@ def resolve_index(config, layer: int) -> int:
 
 
 def _load_config(path_or_dir, **kw):
+    import transformers
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path_or_dir, trust_remote_code=False, **kw)
+    try:
+        return AutoConfig.from_pretrained(path_or_dir, trust_remote_code=False, **kw)
+    except ValueError as exc:
+        if "custom code" not in str(exc) and "trust_remote_code" not in str(exc):
+            raise
+        kind = _declared_model_type(path_or_dir)
+        raise ValueError(
+            f"{path_or_dir}: model_type {kind!r} exists only as code inside the checkpoint "
+            f"(trust_remote_code), which pifi_fast never runs, and Transformers "
+            f"{transformers.__version__} has no class for it. Use a release of Transformers that "
+            "ships the architecture, or a checkpoint of a family it ships (Llama, Mistral, "
+            "Qwen2, Gemma-2, Falcon, ...)") from None
+
+
+def _declared_model_type(path_or_dir) -> str | None:
+    try:
+        return json.loads((Path(path_or_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
 
 
 # -- safetensors folders (local or Hub) -------------------------------------------------------------
@@ -369,22 +413,88 @@ def ensure_hub_reachable(timeout: float = 3.0) -> None:
 
 
 # -- GGUF -----------------------------------------------------------------------------------------
-_GGUF_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "attn_q_norm.weight": "self_attn.q_norm.weight",
-    "attn_k_norm.weight": "self_attn.k_norm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
+# Module names a family's blocks have in its Hugging Face checkpoint, tried in turn when asking
+# gguf-py's tensor-name table (llama.cpp's own) for a tensor's GGUF name.
+_HF_BLOCK_PREFIXES = ("model.layers.{i}.", "transformer.h.{i}.", "gpt_neox.layers.{i}.",
+                      "model.decoder.layers.{i}.", "transformer.blocks.{i}.")
+# GGUF architectures whose tensors llama.cpp rewrites on conversion, and what it does
+# (Transformers' GGUF loader undoes the same; Falcon's q/k/v regrouping it does not, see
+# _regroup_falcon_qkv):
+#   llama (Llama and Mistral)  q and k rows permuted per head (rotary halves interleaved)
+#   gemma2, gemma3             every norm weight stored with the +1 of Gemma's (1 + w) added
+#   falcon                     query_key_value's kv groups rearranged into [q | k | v]
+
+
+def _gguf_names(config, index: int, module_keys) -> dict[str, str]:
+    """GGUF tensor name (blk.<i>.<name>[.weight|.bias]) -> the module's layer-local key, from
+    gguf-py's table of llama.cpp's names for the architecture."""
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    wanted = _gguf_arch(config)
+    arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == wanted), None)
+    if arch is None:
+        raise CheckpointError(f"llama.cpp's GGUF has no architecture {wanted!r} (gguf-py "
+                              "knows none by that name)")
+    table = get_tensor_name_map(arch, config.num_hidden_layers)
+    names = {}
+    for key in module_keys:
+        base, suffix = (key.rsplit(".", 1) if key.endswith((".weight", ".bias")) else (key, ""))
+        for prefix in _HF_BLOCK_PREFIXES:
+            gguf_name = table.get_name(prefix.format(i=index) + base)
+            if gguf_name is not None:
+                names[gguf_name + ("." + suffix if suffix else "")] = key
+                break
+    return names
+
+
+def _gguf_arch(config) -> str:
+    """llama.cpp's architecture name of a Transformers model_type."""
+    renamed = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe",
+               "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "mixtral": "llama"}
+    return renamed.get(config.model_type, config.model_type)
+
+
+def _fix_gguf_config(config, header):
+    """Fill in what Transformers' GGUF parser leaves at its defaults for the families whose
+    layer we read (checked on Transformers 5.24): Gemma-2/3's attention soft-capping (llama.cpp
+    writes it) and query scale (llama.cpp derives it: hidden / heads for Gemma-2-27B, the 46-layer
+    model, the key length otherwise); Falcon's MLP width, KV heads, q/k/v bias and the 40B-style
+    block (llama.cpp tells it apart by a second attention norm)."""
+    fields, arch = header.fields, header.fields.get("general.architecture")
+    if config.model_type in ("gemma2", "gemma3_text"):
+        cap = fields.get(f"{arch}.attn_logit_softcapping")
+        if cap is not None:
+            config.attn_logit_softcapping = float(cap)
+        if config.model_type == "gemma2":
+            config.query_pre_attn_scalar = (
+                config.hidden_size // config.num_attention_heads
+                if config.num_hidden_layers == 46 else config.head_dim)
+    if config.model_type == "falcon":
+        names = {t.name for t in header.tensors}
+        config.ffn_hidden_size = int(fields.get("falcon.feed_forward_length",
+                                                4 * config.hidden_size))
+        kv = int(fields.get("falcon.attention.head_count_kv", 1))
+        config.new_decoder_architecture = any(n.endswith(".attn_norm_2.weight") for n in names)
+        config.num_kv_heads = kv
+        config.multi_query = kv == 1 and not config.new_decoder_architecture
+        config.num_ln_in_parallel_attn = 2 if config.new_decoder_architecture else None
+        config.bias = any(n.endswith(".attn_qkv.bias") for n in names)
+        config.parallel_attn = True  # llama.cpp's Falcon graph has only the parallel block
+    return config
+
+
+def _regroup_falcon_qkv(w: torch.Tensor, config) -> torch.Tensor:
+    """Undo llama.cpp's Falcon q/k/v rearrangement: it stores [all q heads | all k | all v]; the
+    Hugging Face layer (40B style) wants each KV group's query heads followed by its k and v.
+    For multi-query Falcon-7B the two layouts are the same."""
+    if not config.new_decoder_architecture:
+        return w
+    heads, kv = config.num_attention_heads, config.num_kv_heads
+    d = config.hidden_size // heads
+    q, k, v = w.split([heads * d, kv * d, kv * d], 0)
+    q = q.reshape(kv, heads // kv, d, *w.shape[1:])
+    k, v = (t.reshape(kv, 1, d, *w.shape[1:]) for t in (k, v))
+    return torch.cat((q, k, v), 1).reshape(w.shape)
 
 
 def unpermute_gguf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -459,17 +569,28 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
     from pifi_fast.gguf_file import tensor_bytes
 
     header = _gguf_header(path)  # first: Transformers' parser fails unclearly on a cut file
-    config = _gguf_config(path)
+    config = _fix_gguf_config(_gguf_config(path), header)
     index = resolve_index(config, layer)
+    why = families.unsupported(config, index)
+    if why:
+        raise ValueError(f"{path}: {why}")
     arch = header.fields.get("general.architecture")
+    families.use_attention_implementation(config)
+    with torch.device("meta"):
+        keys = list(families.decoder_layer_class(config)(config, layer_idx=index).state_dict())
+    names = _gguf_names(config, index, keys)
     prefix = f"blk.{index}."
     tensors, quantized = {}, {}
     for t in header.tensors:
         if not t.name.startswith(prefix):
             continue
-        local = _GGUF_NAMES.get(t.name[len(prefix):])
+        local = names.get(t.name)
         if local is None:
-            raise CheckpointError(f"{path}: unknown GGUF tensor {t.name} for architecture {arch}")
+            raise CheckpointError(
+                f"{path}: GGUF tensor {t.name} has no place in {config.model_type}'s decoder "
+                f"layer (architecture {arch}); pifi_fast reads the GGUF blocks whose tensors map "
+                "one to one onto the layer's (not fused mixture-of-experts tensors): load the "
+                "model's safetensors folder instead")
         data = tensor_bytes(header, t)
         w = torch.from_numpy(dequantize(data, t.ggml_type).copy())
         shape = tuple(reversed(t.dims))
@@ -481,6 +602,12 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
             w = unpermute_gguf_rows(w, heads)
             if pair is not None:  # rows move with their scales
                 pair = tuple(unpermute_gguf_rows(p, heads) for p in pair)
+        elif arch in ("gemma2", "gemma3") and local.endswith("norm.weight"):
+            w = w - 1
+        elif arch == "falcon" and local == "self_attention.query_key_value.weight":
+            w = _regroup_falcon_qkv(w, config)
+            if pair is not None:
+                pair = tuple(_regroup_falcon_qkv(p, config) for p in pair)
         tensors[local] = w
         if pair is not None:
             quantized[local] = pair
@@ -505,6 +632,24 @@ def _q8_0_blocks(data, shape) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # -- the entry point ------------------------------------------------------------------------------
+def load_llm_config(source):
+    """The LLM's config alone (no tensor is read): a local folder, a .gguf file or a Hub id."""
+    path = Path(os.fspath(source)).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        _gguf_header(path)
+        return _gguf_config(path)
+    if path.is_dir():
+        return _load_config(str(path))
+    if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise FileNotFoundError(f"{source}: not a checkpoint folder, GGUF file or Hub repo id")
+    from huggingface_hub import hf_hub_download
+
+    ensure_hub_reachable()
+    return _load_config(str(Path(hf_hub_download(str(source), "config.json")).parent))
+
+
 def load_llm_layer(source, layer: int = -1, dtype: torch.dtype | None = None, *,
                    allow_pickle: bool = False, revision: str | None = None) -> LLMLayer:
     """Load decoder layer `layer` (default: the last) of an LLM, reading only that layer.

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pifi_fast import packed_slm
+from pifi_fast import families, packed_slm
+from pifi_fast.families import FUSED_MODEL_TYPES, is_fusable
 from pifi_fast.hf_layer import run_hf_layers
-from pifi_fast.layer import FrozenLayerStack, FrozenLlamaLayer, is_fusable
+from pifi_fast.layer import FrozenLayerStack, FrozenLlamaLayer
 from pifi_fast.loading import warn_unfused
 from pifi_fast.pifi_base import PiFiBase
 
@@ -58,7 +59,7 @@ class PiFiModel(PiFiBase):
         fusable = is_fusable(llm.config)
         if fused and not fusable:
             raise ValueError(f"fused=True, but model_type {llm.config.model_type!r} has no fused "
-                             "path (fused: llama, mistral, qwen2, qwen3)")
+                             f"path (fused: {', '.join(FUSED_MODEL_TYPES)})")
         if fused and not freeze:
             raise ValueError("fused=True needs a frozen layer (freeze=True): the fused layer "
                              "computes no weight gradients")
@@ -85,6 +86,15 @@ class PiFiModel(PiFiBase):
             self.llm_rotary = llm.rotary
             for p in self.llm_layer.parameters():
                 p.requires_grad_(not freeze)
+
+    def extra_repr(self) -> str:
+        if self.llm_config is None:
+            return "the SLM alone (no frozen layer)"
+        first = self.llm_index[0] if isinstance(self.llm_index, list) else self.llm_index
+        line = families.describe(self.llm_config, first)
+        if self.llm_config.model_type in FUSED_MODEL_TYPES and not self.fused:
+            line += " -- run unfused here (fused=False or freeze=False)"
+        return f"frozen layer: {line}"
 
     def _sentence_vectors(self, slm_inputs):
         mode = self.slm_mode(slm_inputs)

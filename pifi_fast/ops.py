@@ -299,7 +299,8 @@ def _heads(layer, qkv):
 
 def _attend(run, q, k, v):
     layer = run.layer
-    return attn.attention(q, k, v, run.segments, layer.scaling, run.causal, run.attention)
+    return attn.attention(q, k, v, run.segments, layer.scaling, run.causal, run.attention,
+                          window=layer.window)
 
 
 def _forward(run, x, positions, keep_attention: bool = False):

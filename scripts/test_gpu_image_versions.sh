@@ -9,9 +9,11 @@
 # the C++-only extension it builds for torch 2.11 never replaces the one .venv uses.
 # What runs: torch.compile of the model (graph breaks, compiled == eager), the packed SLM, the
 # W4 benchmark machinery, mixed precision, the GPU step tests on the CPU (PIFI_FAST_GPU_DRY_RUN),
-# the training loop's compile / 8-bit / tokenizer paths, and the compile report of every Triton
-# kernel configuration for the five GPU targets with this Triton and its ptxas (12.8, not 3.8's
-# 12.9: register allocation differs; 26 configurations clean under 3.8 once spilled here).
+# the training loop's compile / 8-bit / tokenizer paths, every decoder family as the frozen
+# layer (tests/test_families.py; MoE checkpoint conversion is Transformers' own per release),
+# and the compile report of every Triton kernel configuration for the five GPU targets with this
+# Triton and its ptxas (12.8, not 3.8's 12.9: register allocation differs; 26 configurations
+# clean under 3.8 once spilled here).
 # Left out, said here: the Triton GEMM through Triton 3.6's CPU interpreter fails inside the
 # interpreter ("only 0-dimensional arrays can be converted to Python scalars"), a path a GPU
 # never runs (it compiles the kernels).
@@ -42,6 +44,6 @@ cd $SRC
 PIFI_FAST_GPU_DRY_RUN=1 ../../$PY -m pytest -q -ra -p no:cacheprovider \
   tests/test_gpu_step.py tests/test_compile.py tests/test_packed_slm.py tests/test_bench.py \
   tests/test_mixed_precision.py tests/test_model_equivalence.py \
-  tests/test_training.py tests/test_compile_report.py -m "not slow" \
+  tests/test_training.py tests/test_compile_report.py tests/test_families.py -m "not slow" \
   --deselect "tests/test_compile.py::test_compiled_equals_eager_outputs_and_gradients[question_answering-kernels=triton,gemm=triton]" \
   --deselect "tests/test_compile.py::test_compiled_equals_eager_outputs_and_gradients[classification-kernels=triton,gemm=triton]"

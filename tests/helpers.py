@@ -26,11 +26,51 @@ def tiny_llm(kind: str):
         return LlamaConfig(**common, rope_parameters=dict(LLAMA3_ROPE))
     if kind == "mistral":
         return MistralConfig(**common, sliding_window=None)
+    if kind == "mistral-window":  # a sliding window shorter than the tests' longer rows
+        return MistralConfig(**common, sliding_window=4)
     if kind == "qwen2":
         return Qwen2Config(**{**common, "num_key_value_heads": 6})
     if kind == "qwen3":
         return Qwen3Config(**common, head_dim=16)
     raise ValueError(kind)
+
+
+# Every decoder family the frozen layer is checked on (tests/test_families.py): model_type ->
+# the options that make a tiny random model of it. Shapes: hidden 64, 4 query heads of 16, 2 KV
+# heads (GQA 2), MLP 96, two layers (the last, index 1, is plugged in).
+FAMILY_COMMON = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                     num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+                     vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": {}, "mistral": dict(sliding_window=5),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen2": {},
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "qwen3": dict(head_dim=16),
+    "qwen3_moe": dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=32),
+    "gemma": dict(head_dim=16),
+    # layer 1 is full attention, layer 0 sliding (window 5, shorter than the test's sequences)
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=24, sliding_window=5,
+                   attn_logit_softcapping=3.0),
+    "gemma3_text": dict(head_dim=16, sliding_window=5,
+                        layer_types=["full_attention", "sliding_attention"]),
+    "falcon": dict(num_kv_heads=1, multi_query=True, parallel_attn=True, bias=False),
+    "falcon-40b": dict(model_type="falcon", new_decoder_architecture=True, num_kv_heads=2,
+                       parallel_attn=True, bias=False),
+    "phi": {}, "phi3": {}, "gpt_neox": {}, "olmo": {}, "olmo2": {}, "granite": {},
+    "cohere": {}, "starcoder2": {}, "stablelm": {},
+}
+
+
+def tiny_family(name: str):
+    """A tiny config of a FAMILIES entry (random weights come from the model built from it)."""
+    from transformers import AutoConfig
+
+    options = dict(FAMILIES[name])
+    model_type = options.pop("model_type", name)
+    return AutoConfig.for_model(model_type, **FAMILY_COMMON, **options)
 
 
 def tiny_slm(kind: str):

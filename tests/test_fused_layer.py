@@ -11,7 +11,8 @@ from pifi_fast.bench.timing import saved_activation_bytes
 from pifi_fast.bench.workloads import llm_config
 from pifi_fast.hf_layer import run_hf_layer
 from pifi_fast.layer import FrozenLlamaLayer
-from pifi_fast.loading import make_rotary, random_layer
+from pifi_fast.families import make_rotary
+from pifi_fast.loading import random_layer
 
 # The Triton path on CPU tensors needs the interpreter (set by the root conftest without a GPU);
 # on a GPU machine the CUDA checks below cover the kernels instead.
@@ -47,7 +48,7 @@ def _ragged(lengths, hidden):
 
 
 @pytest.mark.parametrize("kernel_impl", KERNELS)
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "mistral-window", "qwen2", "qwen3"])
 @pytest.mark.parametrize("lengths", [[9, 9, 9], [9, 4, 1, 7], [1, 1, 1], [23, 2, 3, 1, 2]],
                          ids=["dense", "ragged", "one-token-rows", "one-long-among-short"])
 def test_fused_layer_matches_hf_layer(kernel_impl, kind, lengths):

@@ -15,7 +15,8 @@ from pifi_fast.bench.workloads import llm_config
 from pifi_fast.hf_layer import run_hf_layer
 from pifi_fast.kernels import quant as Q
 from pifi_fast.layer import FrozenLlamaLayer
-from pifi_fast.loading import make_rotary, random_layer
+from pifi_fast.families import make_rotary
+from pifi_fast.loading import random_layer
 
 INTERPRETER = kernels.HAS_TRITON and kernels.interpreting()
 KERNELS = ["torch"] + (["triton"] if INTERPRETER else [])
