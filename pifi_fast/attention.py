@@ -21,12 +21,18 @@ sides when bidirectional): flash_attn takes it as its window_size, torch_varlen 
 signature has one, and sdpa as a band in its mask; a window no shorter than the longest
 sequence changes nothing and is dropped. Distances are between columns of the padded batch, as
 the reference counts positions (0..S-1 per row); the varlen kernels count them within the packed
-sequence, the same only without padding, so a padded batch with a window runs on sdpa. All backends are differentiable through
+sequence, the same only without padding, so a padded batch with a window runs on sdpa.
+
+Soft-capped scores (Gemma-2: ``softcap`` c, scores tanh(s / c) * c before the softmax): only
+flash_attn computes them (its softcap argument); elsewhere the ``math`` path does, the plain
+scores-softmax-values product on the dense layout, as Hugging Face's eager attention computes it
+(memory grows with S^2; said once in the log). All backends are differentiable through
 autograd; pifi_fast.ops differentiates them by recomputing the forward in backward, so no
 attention output or log-sum-exp is kept between forward and backward.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -181,6 +187,41 @@ def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool, window: int | None
     return o if seg.indices is None else o.index_select(0, seg.indices)
 
 
+def _dense(t, seg: Segments):
+    """(B, H, S, D) from packed (T, H, D), zeros at padding."""
+    b, s = seg.batch, seg.seq
+    if seg.indices is not None:
+        t = t.new_zeros(b * s, t.shape[1], t.shape[2]).index_copy(0, seg.indices, t)
+    return t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2)
+
+
+def _math(q, k, v, seg: Segments, scale: float, causal: bool, window: int | None,
+          softcap: float | None):
+    """Scores, soft-cap, mask, softmax in fp32, values: Hugging Face's eager attention."""
+    b, s = seg.batch, seg.seq
+    qd, kd, vd = (_dense(t, seg) for t in (q, k, v))
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        kd, vd = kd.repeat_interleave(groups, 1), vd.repeat_interleave(groups, 1)
+    scores = torch.matmul(qd, kd.transpose(2, 3)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    pos = torch.arange(s, device=q.device)
+    hidden = torch.zeros(s, s, dtype=torch.bool, device=q.device)
+    if window is not None:
+        hidden = hidden | ((pos[:, None] - pos[None, :]).abs() >= window)
+    if causal:
+        hidden = hidden | (pos[None, :] > pos[:, None])
+    hidden = hidden[None, None]
+    if seg.mask is not None:
+        hidden = hidden | ~seg.mask[:, None, None, :]
+    scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+    probs = probs.to(q.dtype)
+    o = torch.matmul(probs, vd).transpose(1, 2).reshape(b * s, q.shape[1], q.shape[2])
+    return o if seg.indices is None else o.index_select(0, seg.indices)
+
+
 def _window_size(causal: bool, window: int | None) -> tuple[int, int]:
     """(keys to the left, keys to the right) a query sees, -1 for all, as flash-attn counts."""
     side = -1 if window is None else window - 1
@@ -212,9 +253,11 @@ def _torch_varlen_call(q, k, v, seg, scale, causal, window=None):
     return _VARLEN(q, k, v, cu, cu, seg.max_seqlen, seg.max_seqlen, **kw)
 
 
-def _flash_attn_call(q, k, v, seg, scale, causal, window=None):
+def _flash_attn_call(q, k, v, seg, scale, causal, window=None, softcap=None):
     cu = seg.cu_seqlens
     kw = {} if window is None else {"window_size": _window_size(causal, window)}
+    if softcap is not None:
+        kw["softcap"] = softcap
     out = _FLASH(q, k, v, cu, cu, seg.max_seqlen, seg.max_seqlen, softmax_scale=scale,
                  causal=causal, **kw)
     return out[0] if isinstance(out, tuple) else out  # FA3 may return (out, lse)
@@ -228,13 +271,29 @@ def _takes_window(name: str, seg: Segments) -> bool:
             and "window_size" in inspect.signature(fn).parameters)
 
 
+def _takes_softcap(name: str) -> bool:
+    return (name == "flash_attn" and _FLASH is not None
+            and "softcap" in inspect.signature(_FLASH).parameters)
+
+
 def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
-              backend: str | None = None, window: int | None = None) -> torch.Tensor:
+              backend: str | None = None, window: int | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """Packed attention: q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D); ``window``: the sliding
-    window (None: every key)."""
+    window (None: every key); ``softcap``: the scores' tanh soft-cap (None: none)."""
     if window is not None and window >= seg.max_seqlen:
         window = None  # every pair of tokens is closer than the window
     name = select_backend(q, backend)
+    if softcap is not None and not _takes_softcap(name):
+        if backend:
+            raise ValueError(f"attention backend {name!r} cannot soft-cap scores; use "
+                             "flash_attn, or no backend (the math path then runs)")
+        _announce("math", q)
+        if q.is_cuda and "math-on-cuda" not in _announced:
+            _announced.add("math-on-cuda")
+            log.warning("pifi_fast attention: soft-capped scores and no flash-attn with softcap "
+                        "here: the math path runs (correct; memory grows with S^2)")
+        return _math(q, k, v, seg, scale, causal, window, softcap)
     if window is not None and not _takes_window(name, seg):
         if backend:
             raise ValueError(f"attention backend {name!r} takes no sliding window here; "
@@ -243,7 +302,8 @@ def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
     _announce(name, q)
     if name == "sdpa":
         return _sdpa(q, k, v, seg, scale, causal, window)
-    call = _flash_attn_call if name == "flash_attn" else _torch_varlen_call
+    call = (functools.partial(_flash_attn_call, softcap=softcap) if name == "flash_attn"
+            else _torch_varlen_call)
     if backend or os.environ.get("PIFI_FAST_ATTENTION"):
         # asked for by name: its errors are the user's
         return call(q, k, v, seg, scale, causal, window)
@@ -255,4 +315,4 @@ def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
         _failed[name] = f"{type(exc).__name__}: {exc}"
         log.warning("pifi_fast attention backend %s failed (%s); falling back", name,
                     _failed[name])
-        return attention(q, k, v, seg, scale, causal, window=window)
+        return attention(q, k, v, seg, scale, causal, window=window, softcap=softcap)

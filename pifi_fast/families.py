@@ -21,15 +21,17 @@ with what to do instead.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import sys
 
 import torch
 from torch import nn
 
-# The families whose frozen layer pifi_fast runs with its own fused kernels (FrozenLlamaLayer);
-# every other family Transformers ships runs its own Hugging Face layer, unfused.
-FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The families whose frozen layer pifi_fast computes itself (FrozenLlamaLayer, described by a
+# LayerSpec); every other family Transformers ships runs its own Hugging Face layer, unfused.
+FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                     "falcon")
 
 # the layer types of Transformers' configs that are attention (a hybrid model's other types,
 # "mamba", "linear_attention", "conv", ..., are blocks PiFi cannot plug in)
@@ -165,11 +167,116 @@ def rotary_embeddings(rotary: nn.Module, x: torch.Tensor, position_ids: torch.Te
     return rotary(x, position_ids)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One frozen decoder layer, described by what differs between families (Llama's is one
+    instance). Read from the config by layer_spec; pifi_fast.layer and pifi_fast.ops follow it.
+
+    norm      "rms" (Llama: fp32 statistics, cast, then the weight), "rms_1p" (Gemma: the
+              weight as (1 + w) in fp32, the cast last) or "layer" (LayerNorm with bias: Falcon)
+    block     "sequential"  x2 = x + attn(n1(x));        out = x2 + mlp(n2(x2))
+              "sandwich"    x2 = x + na(attn(n1(x)));    out = x2 + nm(mlp(n2(x2)))  (Gemma-2/3)
+              "parallel"    out = x + attn(n1(x)) + mlp(n2(x)), n2 = n1 unless the family has
+                            a second norm (Falcon-40B's ln_mlp)
+    act       the MLP's activation: "silu", "gelu_tanh" or "gelu" (erf); gated: act(g) * u from
+              a merged gate/up projection, else act(u) (Falcon)
+    scaling   the attention's score scale (Gemma-2/3: query_pre_attn_scalar ** -0.5)
+    softcap   tanh soft-capping of the scores (Gemma-2), or None
+    qk_norm   per-head q/k norms (Qwen3: "rms", Gemma-3: "rms_1p"), or None
+    qkv       "separate" (q/k/v_proj, merged here) or Falcon's fused query_key_value laid out
+              "grouped" (40B: per KV group its queries, then k, v), "interleaved" (per head q, k,
+              v) or "stacked" (7B, multi-query: all q, then k, then v: our own order)
+    keys      the layer's attributes -> the Hugging Face keys (without .weight / .bias)
+    """
+
+    model_type: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    eps: float
+    norm: str
+    block: str
+    act: str
+    gated: bool
+    scaling: float
+    softcap: float | None
+    qk_norm: str | None
+    qkv: str
+    attn_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    keys: tuple  # ((attribute, Hugging Face key), ...)
+
+    @property
+    def key_map(self) -> dict[str, str]:
+        return dict(self.keys)
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu": "gelu"}
+_LLAMA_KEYS = (("input_norm", "input_layernorm"), ("post_norm", "post_attention_layernorm"),
+               ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+               ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+               ("down", "mlp.down_proj"), ("q_norm", "self_attn.q_norm"),
+               ("k_norm", "self_attn.k_norm"))
+
+
+def layer_spec(config) -> LayerSpec | None:
+    """The fused layer's description of this config, or None when pifi_fast does not compute
+    the family itself (its Hugging Face layer then runs unfused)."""
+    kind = getattr(config, "model_type", None)
+    if kind not in FUSED_MODEL_TYPES or getattr(config, "alibi", False):
+        return None
+    gemma = kind in ("gemma", "gemma2", "gemma3_text")
+    act_name = (getattr(config, "hidden_activation", None) if kind in ("gemma2", "gemma3_text")
+                else getattr(config, "activation", None) if kind == "falcon"
+                else getattr(config, "hidden_act", "silu"))
+    act = _ACTIVATIONS.get(act_name)
+    if act is None or (act == "gelu" and kind != "falcon"):
+        return None
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    if kind == "falcon":
+        new = bool(config.new_decoder_architecture)
+        kv = config.num_kv_heads if (new or not config.multi_query) else 1
+        two_norms = new and (config.num_ln_in_parallel_attn or 2) == 2
+        parallel = bool(config.parallel_attn) or new
+        keys = [("input_norm", "ln_attn" if two_norms else "input_layernorm"),
+                ("qkv", "self_attention.query_key_value"), ("o", "self_attention.dense"),
+                ("up", "mlp.dense_h_to_4h"), ("down", "mlp.dense_4h_to_h")]
+        if two_norms:
+            keys.append(("post_norm", "ln_mlp"))
+        elif not parallel:
+            keys.append(("post_norm", "post_attention_layernorm"))
+        d = hidden // heads
+        return LayerSpec(
+            kind, hidden, heads, kv, d, config.ffn_hidden_size, config.layer_norm_epsilon,
+            "layer", "parallel" if parallel else "sequential", act, False, d ** -0.5, None, None,
+            "grouped" if new else "stacked" if config.multi_query else "interleaved",
+            bool(config.bias), bool(config.bias), bool(config.bias), tuple(keys))
+    d = getattr(config, "head_dim", None) or hidden // heads
+    sandwich = kind in ("gemma2", "gemma3_text")
+    keys = list(_LLAMA_KEYS)
+    if sandwich:
+        keys = [(a, k) for a, k in keys if a != "post_norm"] + [
+            ("attn_out_norm", "post_attention_layernorm"),
+            ("post_norm", "pre_feedforward_layernorm"),
+            ("mlp_out_norm", "post_feedforward_layernorm")]
+    scaling = (config.query_pre_attn_scalar ** -0.5 if sandwich else d ** -0.5)
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    return LayerSpec(
+        kind, hidden, heads, config.num_key_value_heads or heads, d, config.intermediate_size,
+        config.rms_norm_eps, "rms_1p" if gemma else "rms", "sandwich" if sandwich else "sequential",
+        act, True, scaling, getattr(config, "attn_logit_softcapping", None) or None,
+        "rms" if kind == "qwen3" else "rms_1p" if kind == "gemma3_text" else None, "separate",
+        attention_bias or kind == "qwen2", attention_bias, mlp_bias, tuple(keys))
+
+
 def is_fusable(config) -> bool:
-    """Whether pifi_fast's fused layer computes this family's layer (a SiLU-gated MLP of the
-    Llama-family kinds above)."""
-    return getattr(config, "model_type", None) in FUSED_MODEL_TYPES and getattr(
-        config, "hidden_act", "silu") in ("silu", "swish")
+    """Whether pifi_fast's fused layer computes this family's layer (layer_spec has one)."""
+    return layer_spec(config) is not None
 
 
 def describe(config, index: int) -> str:
@@ -179,11 +286,17 @@ def describe(config, index: int) -> str:
         return f"{config.model_type}: cannot be plugged in: {why}"
     window = attention_window(config, index)
     extras = [f"sliding window {window}" if window else "full attention"]
+    spec = layer_spec(config)
     if getattr(config, "attn_logit_softcapping", None):
-        extras.append(f"logits soft-capped at {config.attn_logit_softcapping}")
-    if is_fusable(config):
-        return (f"{config.model_type} layer {index}: fused (pifi_fast's FrozenLlamaLayer: "
-                f"Triton / PyTorch kernels, input-gradient-only backward; {', '.join(extras)})")
+        extras.append(f"logits soft-capped at {config.attn_logit_softcapping}"
+                      + (" (flash-attn where it soft-caps, else the math path)" if spec else ""))
+    if spec is not None:
+        kernels = ("Triton kernels on CUDA" if spec.norm == "rms" and spec.act == "silu" else
+                   f"Triton RoPE; its {spec.norm} norms and {spec.act} MLP as PyTorch ops (no "
+                   "Triton kernels for them yet)")
+        return (f"{config.model_type} layer {index}: fused (pifi_fast's FrozenLlamaLayer, "
+                f"{spec.block} block: {kernels}; input-gradient-only backward; "
+                f"{', '.join(extras)})")
     attn = "eager" if needs_eager_attention(config) else "sdpa"
     return (f"{config.model_type} layer {index}: unfused (its own Hugging Face "
             f"{decoder_layer_class(config).__name__}, {attn} attention, "

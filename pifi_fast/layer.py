@@ -1,9 +1,14 @@
-"""FrozenLlamaLayer: one frozen Llama-family decoder layer with merged weights.
+"""FrozenLlamaLayer: one frozen decoder layer with merged weights, of any family that
+pifi_fast.families describes with a LayerSpec.
 
 Fused architectures: Llama (any rope scaling that Transformers' rotary init supports), Mistral,
-Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm). The layer keeps merged QKV and gate/up
-weights for speed but reads and writes the Hugging Face key layout in its state_dict, so a
-checkpoint of the reference model loads into it and back.
+Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), Gemma (RMSNorm with (1 + w), GeGLU), Gemma-2
+(four norms per block, soft-capped scores, query_pre_attn_scalar), Gemma-3 (Gemma-2's block with
+q/k norms and a rotary per layer type) and Falcon (LayerNorm, the parallel block, multi-query or
+grouped KV, a plain GELU MLP). The layer keeps merged QKV and gate/up weights for speed but
+reads and writes the Hugging Face key layout in its state_dict, so a checkpoint of the reference
+model loads into it and back. (The class keeps its first family's name: checkpoints and user
+code name it.)
 """
 from __future__ import annotations
 
@@ -13,35 +18,62 @@ import torch
 from torch import nn
 
 from pifi_fast.attention import BACKENDS, Segments
-from pifi_fast.families import FUSED_MODEL_TYPES, attention_window, is_fusable, make_rotary
+from pifi_fast.hf_layer import layer_config_and_index
+from pifi_fast.families import (FUSED_MODEL_TYPES, attention_window, layer_spec,
+                                layer_type, make_rotary, rotary_embeddings)
 from pifi_fast.kernels import quant as _quant
 from pifi_fast.ops import (GEMM_CHOICES, KERNEL_CHOICES, RECOMPUTE_CHOICES, WEIGHT_CHOICES,
                            FrozenLayerFunction, LayerRun, QuantWeight, register_layer)
 
-# Hugging Face key -> (merged parameter, which part). Parts are concatenated in this order.
-_MERGED = {
-    "qkv_weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "qkv_bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
-    "gate_up_weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "gate_up_bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
-}
 # The projections that 8-bit modes quantize, and their storage per mode: int8 everywhere, or fp8
 # with q/k/v in int8 (attention's projections dominate FP8's error: measured on SmolLM2's last
 # layer, fp8 everywhere gives 9.5 % relative error on the layer's update, int8 q/k/v + fp8 for o,
-# gate/up and down 5.9 %; with per-token fp8 activations 13 % and 8.0 %).
+# gate/up and down 5.9 %; with per-token fp8 activations 13 % and 8.0 %). "gate_up" is the MLP's
+# input projection: [gate | up] for a gated MLP, up alone for Falcon's.
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 STORAGE = {"int8": dict.fromkeys(PROJECTIONS, "int8"),
            "fp8": {"qkv": "int8", "o": "fp8", "gate_up": "fp8", "down": "fp8"}}
-_SINGLE = {
-    "input_norm_weight": "input_layernorm.weight",
-    "post_norm_weight": "post_attention_layernorm.weight",
-    "o_weight": "self_attn.o_proj.weight",
-    "o_bias": "self_attn.o_proj.bias",
-    "down_weight": "mlp.down_proj.weight",
-    "down_bias": "mlp.down_proj.bias",
-    "q_norm_weight": "self_attn.q_norm.weight",
-    "k_norm_weight": "self_attn.k_norm.weight",
-}
+
+
+def key_layout(spec) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """(merged, single) for a LayerSpec: merged parameter -> the Hugging Face keys it is the
+    row-wise concatenation of (in this order); single parameter -> its one key."""
+    keys = spec.key_map
+    merged, single = {}, {}
+    suffixes = ("weight", "bias")
+    for suffix in suffixes:
+        if spec.qkv == "separate":
+            merged[f"qkv_{suffix}"] = tuple(f"{keys[p]}.{suffix}" for p in "qkv")
+        else:
+            single[f"qkv_{suffix}"] = f"{keys['qkv']}.{suffix}"
+        if spec.gated:
+            merged[f"gate_up_{suffix}"] = (f"{keys['gate']}.{suffix}", f"{keys['up']}.{suffix}")
+        else:
+            single[f"gate_up_{suffix}"] = f"{keys['up']}.{suffix}"
+        for name in ("o", "down"):
+            single[f"{name}_{suffix}"] = f"{keys[name]}.{suffix}"
+    norms = ["input_norm", "post_norm", "attn_out_norm", "mlp_out_norm"]
+    for name in norms + ["q_norm", "k_norm"]:
+        if name in keys:
+            single[f"{name}_weight"] = f"{keys[name]}.weight"
+            if spec.norm == "layer" and name in norms:
+                single[f"{name}_bias"] = f"{keys[name]}.bias"
+    return merged, single
+
+
+def falcon_qkv_rows(spec) -> torch.Tensor | None:
+    """Row order taking Falcon's fused query_key_value (its spec.qkv layout) to [q | k | v]
+    (ours = theirs[rows]); None when they already agree."""
+    heads, kv, d = spec.heads, spec.kv_heads, spec.head_dim
+    rows = torch.arange((heads + 2 * kv) * d)
+    if spec.qkv == "grouped":  # (kv, heads / kv + 2, d): per group its queries, then k, v
+        grouped = rows.view(kv, heads // kv + 2, d)
+        return torch.cat((grouped[:, :-2].reshape(-1), grouped[:, -2].reshape(-1),
+                          grouped[:, -1].reshape(-1)))
+    if spec.qkv == "interleaved":  # (heads, 3, d): per head q, k, v
+        per_head = rows.view(heads, 3, d)
+        return torch.cat([per_head[:, i].reshape(-1) for i in range(3)])
+    return None
 
 
 # chunk_tokens="auto" on CPU: one fp32 (tokens x 2 * intermediate) temporary at most this large
@@ -49,7 +81,9 @@ CPU_CHUNK_BYTES = 128 * 2**20
 
 
 class FrozenLlamaLayer(nn.Module):
-    """A frozen Llama-family decoder layer whose backward computes only the input gradient.
+    """A frozen decoder layer whose backward computes only the input gradient, of any family
+    pifi_fast.families.layer_spec describes (Llama's kind, Gemma, Gemma-2/3, Falcon; the layer's
+    ``spec``). The layer's sliding window (``window``) and soft-capping come from its config.
 
     forward(hidden_states (B, S, H), attention_mask (B, S) of 1 = token / 0 = padding or None,
     position_ids (B, S) or None for 0..S-1) -> (B, S, H). Attention is bidirectional (or causal
@@ -104,31 +138,30 @@ class FrozenLlamaLayer(nn.Module):
             kernels, recompute, attention, gemm, causal)
         self.chunk_tokens = chunk_tokens
         self._rope_cache: dict = {}
-        if not is_fusable(config):
+        spec = layer_spec(config)
+        if spec is None:
             raise ValueError(
-                f"FrozenLlamaLayer fuses {FUSED_MODEL_TYPES} with SiLU MLPs; got model_type="
-                f"{getattr(config, 'model_type', None)!r}, hidden_act="
-                f"{getattr(config, 'hidden_act', None)!r}. Use the Hugging Face layer (fused=False)."
-            )
+                f"FrozenLlamaLayer fuses {FUSED_MODEL_TYPES} (not with ALiBi, and with their own "
+                f"activations); got model_type={getattr(config, 'model_type', None)!r}. Use the "
+                "Hugging Face layer (fused=False).")
+        self.spec = spec
         self.config = config
         self.layer_index = layer_index
-        self.hidden_size = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or self.hidden_size // self.num_heads
+        self.hidden_size = spec.hidden
+        self.num_heads = spec.heads
+        self.num_kv_heads = spec.kv_heads
+        self.head_dim = spec.head_dim
         self.num_kv_groups = self.num_heads // self.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scaling = self.head_dim**-0.5
-        self.eps = config.rms_norm_eps
+        self.scaling = spec.scaling
+        self.eps = spec.eps
+        self.intermediate = spec.intermediate
         self.max_positions = getattr(config, "max_position_embeddings", None)
         if getattr(config, "attention_dropout", 0.0):
             warnings.warn("FrozenLlamaLayer does not apply attention dropout "
                           f"({config.attention_dropout}); the frozen layer runs it as in eval mode")
-        attn_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-        o_bias = bool(getattr(config, "attention_bias", False))
-        mlp_bias = bool(getattr(config, "mlp_bias", False))
-        inter = config.intermediate_size
+        inter = spec.intermediate
         kw = {"dtype": dtype, "device": device}
 
         def frozen(*shape, present=True):
@@ -137,8 +170,9 @@ class FrozenLlamaLayer(nn.Module):
             return nn.Parameter(torch.empty(*shape, **kw), requires_grad=False)
 
         h = self.hidden_size
+        mlp_in = (2 if spec.gated else 1) * inter
         shapes = {"qkv": (self.q_size + 2 * self.kv_size, h), "o": (h, self.q_size),
-                  "gate_up": (2 * inter, h), "down": (h, inter)}
+                  "gate_up": (mlp_in, h), "down": (h, inter)}
 
         def projection(name):
             if weights == "auto":
@@ -152,19 +186,23 @@ class FrozenLlamaLayer(nn.Module):
             setattr(self, f"{name}_weight_scale", nn.Parameter(scale, requires_grad=False))
             return nn.Parameter(q, requires_grad=False)
 
-        self.input_norm_weight = frozen(h)
-        self.post_norm_weight = frozen(h)
+        keys = spec.key_map
+        layer_norm = spec.norm == "layer"
+        for norm in ("input_norm", "post_norm", "attn_out_norm", "mlp_out_norm"):
+            setattr(self, f"{norm}_weight", frozen(h, present=norm in keys))
+            setattr(self, f"{norm}_bias", frozen(h, present=norm in keys and layer_norm))
         self.qkv_weight = projection("qkv")
-        self.qkv_bias = frozen(self.q_size + 2 * self.kv_size, present=attn_bias)
+        self.qkv_bias = frozen(self.q_size + 2 * self.kv_size, present=spec.attn_bias)
         self.o_weight = projection("o")
-        self.o_bias = frozen(h, present=o_bias)
+        self.o_bias = frozen(h, present=spec.o_bias)
         self.gate_up_weight = projection("gate_up")
-        self.gate_up_bias = frozen(2 * inter, present=mlp_bias)
+        self.gate_up_bias = frozen(mlp_in, present=spec.mlp_bias)
         self.down_weight = projection("down")
-        self.down_bias = frozen(h, present=mlp_bias)
-        qk_norm = config.model_type == "qwen3"
-        self.q_norm_weight = frozen(self.head_dim, present=qk_norm)
-        self.k_norm_weight = frozen(self.head_dim, present=qk_norm)
+        self.down_bias = frozen(h, present=spec.mlp_bias)
+        self.q_norm_weight = frozen(self.head_dim, present=spec.qk_norm is not None)
+        self.k_norm_weight = frozen(self.head_dim, present=spec.qk_norm is not None)
+        self._merged, self._single = key_layout(spec)
+        self._qkv_rows = falcon_qkv_rows(spec)
         self.rotary = rotary
 
     @property
@@ -186,11 +224,12 @@ class FrozenLlamaLayer(nn.Module):
         as in the constructor. ``quantized``: projection weights the source already holds in
         8 bits (LLMLayer.quantized: Hugging Face key -> (q int8, scale)), which projections
         stored in int8 take as they are instead of quantizing the module's float weights."""
-        config = config or hf_layer.self_attn.config
+        own_config, index = layer_config_and_index(hf_layer)
+        config = config or own_config
         if rotary is None:
             rotary = make_rotary(config)
         ref = next(hf_layer.parameters())
-        layer = cls(config, rotary, getattr(hf_layer.self_attn, "layer_idx", -1),
+        layer = cls(config, rotary, -1 if index is None else index,
                     dtype=ref.dtype, device=ref.device, **options)
         state = hf_layer.state_dict()
         state.update(layer._prequantized(quantized or {}))
@@ -207,7 +246,7 @@ class FrozenLlamaLayer(nn.Module):
             if STORAGE[self.weights][name] != "int8":
                 continue
             attr = name + "_weight"
-            keys = _MERGED.get(attr) or (_SINGLE[attr],)
+            keys = self._merged.get(attr) or (self._single[attr],)
             if all(k in quantized for k in keys):
                 for k in keys:
                     out[k], out[k + "_scale"] = quantized[k]
@@ -220,8 +259,8 @@ class FrozenLlamaLayer(nn.Module):
     def _hf_parts(self):
         parts = {}
         sizes = {"qkv": [self.q_size, self.kv_size, self.kv_size],
-                 "gate_up": [self.config.intermediate_size] * 2}
-        for merged, hf_keys in _MERGED.items():
+                 "gate_up": [self.intermediate] * 2}
+        for merged, hf_keys in self._merged.items():
             p = getattr(self, merged)
             if p is not None:
                 chunks = p.split(sizes[merged.rsplit("_", 1)[0]], dim=0)
@@ -230,11 +269,14 @@ class FrozenLlamaLayer(nn.Module):
                 if scale is not None:  # 8-bit rows and their scales split alike
                     split = scale.split(sizes[merged.rsplit("_", 1)[0]], dim=0)
                     parts.update(zip((k + "_scale" for k in hf_keys), split))
-        for name, hf_key in _SINGLE.items():
+        for name, hf_key in self._single.items():
             p = getattr(self, name)
             if p is not None:
-                parts[hf_key] = p
                 scale = getattr(self, name + "_scale", None)
+                if name.startswith("qkv_") and self._qkv_rows is not None:
+                    back = torch.argsort(self._qkv_rows)  # [q | k | v] -> Falcon's layout
+                    p, scale = p[back.to(p.device)], None if scale is None else scale[back]
+                parts[hf_key] = p
                 if scale is not None:
                     parts[hf_key + "_scale"] = scale
         return parts
@@ -247,7 +289,7 @@ class FrozenLlamaLayer(nn.Module):
                               unexpected_keys, error_msgs):
         expected = self._hf_parts()
         with torch.no_grad():
-            for merged, hf_keys in _MERGED.items():
+            for merged, hf_keys in self._merged.items():
                 target = getattr(self, merged)
                 if target is None:
                     continue
@@ -258,16 +300,19 @@ class FrozenLlamaLayer(nn.Module):
                 scales = [state_dict.get(prefix + k + "_scale") for k in hf_keys]
                 scale = torch.cat(scales, 0) if all(t is not None for t in scales) else None
                 self._copy_weight(prefix, merged, merged, torch.cat(got, 0), scale, error_msgs)
-            for name, hf_key in _SINGLE.items():
+            for name, hf_key in self._single.items():
                 target = getattr(self, name)
                 if target is None:
                     continue
                 t = state_dict.get(prefix + hf_key)
+                scale = state_dict.get(prefix + hf_key + "_scale")
                 if t is None:
                     missing_keys.append(prefix + hf_key)
-                else:
-                    self._copy_weight(prefix, name, hf_key, t,
-                                      state_dict.get(prefix + hf_key + "_scale"), error_msgs)
+                    continue
+                if name.startswith("qkv_") and self._qkv_rows is not None:
+                    rows = self._qkv_rows  # Falcon's layout -> [q | k | v]
+                    t, scale = t[rows.to(t.device)], None if scale is None else scale[rows]
+                self._copy_weight(prefix, name, hf_key, t, scale, error_msgs)
         if strict:
             for key in state_dict:
                 if key.startswith(prefix):
@@ -320,7 +365,7 @@ class FrozenLlamaLayer(nn.Module):
             error_msgs.append(
                 f"size mismatch for {prefix}{name}: checkpoint has {tuple(value.shape)}, the layer "
                 f"(hidden {self.hidden_size}, heads {self.num_heads}/{self.num_kv_heads}, "
-                f"head_dim {self.head_dim}, mlp {self.config.intermediate_size}) needs "
+                f"head_dim {self.head_dim}, mlp {self.intermediate}) needs "
                 f"{tuple(target.shape)}"
             )
             return
@@ -368,7 +413,8 @@ class FrozenLlamaLayer(nn.Module):
             pos = torch.arange(n, device=device).unsqueeze(0)
             probe = torch.empty(1, 1, self.head_dim, device=device, dtype=dtype)
             with torch.no_grad():
-                cos, sin = self.rotary(probe, pos)
+                cos, sin = rotary_embeddings(self.rotary, probe, pos,
+                                             layer_type(self.config, self.layer_index))
             have = (cos[0].contiguous(), sin[0].contiguous())
             self._rope_cache[key] = have
         return have
@@ -466,14 +512,14 @@ class FrozenLlamaLayer(nn.Module):
             # CPU: as many tokens as keep one fp32 (tokens x 2I) temporary of the twins within
             # CPU_CHUNK_BYTES, in steps of 256: SmolLM2 10752, Qwen2-0.5B 3328, Llama-3.1-8B 1024.
             # (A flat 256 cost 8 % of SmolLM2's forward + backward at 2048 tokens: small GEMMs.)
-            per_token = 2 * self.config.intermediate_size * 4
+            per_token = 2 * self.intermediate * 4
             return max(256, CPU_CHUNK_BYTES // per_token // 256 * 256)
         return self.chunk_tokens
 
     def extra_repr(self):
         return (f"{self.config.model_type}, hidden={self.hidden_size}, heads={self.num_heads}/"
                 f"{self.num_kv_heads}, head_dim={self.head_dim}, "
-                f"mlp={self.config.intermediate_size}, layer={self.layer_index}, "
+                f"mlp={self.intermediate}, layer={self.layer_index}, "
                 f"window={self.window}, "
                 f"kernels={self.kernels}, recompute={self.recompute}, "
                 f"attention={self.attention or 'auto'}, gemm={self.gemm}, causal={self.causal}, "

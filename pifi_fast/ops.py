@@ -38,7 +38,20 @@ On CPU (eager, recompute="none") the attention's autograd graph is kept from for
 re-run forward cost 3-6 % of the layer's forward + backward; see _forward.
 
 CLS mode (every sequence is one token) takes the exact shortcut: softmax over one key is 1 and
-RoPE never touches v, so attention is v repeated over each KV head's query group.
+RoPE never touches v, so attention is v repeated over each KV head's query group (soft-capping
+and windows change nothing there).
+
+Other families (the layer's LayerSpec, pifi_fast.families) change three things in the chain
+above, each with its backward beside it:
+    norms       Gemma's (1 + w) RMSNorm and Falcon's LayerNorm (kernels/family_ops twins)
+    block       sandwich (Gemma-2/3): x2 = x + na(a @Wo), out = x2 + nm(mlp); saved besides:
+                the two normed inputs (a @Wo and the MLP's output) and their 1/std ("extra",
+                2H per token, and "extra_stats");
+                parallel (Falcon): x2 = x + a @Wo, out = x2 + mlp(n2(x)): the MLP reads x, so
+                x2 is not saved and dx gets the MLP branch's input gradient added
+    activation  gelu_tanh(g) * u or gelu(u) instead of silu(g) * u (twins; the Triton GEMM's
+                SwiGLU epilogues apply to SiLU only)
+Soft-capped scores (Gemma-2) go to pifi_fast.attention with the softcap.
 """
 from __future__ import annotations
 
@@ -56,6 +69,7 @@ import torch
 from pifi_fast import attention as attn
 from pifi_fast import kernels
 from pifi_fast._ext import frozen_linear
+from pifi_fast.kernels import family_ops as _fam
 from pifi_fast.kernels import gemm as _gemm
 from pifi_fast.kernels import quant as _quant
 from pifi_fast.kernels import rms_norm as _rms
@@ -266,16 +280,63 @@ def fp8_linear(x, w: QuantWeight, bias=None, residual=None):
     return y if residual is None else y + residual
 
 
-def _gate_up(run, x2):
-    """gu = rms(x2) @Wgu, re-made in backward under recompute="mlp"."""
+# -- the family's steps (LayerSpec): norms, the MLP's activation, q/k norms -----------------------
+def _norm_fwd(run, x, name):
+    """(y, fp32 1/std) of the layer's norm `name` ("input_norm", "post_norm", "attn_out_norm",
+    "mlp_out_norm") on x: Llama's RMSNorm through the kernels (or twins), Gemma's (1 + w)
+    RMSNorm and LayerNorm through their twins (no Triton kernel for them yet)."""
     layer = run.layer
-    h2, _, _ = run.impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
+    w = getattr(layer, name + "_weight")
+    if layer.spec.norm == "rms":
+        y, _, rstd = run.impl.rms_fwd(x, w, layer.eps)
+        return y, rstd
+    if layer.spec.norm == "rms_1p":
+        return _fam.rms_norm_1p_fwd_ref(x, w, layer.eps)
+    return _fam.layer_norm_fwd_ref(x, w, getattr(layer, name + "_bias"), layer.eps)
+
+
+def _norm_bwd(run, dy, x, name, rstd, dres=None):
+    """dx of the norm `name` at input x (+ dres, the gradient along the residual stream)."""
+    layer = run.layer
+    w = getattr(layer, name + "_weight")
+    if layer.spec.norm == "rms":
+        return run.impl.rms_bwd(dy, x, w, rstd, dres)
+    if layer.spec.norm == "rms_1p":
+        return _fam.rms_norm_1p_bwd_ref(dy, x, w, rstd, dres)
+    return _fam.layer_norm_bwd_ref(dy, x, w, rstd, dres)
+
+
+def _act_fwd(run, gu):
+    """The MLP's activation on the gate/up GEMM's output: silu(g) * u (kernels or twins),
+    gelu_tanh(g) * u or gelu(u) (twins)."""
+    act = run.layer.spec.act
+    if act == "silu":
+        return run.impl.swiglu_fwd(gu)
+    return _fam.geglu_tanh_fwd_ref(gu) if act == "gelu_tanh" else _fam.gelu_fwd_ref(gu)
+
+
+def _act_bwd(run, gu, dm):
+    act = run.layer.spec.act
+    if act == "silu":
+        return run.impl.swiglu_bwd(gu, dm)
+    return _fam.geglu_tanh_bwd_ref(gu, dm) if act == "gelu_tanh" else _fam.gelu_bwd_ref(gu, dm)
+
+
+def _mlp_norm(layer) -> str:
+    """The norm the MLP reads through: its own, or (Falcon-7B's parallel block) the input's."""
+    return "post_norm" if layer.post_norm_weight is not None else "input_norm"
+
+
+def _gate_up(run, src):
+    """gu = norm(src) @Wgu, re-made in backward under recompute="mlp"."""
+    layer = run.layer
+    h2, _ = _norm_fwd(run, src, _mlp_norm(layer))
     return _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
 
 
 def _qkv_rotated(run, impl, qkv, positions):
-    """Qwen3's per-head q/k RMSNorm (plain PyTorch), then RoPE in place. qkv (T, W) is the raw
-    projection; returns the rotated buffer (a new one when q/k norms apply)."""
+    """Per-head q/k norms (Qwen3, Gemma-3; plain PyTorch), then RoPE in place. qkv (T, W) is the
+    raw projection; returns the rotated buffer (a new one when q/k norms apply)."""
     layer = run.layer
     if layer.q_norm_weight is not None:
         qkv = _qk_normed(layer, qkv)
@@ -283,11 +344,18 @@ def _qkv_rotated(run, impl, qkv, positions):
                       layer.head_dim)
 
 
+def _qk_norm_fwd(layer, x, w):
+    if layer.spec.qk_norm == "rms_1p":
+        return _fam.rms_norm_1p_fwd_ref(x, w, layer.eps)
+    y, _, rstd = _rms.rms_norm_fwd_ref(x, w, layer.eps)
+    return y, rstd
+
+
 def _qk_normed(layer, qkv):
     t, d = qkv.shape[0], layer.head_dim
     q, k, v = qkv.split([layer.q_size, layer.kv_size, layer.kv_size], -1)
-    qn = _rms.rms_norm_fwd_ref(q.reshape(t, -1, d), layer.q_norm_weight, layer.eps)[0]
-    kn = _rms.rms_norm_fwd_ref(k.reshape(t, -1, d), layer.k_norm_weight, layer.eps)[0]
+    qn = _qk_norm_fwd(layer, q.reshape(t, -1, d), layer.q_norm_weight)[0]
+    kn = _qk_norm_fwd(layer, k.reshape(t, -1, d), layer.k_norm_weight)[0]
     return torch.cat((qn.reshape(t, -1), kn.reshape(t, -1), v), -1)
 
 
@@ -300,7 +368,7 @@ def _heads(layer, qkv):
 def _attend(run, q, k, v):
     layer = run.layer
     return attn.attention(q, k, v, run.segments, layer.scaling, run.causal, run.attention,
-                          window=layer.window)
+                          window=layer.window, softcap=layer.spec.softcap)
 
 
 def _forward(run, x, positions, keep_attention: bool = False):
@@ -311,9 +379,9 @@ def _forward(run, x, positions, keep_attention: bool = False):
     (2 cores, 4 x 512 tokens, SmolLM2 and Qwen2-0.5B shapes) and memory rarely binds; the GPU
     and recompute="mlp" keep the recompute (no extra saved bytes). The custom op that
     torch.compile traces cannot carry a graph from forward to backward: it recomputes."""
-    layer, impl = run.layer, run.impl
+    layer, impl, spec = run.layer, run.impl, run.layer.spec
     t = x.shape[0]
-    h, _, rstd1 = impl.rms_fwd(x, layer.input_norm_weight, layer.eps)
+    h, rstd1 = _norm_fwd(run, x, "input_norm")
     if run.segments.seq == 1:
         w_v, b_v = layer.v_weight_and_bias()
         v = _proj(run, h, w_v, b_v).view(t, layer.num_kv_heads, 1, layer.head_dim)
@@ -333,78 +401,121 @@ def _forward(run, x, positions, keep_attention: bool = False):
             a = _attend(run, *_heads(layer, rotated)).reshape(t, layer.q_size)
         if layer.q_norm_weight is None:
             qkv = rotated  # save the rotated buffer: backward needs no re-rotation
-    x2 = _proj(run, a, layer.weight("o"), layer.o_bias, residual=x)
-    keep_gu = run.needs_grad and run.recompute == "none"
-    out, rstd2, gu = _mlp_forward(run, x2, keep_gu)
     empty = x.new_empty(0)
-    saved = [x, rstd1, x2, rstd2, positions, qkv if qkv is not None else empty,
-             gu if keep_gu else empty]
+    extra, extra_stats = empty, empty
+    if spec.block == "sandwich":  # x2 = x + norm(attention's output)
+        o = _proj(run, a, layer.weight("o"), layer.o_bias)
+        no, rstd_o = _norm_fwd(run, o, "attn_out_norm")
+        x2 = x + no
+    else:  # x2 = x + attention's output (for the parallel block, out = x2 + mlp(norm(x)))
+        x2 = _proj(run, a, layer.weight("o"), layer.o_bias, residual=x)
+    keep_gu = run.needs_grad and run.recompute == "none"
+    src = x if spec.block == "parallel" else x2
+    out, rstd2, gu, m, rstd_m = _mlp_forward(run, x2, src, keep_gu)
+    if spec.block == "sandwich":  # the two norms' inputs and statistics, for backward
+        extra = torch.cat((o, m), -1)
+        extra_stats = torch.stack((rstd_o, rstd_m), -1)
+    saved = [x, rstd1, empty if spec.block == "parallel" else x2, rstd2, positions,
+             qkv if qkv is not None else empty, gu if keep_gu else empty, extra, extra_stats]
     return out, saved
 
 
 def _chunks(run, t: int):
-    """Token ranges for the MLP block: its (T, I)-sized temporaries (the SwiGLU output, dm,
-    [dg | du], a recomputed gu) then exist for one chunk at a time, which bounds the layer's
+    """Token ranges for the MLP block: its (T, I)-sized temporaries (the activation's output,
+    dm, [dg | du], a recomputed gu) then exist for one chunk at a time, which bounds the layer's
     peak memory; chunks of a few thousand tokens keep the GEMMs large."""
     most = run.chunk_tokens or t
     step = -(-t // -(-t // most))  # equal chunks of at most `most` (no short tail chunk)
     return [(s, min(s + step, t)) for s in range(0, t, step)]
 
 
-def _mlp_forward(run, x2, keep_gu):
-    """out = x2 + swiglu(rms(x2) @Wgu) @Wd, chunked over tokens; returns out, the fp32 1/rms
-    and gu when it is to be kept for backward."""
+def _mlp_forward(run, x2, src, keep_gu):
+    """out = x2 + mlp(norm(src)) (sandwich: x2 + norm(mlp(...))), chunked over tokens; src is x2,
+    or x for the parallel block. Returns out, the MLP norm's fp32 1/std, gu when it is to be kept
+    for backward, and for the sandwich block the MLP's output before its norm and that norm's
+    1/std (else None, None)."""
     layer = run.layer
-    t, inter = x2.shape[0], layer.config.intermediate_size
+    t, width = x2.shape[0], layer.gate_up_weight.shape[0]
+    sandwich = layer.spec.block == "sandwich"
     chunks = _chunks(run, t)
     if len(chunks) == 1:  # one chunk: its results are the outputs (no copies into buffers)
-        out, rstd2, gu = _mlp_chunk(run, x2, keep_gu)
+        out, rstd2, gu, m, rstd_m = _mlp_chunk(run, x2, src, keep_gu)
         if gu is not None and gu.untyped_storage().nbytes() > gu.numel() * gu.element_size():
             gu = gu.clone()  # a row-padded GEMM output (fp8_linear): keep only the real rows
-        return out, rstd2, gu
+        return out, rstd2, gu, m, rstd_m
+    stat = torch.promote_types(x2.dtype, torch.float32)
     out = torch.empty_like(x2)
-    rstd2 = torch.empty(t, dtype=torch.promote_types(x2.dtype, torch.float32), device=x2.device)
-    gu = torch.empty(t, 2 * inter, dtype=x2.dtype, device=x2.device) if keep_gu else None
+    rstd2 = torch.empty(t, dtype=stat, device=x2.device)
+    gu = torch.empty(t, width, dtype=x2.dtype, device=x2.device) if keep_gu else None
+    m = torch.empty_like(x2) if sandwich else None
+    rstd_m = torch.empty(t, dtype=stat, device=x2.device) if sandwich else None
     for s, e in chunks:
-        out[s:e], rstd2[s:e], g = _mlp_chunk(run, x2[s:e], keep_gu)
+        out[s:e], rstd2[s:e], g, mc, rc = _mlp_chunk(run, x2[s:e], src[s:e], keep_gu)
         if keep_gu:
             gu[s:e] = g
-    return out, rstd2, gu
+        if sandwich:
+            m[s:e], rstd_m[s:e] = mc, rc
+    return out, rstd2, gu, m, rstd_m
 
 
-def _mlp_chunk(run, x2, keep_gu):
-    """(out, rstd2, gu or None) of the MLP block on the tokens x2."""
-    layer, impl = run.layer, run.impl
-    h2, _, rstd2 = impl.rms_fwd(x2, layer.post_norm_weight, layer.eps)
+def _mlp_chunk(run, x2, src, keep_gu):
+    """(out, rstd2, gu or None, m or None, rstd_m or None) of the MLP block on these tokens."""
+    layer = run.layer
+    h2, rstd2 = _norm_fwd(run, src, _mlp_norm(layer))
     g = None
-    if not keep_gu and _triton_gemm(run, h2, "swiglu"):
+    if not keep_gu and layer.spec.act == "silu" and _triton_gemm(run, h2, "swiglu"):
         # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
-        m = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias, epilogue="swiglu")
+        mm = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias, epilogue="swiglu")
     else:
         g = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
-        m = impl.swiglu_fwd(g)
-    out = _proj(run, m, layer.weight("down"), layer.down_bias, residual=x2)
-    return out, rstd2, g if keep_gu else None
+        mm = _act_fwd(run, g)
+    if layer.spec.block == "sandwich":
+        m = _proj(run, mm, layer.weight("down"), layer.down_bias)
+        nm, rstd_m = _norm_fwd(run, m, "mlp_out_norm")
+        return x2 + nm, rstd2, g if keep_gu else None, m, rstd_m
+    out = _proj(run, mm, layer.weight("down"), layer.down_bias, residual=x2)
+    return out, rstd2, g if keep_gu else None, None, None
 
 
-def _mlp_input_grad(run, dout, x2, rstd2, gu):
-    """dx2 = dout + the MLP block's input gradient, chunked over tokens (see _chunks)."""
-    layer, impl = run.layer, run.impl
-    dx2 = torch.empty_like(x2)
-    for s, e in _chunks(run, x2.shape[0]):
+def _mlp_input_grad(run, dout, src, rstd2, gu, m=None, rstd_m=None):
+    """The MLP block's input gradient, chunked over tokens (see _chunks): with respect to src
+    through the MLP's norm, plus dout along the residual where src is x2 (the parallel block's
+    residual gradient is added by the caller)."""
+    layer = run.layer
+    name, parallel = _mlp_norm(layer), layer.spec.block == "parallel"
+    silu = layer.spec.act == "silu"
+    dsrc = torch.empty_like(src)
+    for s, e in _chunks(run, src.shape[0]):
         # recompute="mlp": one extra gate/up GEMM per chunk instead of keeping gu
-        g = gu[s:e] if gu.numel() else _gate_up(run, x2[s:e])
-        dgu = _proj_input_grad(run, dout[s:e], layer.weight("down"), "swiglu_bwd", aux=g)
+        g = gu[s:e] if gu.numel() else _gate_up(run, src[s:e])
+        dy = dout[s:e]
+        if m is not None:  # sandwich: through the norm of the MLP's output first
+            dy = _norm_bwd(run, dy, m[s:e], "mlp_out_norm", rstd_m[s:e])
+        if silu:
+            dgu = _proj_input_grad(run, dy, layer.weight("down"), "swiglu_bwd", aux=g)
+        else:
+            dgu = _act_bwd(run, g, _proj_input_grad(run, dy, layer.weight("down")))
         dh2 = _proj_input_grad(run, dgu, layer.weight("gate_up"))
-        dx2[s:e] = impl.rms_bwd(dh2, x2[s:e], layer.post_norm_weight, rstd2[s:e], dout[s:e])
-    return dx2
+        dsrc[s:e] = _norm_bwd(run, dh2, src[s:e], name, rstd2[s:e],
+                              None if parallel else dout[s:e])
+    return dsrc
 
 
-def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
-    layer, impl = run.layer, run.impl
+def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu, extra, extra_stats):
+    layer, impl, spec = run.layer, run.impl, run.layer.spec
     t = x.shape[0]
-    dx2 = _mlp_input_grad(run, dout, x2, rstd2, gu)
-    da = _proj_input_grad(run, dx2, layer.weight("o"))
+    if spec.block == "parallel":  # out = x2 + mlp(norm(x)), x2 = x + attn: d/dx2 is dout
+        dx_mlp = _mlp_input_grad(run, dout, x, rstd2, gu)
+        dx2 = dout
+        da = _proj_input_grad(run, dx2, layer.weight("o"))
+    elif spec.block == "sandwich":
+        o, m = extra.split(layer.hidden_size, -1)
+        dx2 = _mlp_input_grad(run, dout, x2, rstd2, gu, m, extra_stats[:, 1])
+        do = _norm_bwd(run, dx2, o, "attn_out_norm", extra_stats[:, 0])
+        da = _proj_input_grad(run, do, layer.weight("o"))
+    else:
+        dx2 = _mlp_input_grad(run, dout, x2, rstd2, gu)
+        da = _proj_input_grad(run, dx2, layer.weight("o"))
     if run.segments.seq == 1:
         w_v, _ = layer.v_weight_and_bias()
         dv = da.view(t, layer.num_kv_heads, layer.num_kv_groups, layer.head_dim).sum(2)
@@ -428,7 +539,8 @@ def _input_grad(run, dout, x, rstd1, x2, rstd2, positions, qkv, gu):
         if qk_norm:
             dqkv = _qk_norm_input_grad(layer, qkv, dqkv)
         dh = _proj_input_grad(run, dqkv, layer.weight("qkv"))
-    return impl.rms_bwd(dh, x, layer.input_norm_weight, rstd1, dx2)
+    dres = dx2 if spec.block != "parallel" else dx2 + dx_mlp
+    return _norm_bwd(run, dh, x, "input_norm", rstd1, dres)
 
 
 @contextlib.contextmanager
@@ -456,8 +568,10 @@ def _qk_norm_input_grad(layer, qkv_raw, dqkv):
     for r, g, w in ((raw[0], grads[0], layer.q_norm_weight),
                     (raw[1], grads[1], layer.k_norm_weight)):
         r = r.reshape(t, -1, d)
-        _, _, rstd = _rms.rms_norm_fwd_ref(r, w, layer.eps)
-        out.append(_rms.rms_norm_bwd_ref(g.reshape(t, -1, d), r, w, rstd).reshape(t, -1))
+        _, rstd = _qk_norm_fwd(layer, r, w)
+        bwd = (_fam.rms_norm_1p_bwd_ref if layer.spec.qk_norm == "rms_1p"
+               else _rms.rms_norm_bwd_ref)
+        out.append(bwd(g.reshape(t, -1, d), r, w, rstd).reshape(t, -1))
     return torch.cat((out[0], out[1], grads[2]), -1)
 
 
@@ -522,9 +636,10 @@ def _frozen_layer(x: torch.Tensor, mask: Optional[torch.Tensor],
     flat, positions, seg, run = layer.pack(x, mask, position_ids, needs_grad)
     run.impl = elementwise_impl(flat, run.kernels)
     out, saved = _forward(run, flat, positions)
-    _, rstd1, x2, rstd2, _, qkv, gu = saved
+    _, rstd1, x2, rstd2, _, qkv, gu, extra, extra_stats = saved
     rows = x.shape[0] * x.shape[1]
-    return [layer.unpack(x, out, seg)] + [_padded(t, rows) for t in (rstd1, x2, rstd2, qkv, gu)]
+    return [layer.unpack(x, out, seg)] + [_padded(t, rows) for t in (rstd1, x2, rstd2, qkv, gu,
+                                                                      extra, extra_stats)]
 
 
 def _padded(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -544,37 +659,44 @@ def _frozen_layer_fake(x, mask, position_ids, layer_id, needs_grad):
     b, s, h = x.shape
     t = b * s  # saved rows are padded to every position (see above)
     stat = torch.promote_types(x.dtype, torch.float32)
+    block = layer.spec.block
     qkv = (x.new_empty(t, layer.q_size + 2 * layer.kv_size) if s > 1 else x.new_empty(0))
     keep_gu = needs_grad and layer.recompute == "none"
-    gu = x.new_empty(t, 2 * layer.config.intermediate_size) if keep_gu else x.new_empty(0)
-    return [torch.empty_like(x), x.new_empty(t, dtype=stat), x.new_empty(t, h),
-            x.new_empty(t, dtype=stat), qkv, gu]
+    gu = x.new_empty(t, layer.gate_up_weight.shape[0]) if keep_gu else x.new_empty(0)
+    x2 = x.new_empty(0) if block == "parallel" else x.new_empty(t, h)
+    sandwich = block == "sandwich"
+    extra = x.new_empty(t, 2 * h) if sandwich else x.new_empty(0)
+    extra_stats = x.new_empty(t, 2, dtype=stat) if sandwich else x.new_empty(0)
+    return [torch.empty_like(x), x.new_empty(t, dtype=stat), x2, x.new_empty(t, dtype=stat), qkv,
+            gu, extra, extra_stats]
 
 
 def _frozen_layer_backward(dout: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor],
                            position_ids: Optional[torch.Tensor], rstd1: torch.Tensor,
                            x2: torch.Tensor, rstd2: torch.Tensor, qkv: torch.Tensor,
-                           gu: torch.Tensor, layer_id: int) -> torch.Tensor:
+                           gu: torch.Tensor, extra: torch.Tensor, extra_stats: torch.Tensor,
+                           layer_id: int) -> torch.Tensor:
     layer = _lookup(layer_id)
     flat, positions, seg, run = layer.pack(x, mask, position_ids, True)
     run.impl = elementwise_impl(flat, run.kernels)
     t = flat.shape[0]  # the saved tensors' first t rows are the real tokens'
-    rstd1, x2, rstd2 = rstd1[:t], x2[:t], rstd2[:t]
-    qkv, gu = (v[:t] if v.numel() else v for v in (qkv, gu))
+    rstd1, rstd2 = rstd1[:t], rstd2[:t]
+    x2, qkv, gu, extra, extra_stats = (v[:t] if v.numel() else v
+                                       for v in (x2, qkv, gu, extra, extra_stats))
     b, s, h = x.shape
     d = dout.reshape(b * s, h)
     if seg.indices is not None:
         d = d.index_select(0, seg.indices)
     with torch.autocast(dout.device.type, enabled=False):
         dx = _input_grad(run, d.to(flat.dtype).contiguous(), flat, rstd1, x2, rstd2,
-                         positions, qkv, gu)
+                         positions, qkv, gu, extra, extra_stats)
     if seg.indices is not None:  # padding passes its gradient straight through
         return dout.reshape(b * s, h).index_copy(0, seg.indices, dx.to(dout.dtype)).view(b, s, h)
     return dx.view(b, s, h).to(dout.dtype)
 
 
-def _frozen_layer_backward_fake(dout, x, mask, position_ids, rstd1, x2, rstd2, qkv, gu,
-                                layer_id):
+def _frozen_layer_backward_fake(dout, x, mask, position_ids, rstd1, x2, rstd2, qkv, gu, extra,
+                                extra_stats, layer_id):
     return torch.empty_like(x)
 
 
@@ -594,8 +716,8 @@ def _register_layer_op(name: str, tags: tuple):
     backward.register_fake(_frozen_layer_backward_fake)
 
     def grad(ctx, grads):
-        x, mask, position_ids, rstd1, x2, rstd2, qkv, gu = ctx.saved_tensors
-        dx = backward(grads[0], x, mask, position_ids, rstd1, x2, rstd2, qkv, gu, ctx.layer_id)
+        x, mask, position_ids, *saved = ctx.saved_tensors
+        dx = backward(grads[0], x, mask, position_ids, *saved, ctx.layer_id)
         return dx, None, None, None, None
 
     forward.register_autograd(grad, setup_context=_frozen_layer_setup)

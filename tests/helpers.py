@@ -5,6 +5,10 @@ import torch
 from transformers import (
     BartConfig,
     BertConfig,
+    FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GemmaConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -32,7 +36,31 @@ def tiny_llm(kind: str):
         return Qwen2Config(**{**common, "num_key_value_heads": 6})
     if kind == "qwen3":
         return Qwen3Config(**common, head_dim=16)
+    rms = {k: v for k, v in common.items() if k != "rms_norm_eps"}
+    if kind == "gemma":
+        return GemmaConfig(**rms, head_dim=12, rms_norm_eps=1e-6)
+    if kind == "gemma2":  # the last layer (index 2) is a sliding one: window 4, soft-cap 3
+        return Gemma2Config(**rms, head_dim=12, rms_norm_eps=1e-6, query_pre_attn_scalar=20,
+                            attn_logit_softcapping=3.0, sliding_window=4)
+    if kind == "gemma3":  # q/k norms; the last layer sliding, with the local rotary
+        return Gemma3TextConfig(**rms, head_dim=16, rms_norm_eps=1e-6, sliding_window=4,
+                                query_pre_attn_scalar=24,
+                                layer_types=["full_attention"] * 2 + ["sliding_attention"])
+    falcon = dict(hidden_size=72, ffn_hidden_size=100, num_attention_heads=6,
+                  num_hidden_layers=3, max_position_embeddings=64, layer_norm_epsilon=1e-5,
+                  bias=False, alibi=False)
+    if kind == "falcon":  # Falcon-7B's style: multi-query, the parallel block, one norm
+        return FalconConfig(**falcon, multi_query=True, parallel_attn=True, num_kv_heads=1)
+    if kind == "falcon-40b":  # grouped KV (3 queries a group), two norms, q/k/v bias
+        return FalconConfig(**{**falcon, "bias": True}, new_decoder_architecture=True,
+                            num_kv_heads=2)
+    if kind == "falcon-sequential":  # neither: per-head interleaved q/k/v, a sequential block
+        return FalconConfig(**falcon, multi_query=False, parallel_attn=False, num_kv_heads=6)
     raise ValueError(kind)
+
+
+# the families FrozenLlamaLayer fuses beyond the Llama kind, for tests that go over all of them
+NEW_FUSED = ["gemma", "gemma2", "gemma3", "falcon", "falcon-40b", "falcon-sequential"]
 
 
 # Every decoder family the frozen layer is checked on (tests/test_families.py): model_type ->

@@ -5,7 +5,8 @@ without a padding mask; compiled outputs and gradients equal eager ones (fullgra
 several plugged layers and MLP adapters)."""
 import pytest
 import torch
-from helpers import assert_grads_close, rel_err, tiny_llm, tiny_slm, trainable_grads
+from helpers import (NEW_FUSED, assert_grads_close, rel_err, tiny_llm, tiny_slm,
+                     trainable_grads)
 
 from pifi_fast import PiFiModel, kernels
 
@@ -16,9 +17,9 @@ OPTIONS = [{}, {"recompute": "mlp"}, {"chunk_tokens": 3}, {"attention": "sdpa"},
 OPTIONS += [{"kernels": "triton", "gemm": "triton"}] if INTERPRETER else []
 
 
-def _model(task, **options):
+def _model(task, llm="llama", **options):
     slm = tiny_slm("t5" if task == "seq2seq" else "bert")
-    return PiFiModel.from_parts(slm, tiny_llm("llama"), task=task, num_labels=3, seed=0,
+    return PiFiModel.from_parts(slm, tiny_llm(llm), task=task, num_labels=3, seed=0,
                                 head_dropout=0.0, **options)
 
 
@@ -150,3 +151,29 @@ def test_compile_model_lets_dynamo_capture_the_packed_token_count(monkeypatch, c
     assert not torch._dynamo.config.capture_dynamic_output_shape_ops
     assert compile_model(Probe(1, 1), cuda_graphs=cuda_graphs)() is not cuda_graphs
     assert not torch._dynamo.config.capture_dynamic_output_shape_ops
+
+
+@pytest.mark.parametrize("recompute", ["none", "mlp"])
+@pytest.mark.parametrize("llm", NEW_FUSED)
+def test_other_families_compile_to_one_graph_and_equal_eager(llm, recompute):
+    """The Gemma and Falcon blocks (sandwich and parallel: other saved tensors, whose fake
+    shapes the op declares) through the same custom op: 0 graph breaks, compiled == eager."""
+    torch._dynamo.reset()
+    task = "question_answering"
+    model = _model(task, llm, recompute=recompute)
+    assert model.fused
+    explanation = torch._dynamo.explain(model)(**_inputs(task, True))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()
+    eager, compiled_src = _model(task, llm, recompute=recompute), _model(task, llm,
+                                                                       recompute=recompute)
+    compiled_src.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_src, backend="aot_eager", fullgraph=True)
+    batch = _inputs(task, masked=True)
+    for model, runner in ((eager, eager), (compiled_src, compiled)):
+        model.zero_grad(set_to_none=True)
+        _loss(task, runner(**batch)).backward()
+    y_e, y_c = eager(**batch).start_logits, compiled(**batch).start_logits
+    real = torch.isfinite(y_e)
+    assert rel_err(y_c[real], y_e[real]) <= 1e-5
+    assert_grads_close(trainable_grads(compiled_src), trainable_grads(eager), tol=1e-4)

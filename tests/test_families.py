@@ -3,6 +3,7 @@ is saved with save_pretrained (sharded), one layer is read back from the files, 
 classification, question answering and token classification with it, pifi_fast against the
 reference, forward and backward, then saved and reloaded (full and lean checkpoints)."""
 import json
+import re
 import warnings
 
 import pytest
@@ -69,7 +70,7 @@ def test_family_loads_runs_and_matches_the_reference(checkpoints, tmp_path, name
     layer = load_llm_layer(folder)
     assert layer.index == 1
     theirs = llm.model.layers[1].state_dict() if hasattr(llm, "model") else None
-    if theirs is None:  # GPT-NeoX keeps its blocks under gpt_neox.layers, Falcon under transformer.h
+    if theirs is None:  # GPT-NeoX's blocks: gpt_neox.layers; Falcon's: transformer.h
         base = getattr(llm, "gpt_neox", None) or getattr(llm, "transformer")
         theirs = (base.layers if hasattr(base, "layers") else base.h)[1].state_dict()
     ours = layer.module.state_dict()
@@ -98,7 +99,13 @@ def test_family_loads_runs_and_matches_the_reference(checkpoints, tmp_path, name
                         _outputs(ref_out, task, batch["attention_mask"])):
             assert torch.isfinite(a).all()
             assert rel_err(a, b) <= tol, (task, rel_err(a, b))
-        assert_grads_close(trainable_grads(fast), trainable_grads(ref), tol=tol)
+        g_fast, g_ref = trainable_grads(fast), trainable_grads(ref)
+        if task == "question_answering":
+            # the start/end head's bias gets sum(softmax - one-hot) over the positions: zero up
+            # to rounding, which no relative comparison can judge
+            for bias_grad in (g_fast.pop("head.bias"), g_ref.pop("head.bias")):
+                assert bias_grad.abs().max() < 1e-6
+        assert_grads_close(g_fast, g_ref, tol=tol)
         assert all(p.grad is None for p in fast.llm_layer.parameters())
         # save and reload: a full checkpoint, and a lean one that re-reads the layer from folder
         fast.eval()
@@ -195,12 +202,12 @@ def test_info_says_which_path_a_layer_takes(checkpoints, capsys, tmp_path):
     from pifi_fast import cli
 
     gemma2, _ = checkpoints("gemma2")
-    llama, _ = checkpoints("llama")
+    phi3, _ = checkpoints("phi3")
     assert cli.main(["info", "--llm", str(gemma2), "--layer", "0"]) == 0
     out = capsys.readouterr().out
-    assert "gemma2 layer 0: unfused" in out and "sliding window 5" in out and "eager" in out
-    assert cli.main(["info", "--llm", str(llama)]) == 0
-    assert "llama layer 1: fused" in capsys.readouterr().out
+    assert "gemma2 layer 0: fused" in out and "sliding window 5" in out and "soft-capped" in out
+    assert cli.main(["info", "--llm", str(phi3)]) == 0
+    assert "phi3 layer 1: unfused" in capsys.readouterr().out
     assert cli.main(["info", "--llm", str(tmp_path / "missing")]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
 
@@ -291,3 +298,31 @@ def test_gguf_blocks_of_gemma2_and_falcon_read_back_exactly(tmp_path, name, arch
     with torch.no_grad():
         want = run_hf_layer(blocks[1], layer.rotary, x, None)
         assert rel_err(run_hf_layer(layer.module, layer.rotary, x, None), want) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gemma2", "falcon"])
+def test_hub_layout_downloads_only_the_layers_shards(checkpoints, monkeypatch, name):
+    """The Hub path (mocked: files served from the saved folder) reads the config, the index
+    and only the shards holding the layer, MoE experts converted as from a folder."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    folder, llm = checkpoints(name)
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    layer_one = re.compile(r"^(model\.layers|transformer\.h)\.1\.")
+    needed = {f for k, f in weight_map.items() if layer_one.match(k)}
+    requested = []
+
+    def fake_download(repo_id, filename, revision=None, **kw):
+        requested.append(filename)
+        if not (folder / filename).exists():
+            raise EntryNotFoundError(f"{filename} not in repo")
+        return str(folder / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr("pifi_fast.loading.ensure_hub_reachable", lambda: None)
+    layer = load_llm_layer(f"someone/tiny-{name}")
+    assert set(requested) == {"config.json", "model.safetensors.index.json"} | needed
+    assert torch.equal(torch.cat([t.flatten() for t in layer.module.state_dict().values()]),
+                       torch.cat([t.flatten() for t in load_llm_layer(folder).module
+                                  .state_dict().values()]))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import tiny_llm
-from transformers import AutoModelForCausalLM, GemmaConfig
+from transformers import AutoModelForCausalLM
 
 from pifi_fast import PiFiModel, load_llm_layer
 from pifi_fast.loading import CheckpointError, unpermute_gguf_rows
@@ -120,20 +120,18 @@ def test_hidden_size_mismatch_is_reported(tmp_path):
 
 
 def test_unknown_architecture_runs_unfused_with_one_warning_or_errors_when_forced(tmp_path):
-    from helpers import tiny_slm
+    from helpers import tiny_family, tiny_slm
 
-    gemma = GemmaConfig(hidden_size=48, intermediate_size=64, num_attention_heads=4,
-                        num_key_value_heads=1, head_dim=12, num_hidden_layers=2,
-                        max_position_embeddings=64, hidden_activation="gelu_pytorch_tanh")
+    stablelm = tiny_family("stablelm")  # a family pifi_fast does not fuse
     with pytest.warns(UserWarning, match="no fused path") as rec:
-        model = PiFiModel.from_parts(tiny_slm("bert"), gemma, task="question_answering")
+        model = PiFiModel.from_parts(tiny_slm("bert"), stablelm, task="question_answering")
     assert len([w for w in rec if "no fused path" in str(w.message)]) == 1
     assert not model.fused
     ids = torch.randint(3, 120, (2, 5))
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
     assert torch.isfinite(out.start_logits).all()
-    with pytest.raises(ValueError, match="fused=True.*gemma"):
-        PiFiModel.from_parts(tiny_slm("bert"), gemma, fused=True)
+    with pytest.raises(ValueError, match="fused=True.*stablelm"):
+        PiFiModel.from_parts(tiny_slm("bert"), stablelm, fused=True)
 
 
 def test_gguf_row_permutation_round_trips():

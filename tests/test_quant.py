@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from helpers import rel_err, tiny_slm
-from transformers import LlamaConfig, Qwen2Config
+from transformers import FalconConfig, Gemma2Config, LlamaConfig, Qwen2Config
 
 from pifi_fast import PiFiModel, kernels
 from pifi_fast.bench.timing import saved_activation_bytes
@@ -143,6 +143,13 @@ def _cfg(kind="llama"):
     common = dict(hidden_size=96, intermediate_size=112, num_attention_heads=6,
                   num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=64,
                   rms_norm_eps=1e-5)
+    if kind == "gemma2":
+        return Gemma2Config(**common, head_dim=16, query_pre_attn_scalar=20,
+                            attn_logit_softcapping=3.0, sliding_window=4)
+    if kind == "falcon-40b":
+        return FalconConfig(hidden_size=96, ffn_hidden_size=112, num_attention_heads=6,
+                            num_kv_heads=2, num_hidden_layers=2, max_position_embeddings=64,
+                            new_decoder_architecture=True, bias=False, alibi=False)
     return LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common)
 
 
@@ -161,14 +168,16 @@ def _meaning(layer, base):
         return (t + (rounded.to(t.dtype) - t).detach(),)
 
     if layer.weights == "fp8":
-        for name in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            module.get_submodule(name).register_forward_pre_hook(fp8_inputs)
+        keys = layer.spec.key_map
+        for part in ("o", "gate", "up", "down"):
+            if part in keys:
+                module.get_submodule(keys[part]).register_forward_pre_hook(fp8_inputs)
     return module
 
 
 @pytest.mark.parametrize("kernel_impl", KERNELS)
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "falcon-40b"])
 @pytest.mark.parametrize("lengths", [[9, 4, 1, 7], [1, 1, 1]], ids=["ragged", "cls"])
 def test_8bit_layer_is_the_hf_layer_with_dequantized_weights(kernel_impl, mode, kind, lengths):
     base = random_layer(_cfg(kind), -1, dtype=torch.float32, seed=0)

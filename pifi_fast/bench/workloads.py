@@ -63,7 +63,20 @@ LLM_SHAPES = {
                                    num_key_value_heads=3, max_position_embeddings=8192,
                                    rms_norm_eps=1e-5, rope_parameters={"rope_type": "default",
                                                                        "rope_theta": 100000.0})),
+    # the authors' other two families, their released configs' layer shapes (the last layer:
+    # Gemma-2-9B's layer 41 is a full-attention one)
+    "gemma-2-9b": ("gemma2", dict(hidden_size=3584, intermediate_size=14336,
+                                  num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                                  query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                                  sliding_window=4096, layer_types=["full_attention"],
+                                  max_position_embeddings=8192, rms_norm_eps=1e-6)),
+    "falcon-7b": ("falcon", dict(hidden_size=4544, ffn_hidden_size=18176, num_attention_heads=71,
+                                 num_kv_heads=71, multi_query=True, parallel_attn=True,
+                                 bias=False, alibi=False, new_decoder_architecture=False,
+                                 max_position_embeddings=2048, layer_norm_epsilon=1e-5)),
 }
+# shapes whose layer is Llama's kind (RMSNorm, SwiGLU): the per-op rows (W3) and Liger apply
+LLAMA_KIND_SHAPES = ("llama-3.1-8b", "qwen2-0.5b", "smollm2-135m")
 BASELINES = ("hf_sdpa", "hf_eager", "hf_compile", "authors", "liger")
 # the fused layer with 8-bit weights (weights="int8" / "fp8"), the same layer otherwise
 QUANT_IMPLS = ("pifi_fast_int8", "pifi_fast_fp8")
@@ -101,6 +114,10 @@ def size_lists(level: str, device: torch.device) -> dict:
                 "padded": [32, 128, 512] if gpu else [32, 128],
                 "cls": [1, 32, 256] if gpu else [1, 32],
                 "cls_shapes": list(LLM_SHAPES),
+                # the Gemma-2 and Falcon layer shapes on a CPU: one size each (a 9B-class layer
+                # costs seconds a pass there); on a GPU they are in "shapes"
+                "family_shapes": [] if gpu else ["gemma-2-9b", "falcon-7b"],
+                "family_dense": [512], "family_padded": [32],
                 # Inputs larger than the caches, so memory-bound ops meet the copy ceiling.
                 "kernel_tokens": [16384] if gpu else [8192],
                 "w4_sentences": [32], "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
@@ -127,16 +144,16 @@ def size_lists(level: str, device: torch.device) -> dict:
 
 # -- shared state (built lazily, cached) -----------------------------------------------------------
 def llm_config(shape: str):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import AutoConfig
 
     kind, kw = LLM_SHAPES[shape]
-    cls = LlamaConfig if kind == "llama" else Qwen2Config
-    return cls(num_hidden_layers=1, **copy.deepcopy(kw))
+    return AutoConfig.for_model(kind, num_hidden_layers=1, **copy.deepcopy(kw))
 
 
 @functools.lru_cache(maxsize=4)
 def _layers(shape: str, device_str: str, dtype_str: str):
     """HF layers (sdpa / eager, sharing weights), the fused layer, and an fp32 authors' layer."""
+    from pifi_fast.families import needs_eager_attention
     from pifi_fast.layer import FrozenLlamaLayer
     from pifi_fast.loading import build_layer, random_layer
 
@@ -144,13 +161,17 @@ def _layers(shape: str, device_str: str, dtype_str: str):
     base = random_layer(llm_config(shape), 0, dtype=torch.float32, seed=0)
     sd32 = base.module.state_dict()
     out = {"rotary": base.rotary.to(device), "config": base.config}
-    for attn in ("sdpa", "eager"):
+    # the Hugging Face layer with SDPA and with eager attention; a family whose scores SDPA
+    # cannot compute (Gemma-2's soft-capping) has the eager one only, which "hf" then names
+    kinds = ("eager",) if needs_eager_attention(base.config) else ("sdpa", "eager")
+    sd = {k: v.to(device=device, dtype=dtype) for k, v in sd32.items()}
+    for attn in kinds:
         cfg = copy.deepcopy(base.config)
         cfg._attn_implementation = attn
-        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd32.items()} if attn == "sdpa" \
-            else out["sdpa"].state_dict()
         out[attn] = build_layer(cfg, 0, sd, dtype=dtype).module.to(device)
-    out["pifi_fast"] = FrozenLlamaLayer.from_hf(out["sdpa"], base.config, out["rotary"])
+        sd = out[attn].state_dict()  # the next one shares these weights
+    out["hf"] = out[kinds[0]]
+    out["pifi_fast"] = FrozenLlamaLayer.from_hf(out["hf"], base.config, out["rotary"])
     # The recompute="mlp" memory mode, sharing the same weights (a shallow module copy).
     out["pifi_fast_mlp"] = copy.copy(out["pifi_fast"])
     out["pifi_fast_mlp"].recompute = "mlp"
@@ -158,12 +179,12 @@ def _layers(shape: str, device_str: str, dtype_str: str):
     out["pifi_fast_tgemm"] = copy.copy(out["pifi_fast"])
     out["pifi_fast_tgemm"].gemm = "triton"
     for mode in ("int8", "fp8"):  # quantized once here, from the same weights
-        out[f"pifi_fast_{mode}"] = FrozenLlamaLayer.from_hf(out["sdpa"], base.config,
+        out[f"pifi_fast_{mode}"] = FrozenLlamaLayer.from_hf(out["hf"], base.config,
                                                             out["rotary"], weights=mode)
-    if device.type == "cuda" and _liger_missing() is None:
-        out["liger"] = liger_layer(out["sdpa"], base.config)
+    if device.type == "cuda" and _liger_missing() is None and shape in LLAMA_KIND_SHAPES:
+        out["liger"] = liger_layer(out["hf"], base.config)
     if dtype == torch.float32:
-        out["authors"] = out["sdpa"]
+        out["authors"] = out["hf"]
     else:
         out["authors"] = build_layer(copy.deepcopy(base.config), 0, sd32,
                                      dtype=torch.float32).module.to(device)
@@ -267,7 +288,7 @@ def _layer_fn(layers, impl, x, mask, backward: bool):
             return layer(inp, mask)
     elif impl in ("hf_sdpa", "hf_eager", "authors"):
         layer = layers["sdpa" if impl == "hf_sdpa" else "eager" if impl == "hf_eager"
-                       else "authors"]
+                       else "authors"]  # (hf_sdpa without an SDPA layer: skipped, _unbuildable)
         layer_mask = None if impl == "authors" else mask  # the authors attend to padding
 
         def run(inp):
@@ -279,7 +300,7 @@ def _layer_fn(layers, impl, x, mask, backward: bool):
             with _liger_rope(layer):
                 return run_hf_layer(layer, layers["rotary"], inp, mask)
     elif impl == "hf_compile":
-        layer = layers["sdpa"]
+        layer = layers["hf"]
         compiled = torch.compile(functools.partial(run_hf_layer, layer, layers["rotary"]))
 
         def run(inp):
@@ -325,12 +346,14 @@ def _available(impl: str, device: torch.device) -> str | None:
 
 def _w1_w2_cases(sizes, device, dtype, impls):
     cases = []
-    for shape in sizes["shapes"]:
+    family = sizes.get("family_shapes", [])
+    for shape in sizes["shapes"] + family:
         cfg = llm_config(shape)
+        prefix = "family_" if shape in family else ""
         for backward in (False, True):
             for padded in (False, True):
                 label = ("fwd+bwd" if backward else "fwd") + (" padded" if padded else " dense")
-                for size in sizes["padded" if padded else "dense"]:
+                for size in sizes[prefix + ("padded" if padded else "dense")]:
                     for impl in impls:
                         if impl == "authors" and not padded:
                             continue  # the authors' setup pads to 100: only for real sentences
@@ -351,11 +374,23 @@ def _w1_w2_cases(sizes, device, dtype, impls):
     return cases
 
 
+def _unbuildable(layers, impl) -> str | None:
+    """Why this shape's layers have no `impl` (None when they have it)."""
+    if impl == "hf_sdpa" and "sdpa" not in layers:
+        return "the Hugging Face layer cannot use SDPA (soft-capped scores): see hf_eager"
+    if impl == "liger" and "liger" not in layers:
+        return "Liger-Kernel's modules are Llama's kind (RMSNorm, SwiGLU)"
+    return None
+
+
 def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
     why = _available(impl, device)
     if why:
         return {"skip": why}
     layers = _layers(shape, str(device), str(dtype).replace("torch.", ""))
+    why = _unbuildable(layers, impl)
+    if why:
+        return {"skip": why}
     if padded:
         lengths = sst2_lengths(size, seed=size)
         pad_to = AUTHORS_MAX_LENGTH if impl == "authors" else None
@@ -370,7 +405,7 @@ def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
         mask = None
         tokens = x.shape[0] * x.shape[1]
     fn, forward = _layer_fn(layers, impl, x, mask, backward)
-    weights = list(layers[impl if impl.startswith("pifi_fast") or impl == "authors" else "sdpa"]
+    weights = list(layers[impl if impl.startswith("pifi_fast") or impl == "authors" else "hf"]
                    .parameters())
     out = {"fn": fn, "tokens": tokens, "padded_tokens": x.shape[0] * x.shape[1],
            "dtype": str(layer_dtype).replace("torch.", "")}
@@ -386,10 +421,13 @@ def _build_w2(shape, size, impl, device, dtype):
     if why:
         return {"skip": why}
     layers = _layers(shape, str(device), str(dtype).replace("torch.", ""))
+    why = _unbuildable(layers, impl)
+    if why:
+        return {"skip": why}
     layer_dtype = torch.float32 if impl == "authors" else dtype
     x = torch.randn(size, 1, layers["config"].hidden_size, device=device, dtype=layer_dtype)
     fn, forward = _layer_fn(layers, impl, x, None, backward=True)
-    key = impl if impl.startswith("pifi_fast") else "authors" if impl == "authors" else "sdpa"
+    key = impl if impl.startswith("pifi_fast") else "authors" if impl == "authors" else "hf"
     weights = list(layers[key].parameters())  # as stored: 8-bit layers stream half the bytes
     weight_bytes = sum(p.numel() * p.element_size() for p in weights)
     return {"fn": fn, "tokens": size, "dtype": str(layer_dtype).replace("torch.", ""),
@@ -414,7 +452,8 @@ def _w3_cases(sizes, device, dtype):
            "gate_up_proj_grad fp8")
     return [Case("W3", op, shape, tokens, "pifi_fast",
                  functools.partial(_build_w3, shape, tokens, op, device, dtype))
-            for shape in sizes["shapes"] for tokens in sizes["kernel_tokens"] for op in ops]
+            for shape in sizes["shapes"] if shape in LLAMA_KIND_SHAPES
+            for tokens in sizes["kernel_tokens"] for op in ops]
 
 
 def _build_w3(shape, tokens, op, device, dtype):
