@@ -13,6 +13,8 @@ running (pifi_fast.hf_layer, pifi_fast.layer) need no per-family branches:
                         (Gemma-2's soft-capped logits, or a model class without SDPA)
   layer_type / attention_window  the layer's type and its sliding window (None: full)
   make_rotary / rotary_embeddings  the family's own rotary module, called as its model calls it
+  layer_spec (LayerSpec)  the fused layer's description of a family (norm kind, block,
+                        activation, attention options, key names), None where it runs unfused
   FUSED_MODEL_TYPES / is_fusable / describe  which families pifi_fast fuses, and in words which
                         path a layer takes (pifi-fast info --llm, the model's repr)
 

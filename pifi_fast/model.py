@@ -92,7 +92,7 @@ class PiFiModel(PiFiBase):
             return "the SLM alone (no frozen layer)"
         first = self.llm_index[0] if isinstance(self.llm_index, list) else self.llm_index
         line = families.describe(self.llm_config, first)
-        if self.llm_config.model_type in FUSED_MODEL_TYPES and not self.fused:
+        if is_fusable(self.llm_config) and not self.fused:
             line += " -- run unfused here (fused=False or freeze=False)"
         return f"frozen layer: {line}"
 
