@@ -161,32 +161,6 @@ def _announce(name: str, q: torch.Tensor):
 
 
 # -- the backends ----------------------------------------------------------------------------------
-def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool, window: int | None = None):
-    b, s = seg.batch, seg.seq
-    if seg.indices is None:
-        dense = [t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v)]
-        mask = None
-    else:
-        dense = []
-        for t in (q, k, v):
-            full = t.new_zeros(b * s, t.shape[1], t.shape[2]).index_copy(0, seg.indices, t)
-            dense.append(full.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2))
-        mask = seg.mask[:, None, None, :]
-        if causal:
-            mask = mask & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-    if window is not None:
-        pos = torch.arange(s, device=q.device)
-        band = (pos[:, None] - pos[None, :]).abs() < window
-        if causal:
-            band = band & torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-        mask = band if mask is None else mask & band
-    o = F.scaled_dot_product_attention(*dense, attn_mask=mask, scale=scale,
-                                       is_causal=causal and mask is None,
-                                       enable_gqa=q.shape[1] != k.shape[1])
-    o = o.transpose(1, 2).reshape(b * s, q.shape[1], q.shape[2])
-    return o if seg.indices is None else o.index_select(0, seg.indices)
-
-
 def _dense(t, seg: Segments):
     """(B, H, S, D) from packed (T, H, D), zeros at padding."""
     b, s = seg.batch, seg.seq
@@ -195,10 +169,39 @@ def _dense(t, seg: Segments):
     return t.view(b, s, t.shape[1], t.shape[2]).transpose(1, 2)
 
 
+def _visible(seg: Segments, causal: bool, window: int | None, device):
+    """(B or 1, 1, S, S) bool, True where a query may see a key: real keys, within the window,
+    not in the future when causal; None when every key is visible or the only rule is
+    causality (which SDPA then applies itself, is_causal=True)."""
+    s = seg.seq
+    mask = None if seg.indices is None else seg.mask[:, None, None, :]
+    if window is not None:
+        pos = torch.arange(s, device=device)
+        band = (pos[:, None] - pos[None, :]).abs() < window
+        mask = band if mask is None else mask & band
+    if causal and mask is not None:
+        mask = mask & torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    return mask
+
+
+def _packed(o, seg: Segments, q):
+    """(T, Hq, D) from the dense (B, Hq, S, D) output: the real tokens' rows."""
+    o = o.transpose(1, 2).reshape(seg.batch * seg.seq, q.shape[1], q.shape[2])
+    return o if seg.indices is None else o.index_select(0, seg.indices)
+
+
+def _sdpa(q, k, v, seg: Segments, scale: float, causal: bool, window: int | None = None):
+    mask = _visible(seg, causal, window, q.device)
+    o = F.scaled_dot_product_attention(*(_dense(t, seg) for t in (q, k, v)), attn_mask=mask,
+                                       scale=scale, is_causal=causal and mask is None,
+                                       enable_gqa=q.shape[1] != k.shape[1])
+    return _packed(o, seg, q)
+
+
 def _math(q, k, v, seg: Segments, scale: float, causal: bool, window: int | None,
           softcap: float | None):
-    """Scores, soft-cap, mask, softmax in fp32, values: Hugging Face's eager attention."""
-    b, s = seg.batch, seg.seq
+    """Scores, soft-cap, mask, softmax (fp32 at least), values: Hugging Face's eager
+    attention."""
     qd, kd, vd = (_dense(t, seg) for t in (q, k, v))
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
@@ -206,20 +209,13 @@ def _math(q, k, v, seg: Segments, scale: float, causal: bool, window: int | None
     scores = torch.matmul(qd, kd.transpose(2, 3)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    pos = torch.arange(s, device=q.device)
-    hidden = torch.zeros(s, s, dtype=torch.bool, device=q.device)
-    if window is not None:
-        hidden = hidden | ((pos[:, None] - pos[None, :]).abs() >= window)
-    if causal:
-        hidden = hidden | (pos[None, :] > pos[:, None])
-    hidden = hidden[None, None]
-    if seg.mask is not None:
-        hidden = hidden | ~seg.mask[:, None, None, :]
-    scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+    visible = _visible(seg, causal, window, q.device)
+    if causal and visible is None:
+        visible = torch.ones(seg.seq, seg.seq, dtype=torch.bool, device=q.device).tril()
+    if visible is not None:
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
-    probs = probs.to(q.dtype)
-    o = torch.matmul(probs, vd).transpose(1, 2).reshape(b * s, q.shape[1], q.shape[2])
-    return o if seg.indices is None else o.index_select(0, seg.indices)
+    return _packed(torch.matmul(probs.to(q.dtype), vd), seg, q)
 
 
 def _window_size(causal: bool, window: int | None) -> tuple[int, int]:

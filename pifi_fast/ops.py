@@ -412,7 +412,7 @@ def _forward(run, x, positions, keep_attention: bool = False):
     keep_gu = run.needs_grad and run.recompute == "none"
     src = x if spec.block == "parallel" else x2
     out, rstd2, gu, m, rstd_m = _mlp_forward(run, x2, src, keep_gu)
-    if spec.block == "sandwich":  # the two norms' inputs and statistics, for backward
+    if spec.block == "sandwich" and run.needs_grad:  # the two norms' inputs and statistics
         extra = torch.cat((o, m), -1)
         extra_stats = torch.stack((rstd_o, rstd_m), -1)
     saved = [x, rstd1, empty if spec.block == "parallel" else x2, rstd2, positions,
@@ -664,7 +664,7 @@ def _frozen_layer_fake(x, mask, position_ids, layer_id, needs_grad):
     keep_gu = needs_grad and layer.recompute == "none"
     gu = x.new_empty(t, layer.gate_up_weight.shape[0]) if keep_gu else x.new_empty(0)
     x2 = x.new_empty(0) if block == "parallel" else x.new_empty(t, h)
-    sandwich = block == "sandwich"
+    sandwich = block == "sandwich" and needs_grad  # (what _forward saves for backward)
     extra = x.new_empty(t, 2 * h) if sandwich else x.new_empty(0)
     extra_stats = x.new_empty(t, 2, dtype=stat) if sandwich else x.new_empty(0)
     return [torch.empty_like(x), x.new_empty(t, dtype=stat), x2, x.new_empty(t, dtype=stat), qkv,

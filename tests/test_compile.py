@@ -177,3 +177,16 @@ def test_other_families_compile_to_one_graph_and_equal_eager(llm, recompute):
     real = torch.isfinite(y_e)
     assert rel_err(y_c[real], y_e[real]) <= 1e-5
     assert_grads_close(trainable_grads(compiled_src), trainable_grads(eager), tol=1e-4)
+
+
+def test_sandwich_block_compiles_for_inference_too():
+    """Without gradients the sandwich block saves nothing extra: the op's fake outputs say so
+    (a compiled inference call would fail on a shape mismatch otherwise)."""
+    torch._dynamo.reset()
+    model = _model("question_answering", "gemma2").eval()
+    batch = _inputs("question_answering", masked=True)
+    with torch.no_grad():
+        eager = model(**batch).start_logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**batch).start_logits
+    real = torch.isfinite(eager)
+    assert rel_err(compiled[real], eager[real]) <= 1e-5
