@@ -202,7 +202,8 @@ class FrozenLlamaLayer(nn.Module):
         self.q_norm_weight = frozen(self.head_dim, present=spec.qk_norm is not None)
         self.k_norm_weight = frozen(self.head_dim, present=spec.qk_norm is not None)
         self._merged, self._single = key_layout(spec)
-        self._qkv_rows = falcon_qkv_rows(spec)
+        self._qkv_rows = falcon_qkv_rows(spec)  # Falcon's layout -> [q | k | v], and back:
+        self._qkv_rows_back = None if self._qkv_rows is None else torch.argsort(self._qkv_rows)
         self.rotary = rotary
 
     @property
@@ -274,7 +275,7 @@ class FrozenLlamaLayer(nn.Module):
             if p is not None:
                 scale = getattr(self, name + "_scale", None)
                 if name.startswith("qkv_") and self._qkv_rows is not None:
-                    back = torch.argsort(self._qkv_rows)  # [q | k | v] -> Falcon's layout
+                    back = self._qkv_rows_back  # [q | k | v] -> Falcon's layout
                     p, scale = p[back.to(p.device)], None if scale is None else scale[back]
                 parts[hf_key] = p
                 if scale is not None:
