@@ -66,7 +66,7 @@ def target_for_capability(major: int, minor: int) -> Target | None:
 def collect(targets, dtypes, only: str | None = None, gemm_tiles=None):
     """[(target, launch)] in a fixed order: every configuration of every kernel (the GEMMs'
     from their tables, or ``gemm_tiles`` on every target when given: to try candidates)."""
-    from . import gemm, quant, rms_norm, rope, swiglu
+    from . import family_ops, gemm, quant, rms_norm, rope, swiglu
 
     out = []
     for tname in targets:
@@ -74,7 +74,7 @@ def collect(targets, dtypes, only: str | None = None, gemm_tiles=None):
         for dtype in dtypes:
             if dtype != "fp32" and dtype not in target.dtypes:
                 continue  # bf16 needs sm_80+
-            for module in (rms_norm, rope, swiglu, gemm, quant):
+            for module in (rms_norm, family_ops, rope, swiglu, gemm, quant):
                 extra = ({"tile_list": gemm_tiles} if module in (gemm, quant) and gemm_tiles
                          else {})
                 for launch in module.compile_launches(target.capability, dtype, **extra):

@@ -11,8 +11,12 @@ gradient (B = W). Epilogues, chosen at compile time:
                   recompute="mlp" forward)
     "swiglu_bwd"  dm = A @ B is the input gradient of the down projection; with the saved gu
                   (aux, (M, 2N)) it writes [dg | du] (M, 2N) directly, dm never written
+    "geglu_tanh", "geglu_tanh_bwd"   the same with gelu_tanh(g) * u (Gemma's MLP)
+    "gelu"        C = gelu(A @ B + bias), exact erf (Falcon's plain MLP)
+    "gelu_bwd"    with the saved up output u (aux, (M, N)): du = (A @ B) * gelu'(u)
 
-Meaning: the twins below (plain matmul, then the same epilogue from pifi_fast.kernels.swiglu).
+Meaning: the twins below (plain matmul, then the same epilogue from pifi_fast.kernels.swiglu or
+family_ops).
 Accumulation is fp32 and the epilogue works on the fp32 accumulator (one rounding at the store,
 one fewer than the unfused path). Row offsets are 64-bit.
 
@@ -33,9 +37,17 @@ import os
 import torch
 
 from . import HAS_TRITON, interpreting
+from .family_ops import geglu_tanh_bwd_ref, geglu_tanh_fwd_ref, gelu_bwd_ref, gelu_fwd_ref
 from .swiglu import swiglu_bwd_ref, swiglu_fwd_ref
 
-EPILOGUES = ("none", "swiglu", "swiglu_bwd")
+EPILOGUES = ("none", "swiglu", "swiglu_bwd", "geglu_tanh", "geglu_tanh_bwd", "gelu", "gelu_bwd")
+# the twin of each epilogue: (function, whether it takes the saved aux first)
+_EPILOGUE_REFS = {"swiglu": (swiglu_fwd_ref, False), "swiglu_bwd": (swiglu_bwd_ref, True),
+                  "geglu_tanh": (geglu_tanh_fwd_ref, False),
+                  "geglu_tanh_bwd": (geglu_tanh_bwd_ref, True), "gelu": (gelu_fwd_ref, False),
+                  "gelu_bwd": (gelu_bwd_ref, True)}
+GATED = ("swiglu", "geglu_tanh")  # B holds [gate | up]: two accumulators
+GATED_BWD = ("swiglu_bwd", "geglu_tanh_bwd")  # writes [dg | du], twice the columns
 
 
 # -- plain PyTorch twin ----------------------------------------------------------------------------
@@ -43,11 +55,10 @@ def gemm_ref(a, b, epilogue="none", bias=None, residual=None, aux=None):
     c = a @ b
     if bias is not None:
         c = c + bias
-    if epilogue == "swiglu":
-        return swiglu_fwd_ref(c)
-    if epilogue == "swiglu_bwd":
-        return swiglu_bwd_ref(aux, c)
-    return c if residual is None else c + residual
+    if epilogue == "none":
+        return c if residual is None else c + residual
+    ref, takes_aux = _EPILOGUE_REFS[epilogue]
+    return ref(aux, c) if takes_aux else ref(c)
 
 
 # -- tile configurations per GPU target -----------------------------------------------------------
@@ -90,6 +101,11 @@ TILES[86] = TILES[89] = {
     "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 3, 4)] + _SMALL_M,
 }
 GPU_ARCHS = (75, 80, 86, 89, 90)
+# The Gemma and Falcon epilogues take the tiles of the one with the same accumulators, loads and
+# stores (GeGLU's as SwiGLU's; gelu's one accumulator as the plain one's; gelu_bwd's one
+# accumulator and one aux tile as swiglu_bwd's), each verified again by the compile report.
+TILES_OF = {"geglu_tanh": "swiglu", "geglu_tanh_bwd": "swiglu_bwd", "gelu": "none",
+            "gelu_bwd": "swiglu_bwd"}
 
 
 def tiles(arch: int, epilogue: str, dtype: str) -> list[tuple[int, int, int, int, int]]:
@@ -99,7 +115,10 @@ def tiles(arch: int, epilogue: str, dtype: str) -> list[tuple[int, int, int, int
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if dtype == "fp32" or (dtype == "bf16" and arch < 80):
         return []
-    return list(TILES.get(arch, {}).get(epilogue, []))
+    out = list(TILES.get(arch, {}).get(TILES_OF.get(epilogue, epilogue), []))
+    if epilogue == "gelu":  # erf's registers: the 128x256 tile spilled 176-520 B on every target
+        out = [t for t in out if t[0] * t[1] <= 128 * 128]
+    return out
 
 
 def configs(arch: int, epilogue: str, dtype: str) -> list:
@@ -172,6 +191,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._round import to_dtype
+    from .family_ops import gelu_f32, gelu_grad_f32, gelu_tanh_f32, gelu_tanh_grad_f32
 
     @triton.jit
     def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
@@ -217,7 +237,7 @@ if HAS_TRITON:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
-            if EPILOGUE == 1:  # the up columns sit N columns after the gate columns
+            if EPILOGUE == 1 or EPILOGUE == 3:  # the up columns sit N after the gate columns
                 b_up = tl.load(b_ptr + N * stride_bn, mask=mk[:, None] & mn[None, :], other=0.0)
                 if IEEE:
                     acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
@@ -227,19 +247,31 @@ if HAS_TRITON:
             b_ptr += BLOCK_K * stride_bk
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-            if EPILOGUE == 1:
+            if EPILOGUE == 1 or EPILOGUE == 3:
                 acc_up += tl.load(BIAS + N + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         m2 = mm[:, None] & mn[None, :]
         c_ptr = (C + row0 * stride_cm) + (lm[:, None] * stride_cm + rn[None, :])
         if EPILOGUE == 1:
             out = acc * tl.sigmoid(acc) * acc_up
-        elif EPILOGUE == 2:
+        elif EPILOGUE == 3:
+            out = gelu_tanh_f32(acc) * acc_up
+        elif EPILOGUE == 2 or EPILOGUE == 4:
             aux = (AUX + row0 * stride_auxm) + (lm[:, None] * stride_auxm + rn[None, :])
             g = tl.load(aux, mask=m2, other=0.0).to(tl.float32)
             u = tl.load(aux + N, mask=m2, other=0.0).to(tl.float32)
-            sg = tl.sigmoid(g)
-            tl.store(c_ptr + N, to_dtype(acc * g * sg, C.dtype.element_ty), mask=m2)
-            out = acc * u * sg * (1.0 + g * (1.0 - sg))
+            if EPILOGUE == 2:
+                sg = tl.sigmoid(g)
+                tl.store(c_ptr + N, to_dtype(acc * g * sg, C.dtype.element_ty), mask=m2)
+                out = acc * u * sg * (1.0 + g * (1.0 - sg))
+            else:
+                tl.store(c_ptr + N, to_dtype(acc * gelu_tanh_f32(g), C.dtype.element_ty),
+                         mask=m2)
+                out = acc * u * gelu_tanh_grad_f32(g)
+        elif EPILOGUE == 5:
+            out = gelu_f32(acc)
+        elif EPILOGUE == 6:
+            aux = (AUX + row0 * stride_auxm) + (lm[:, None] * stride_auxm + rn[None, :])
+            out = acc * gelu_grad_f32(tl.load(aux, mask=m2, other=0.0).to(tl.float32))
         else:
             out = acc
         if HAS_RES:
@@ -259,6 +291,11 @@ LAYER_LAUNCHES = (
     ("gemm_fwd+swiglu+bias", "forward", "swiglu", True, False),  # with mlp_bias
     ("gemm_igrad", "input_grad", "none", False, False),  # dy @ W
     ("gemm_igrad+swiglu_bwd", "input_grad", "swiglu_bwd", False, False),  # down's dX + SwiGLU'
+    ("gemm_fwd+geglu_tanh", "forward", "geglu_tanh", False, False),  # Gemma's gate/up + GeGLU
+    ("gemm_igrad+geglu_tanh_bwd", "input_grad", "geglu_tanh_bwd", False, False),
+    ("gemm_fwd+gelu", "forward", "gelu", False, False),  # Falcon's up + GELU
+    ("gemm_fwd+gelu+bias", "forward", "gelu", True, False),  # with Falcon's `bias`
+    ("gemm_igrad+gelu_bwd", "input_grad", "gelu_bwd", False, False),  # down's dX + GELU'
 )
 
 
@@ -275,9 +312,9 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
     for name, orientation, epilogue, bias, res in LAYER_LAUNCHES:
         n, k = (14336, 4096) if epilogue != "none" else (4096, 14336) if res else (6144, 4096)
         if orientation == "input_grad":
-            n, k = (14336, 4096) if epilogue == "swiglu_bwd" else (4096, 6144)
-        width = 2 * n if epilogue == "swiglu_bwd" else n
-        b_cols = 2 * n if epilogue == "swiglu" else n
+            n, k = (14336, 4096) if epilogue != "none" else (4096, 6144)
+        width = 2 * n if epilogue in GATED_BWD else n
+        b_cols = 2 * n if epilogue in GATED else n
         stride_bk, stride_bn = (1, k) if orientation == "forward" else (b_cols, 1)
         for bm, bn, bk, stages, warps in (tile_list if tile_list is not None
                                           else tiles(arch, epilogue, dtype)):
@@ -286,7 +323,8 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
                 dict(A=Ptr(dt), B=Ptr(dt), C=Ptr(dt), BIAS=Ptr(dt), R=Ptr(dt), AUX=Ptr(dt),
                      M=Int(m), M_BUCKET=Int(8192), N=Int(n), K=Int(k), stride_am=Int(k),
                      stride_ak=Int(1), stride_bk=Int(stride_bk), stride_bn=Int(stride_bn),
-                     stride_cm=Int(width), stride_rm=Int(n), stride_auxm=Int(2 * n)),
+                     stride_cm=Int(width), stride_rm=Int(n),
+                     stride_auxm=Int(n if epilogue == "gelu_bwd" else 2 * n)),
                 dict(EPILOGUE=EPILOGUES.index(epilogue), HAS_BIAS=bias, HAS_RES=res,
                      IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
                 num_warps=warps, num_stages=stages, uses_dot=True))
@@ -296,8 +334,9 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
 def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, residual=None,
          aux=None) -> torch.Tensor:
     """a (M, K) @ b (K, N) with the epilogue (see the module docstring). b may be any strided
-    view, e.g. weight.t(). For "swiglu", b has 2N columns [gate | up] and the result N; for
-    "swiglu_bwd", aux is the saved gu (M, 2N) and the result is [dg | du] (M, 2N)."""
+    view, e.g. weight.t(). For "swiglu" and "geglu_tanh", b has 2N columns [gate | up] and the
+    result N; for "swiglu_bwd" and "geglu_tanh_bwd", aux is the saved gu (M, 2N) and the result
+    is [dg | du] (M, 2N); for "gelu_bwd", aux is the saved up output (M, N)."""
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
@@ -311,10 +350,12 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, re
     if a.stride(-1) != 1:
         a = a.contiguous()
     m, k = a.shape
-    n = b.shape[1] // 2 if epilogue == "swiglu" else b.shape[1]
-    width = 2 * n if epilogue == "swiglu_bwd" else n
-    if epilogue == "swiglu_bwd" and (aux is None or aux.shape != (m, 2 * n)):
-        raise ValueError("swiglu_bwd needs aux = the saved gate/up output of shape (M, 2N)")
+    n = b.shape[1] // 2 if epilogue in GATED else b.shape[1]
+    width = 2 * n if epilogue in GATED_BWD else n
+    if epilogue in GATED_BWD and (aux is None or aux.shape != (m, 2 * n)):
+        raise ValueError(f"{epilogue} needs aux = the saved gate/up output of shape (M, 2N)")
+    if epilogue == "gelu_bwd" and (aux is None or aux.shape != (m, n)):
+        raise ValueError("gelu_bwd needs aux = the saved up output of shape (M, N)")
     if residual is not None and (epilogue != "none" or residual.shape != (m, n)):
         raise ValueError("residual applies to the plain epilogue, with shape (M, N)")
     c = torch.empty(m, width, dtype=a.dtype, device=a.device)

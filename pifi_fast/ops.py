@@ -43,14 +43,14 @@ and windows change nothing there).
 
 Other families (the layer's LayerSpec, pifi_fast.families) change three things in the chain
 above, each with its backward beside it:
-    norms       Gemma's (1 + w) RMSNorm and Falcon's LayerNorm (kernels/family_ops twins)
+    norms       Gemma's (1 + w) RMSNorm and Falcon's LayerNorm (kernels/family_ops)
     block       sandwich (Gemma-2/3): x2 = x + na(a @Wo), out = x2 + nm(mlp); saved besides:
                 the two normed inputs (a @Wo and the MLP's output) and their 1/std ("extra",
                 2H per token, and "extra_stats");
                 parallel (Falcon): x2 = x + a @Wo, out = x2 + mlp(n2(x)): the MLP reads x, so
                 x2 is not saved and dx gets the MLP branch's input gradient added
-    activation  gelu_tanh(g) * u or gelu(u) instead of silu(g) * u (twins; the Triton GEMM's
-                SwiGLU epilogues apply to SiLU only)
+    activation  gelu_tanh(g) * u or gelu(u) instead of silu(g) * u (kernels/family_ops, and
+                the Triton GEMM's geglu_tanh / gelu epilogues and their backward)
 Soft-capped scores (Gemma-2) go to pifi_fast.attention with the softcap.
 """
 from __future__ import annotations
@@ -96,10 +96,17 @@ class QuantWeight(NamedTuple):
 
 _TWINS = SimpleNamespace(rms_fwd=_rms.rms_norm_fwd_ref, rms_bwd=_rms.rms_norm_bwd_ref,
                          swiglu_fwd=_swiglu.swiglu_fwd_ref, swiglu_bwd=_swiglu.swiglu_bwd_ref,
+                         norm_fwd=_fam.norm_fwd_ref, norm_bwd=_fam.norm_bwd_ref,
+                         act_fwd=_fam.act_fwd_ref, act_bwd=_fam.act_bwd_ref,
                          rope_=_rope.rope_ref_, name="torch")
 _TRITON = (SimpleNamespace(rms_fwd=_rms.rms_norm_fwd, rms_bwd=_rms.rms_norm_bwd,
                            swiglu_fwd=_swiglu.swiglu_fwd, swiglu_bwd=_swiglu.swiglu_bwd,
+                           norm_fwd=_fam.norm_fwd, norm_bwd=_fam.norm_bwd,
+                           act_fwd=_fam.act_fwd, act_bwd=_fam.act_bwd,
                            rope_=_rope.rope_, name="triton") if kernels.HAS_TRITON else None)
+# The Triton GEMM's epilogue for each MLP activation (pifi_fast.kernels.gemm); the one named
+# "<epilogue>_bwd" applies the activation's backward to the down projection's input gradient.
+ACT_EPILOGUE = {"silu": "swiglu", "gelu_tanh": "geglu_tanh", "gelu": "gelu"}
 
 
 def elementwise_impl(x: torch.Tensor, choice: str = "auto") -> SimpleNamespace:
@@ -193,27 +200,29 @@ class FrozenLayerFunction(torch.autograd.Function):
 
 
 def _proj(run, x, w, b=None, residual=None, epilogue="none"):
-    """x @ w^T (+ b) (+ residual), or with the swiglu epilogue silu(g) * u of [g | u]."""
+    """x @ w^T (+ b) (+ residual), or with an activation epilogue (ACT_EPILOGUE: the layer's
+    MLP activation on the gate/up output)."""
     if isinstance(w, QuantWeight):
         y = _quant_linear(x, w, b, residual, triton=run.impl.name == "triton")
-        return run.impl.swiglu_fwd(y) if epilogue == "swiglu" else y
-    if _triton_gemm(run, x, epilogue):
+    elif _triton_gemm(run, x, epilogue):
         return _gemm.gemm(x, w.t(), epilogue, bias=b, residual=residual)
-    y = frozen_linear(x, w, b, residual=residual)
-    return run.impl.swiglu_fwd(y) if epilogue == "swiglu" else y
+    else:
+        y = frozen_linear(x, w, b, residual=residual)
+    return y if epilogue == "none" else _act_fwd(run, y)
 
 
 def _proj_input_grad(run, dy, w, epilogue="none", aux=None):
-    """dy @ w, or with swiglu_bwd: [dg | du] from dm = dy @ w and the saved gu (aux)."""
+    """dy @ w, or with an activation's backward epilogue ("<epilogue>_bwd"): its input
+    gradient ([dg | du] for the gated ones) from dm = dy @ w and the saved gate/up output aux."""
     if isinstance(w, QuantWeight):  # the stored 8-bit weight, dequantized in the GEMM's loads
         dx = (_quant.dequant_gemm(dy, w.q, w.scale, transposed=False)
               if run.impl.name == "triton" and _quant.supported(dy, w.storage) else
               _quant.dequant_gemm_ref(dy, w.q, w.scale, transposed=False))
-        return run.impl.swiglu_bwd(aux, dx) if epilogue == "swiglu_bwd" else dx
-    if _triton_gemm(run, dy, epilogue):
+    elif _triton_gemm(run, dy, epilogue):
         return _gemm.gemm(dy, w, epilogue, aux=aux)
-    dx = dy @ w
-    return run.impl.swiglu_bwd(aux, dx) if epilogue == "swiglu_bwd" else dx
+    else:
+        dx = dy @ w
+    return dx if epilogue == "none" else _act_bwd(run, aux, dx)
 
 
 def fp8_matmul_available(x: torch.Tensor) -> bool:
@@ -283,16 +292,14 @@ def fp8_linear(x, w: QuantWeight, bias=None, residual=None):
 # -- the family's steps (LayerSpec): norms, the MLP's activation, q/k norms -----------------------
 def _norm_fwd(run, x, name):
     """(y, fp32 1/std) of the layer's norm `name` ("input_norm", "post_norm", "attn_out_norm",
-    "mlp_out_norm") on x: Llama's RMSNorm through the kernels (or twins), Gemma's (1 + w)
-    RMSNorm and LayerNorm through their twins (no Triton kernel for them yet)."""
+    "mlp_out_norm") on x: Llama's RMSNorm, Gemma's (1 + w) RMSNorm or LayerNorm with bias,
+    through the kernels or their twins (run.impl)."""
     layer = run.layer
     w = getattr(layer, name + "_weight")
     if layer.spec.norm == "rms":
         y, _, rstd = run.impl.rms_fwd(x, w, layer.eps)
         return y, rstd
-    if layer.spec.norm == "rms_1p":
-        return _fam.rms_norm_1p_fwd_ref(x, w, layer.eps)
-    return _fam.layer_norm_fwd_ref(x, w, getattr(layer, name + "_bias"), layer.eps)
+    return run.impl.norm_fwd(x, w, layer.eps, layer.spec.norm, getattr(layer, name + "_bias"))
 
 
 def _norm_bwd(run, dy, x, name, rstd, dres=None):
@@ -301,25 +308,19 @@ def _norm_bwd(run, dy, x, name, rstd, dres=None):
     w = getattr(layer, name + "_weight")
     if layer.spec.norm == "rms":
         return run.impl.rms_bwd(dy, x, w, rstd, dres)
-    if layer.spec.norm == "rms_1p":
-        return _fam.rms_norm_1p_bwd_ref(dy, x, w, rstd, dres)
-    return _fam.layer_norm_bwd_ref(dy, x, w, rstd, dres)
+    return run.impl.norm_bwd(dy, x, w, rstd, layer.spec.norm, dres)
 
 
 def _act_fwd(run, gu):
-    """The MLP's activation on the gate/up GEMM's output: silu(g) * u (kernels or twins),
-    gelu_tanh(g) * u or gelu(u) (twins)."""
+    """The MLP's activation on the gate/up GEMM's output: silu(g) * u, gelu_tanh(g) * u or
+    gelu(u), through the kernels or their twins."""
     act = run.layer.spec.act
-    if act == "silu":
-        return run.impl.swiglu_fwd(gu)
-    return _fam.geglu_tanh_fwd_ref(gu) if act == "gelu_tanh" else _fam.gelu_fwd_ref(gu)
+    return run.impl.swiglu_fwd(gu) if act == "silu" else run.impl.act_fwd(gu, act)
 
 
 def _act_bwd(run, gu, dm):
     act = run.layer.spec.act
-    if act == "silu":
-        return run.impl.swiglu_bwd(gu, dm)
-    return _fam.geglu_tanh_bwd_ref(gu, dm) if act == "gelu_tanh" else _fam.gelu_bwd_ref(gu, dm)
+    return run.impl.swiglu_bwd(gu, dm) if act == "silu" else run.impl.act_bwd(gu, dm, act)
 
 
 def _mlp_norm(layer) -> str:
@@ -462,10 +463,10 @@ def _mlp_chunk(run, x2, src, keep_gu):
     """(out, rstd2, gu or None, m or None, rstd_m or None) of the MLP block on these tokens."""
     layer = run.layer
     h2, rstd2 = _norm_fwd(run, src, _mlp_norm(layer))
-    g = None
-    if not keep_gu and layer.spec.act == "silu" and _triton_gemm(run, h2, "swiglu"):
-        # gu is not needed later: gate/up GEMM and SwiGLU in one pass, gu never written
-        mm = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias, epilogue="swiglu")
+    g, epilogue = None, ACT_EPILOGUE[layer.spec.act]
+    if not keep_gu and _triton_gemm(run, h2, epilogue):
+        # gu is not needed later: gate/up GEMM and activation in one pass, gu never written
+        mm = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias, epilogue=epilogue)
     else:
         g = _proj(run, h2, layer.weight("gate_up"), layer.gate_up_bias)
         mm = _act_fwd(run, g)
@@ -483,7 +484,7 @@ def _mlp_input_grad(run, dout, src, rstd2, gu, m=None, rstd_m=None):
     residual gradient is added by the caller)."""
     layer = run.layer
     name, parallel = _mlp_norm(layer), layer.spec.block == "parallel"
-    silu = layer.spec.act == "silu"
+    epilogue = ACT_EPILOGUE[layer.spec.act] + "_bwd"
     dsrc = torch.empty_like(src)
     for s, e in _chunks(run, src.shape[0]):
         # recompute="mlp": one extra gate/up GEMM per chunk instead of keeping gu
@@ -491,10 +492,7 @@ def _mlp_input_grad(run, dout, src, rstd2, gu, m=None, rstd_m=None):
         dy = dout[s:e]
         if m is not None:  # sandwich: through the norm of the MLP's output first
             dy = _norm_bwd(run, dy, m[s:e], "mlp_out_norm", rstd_m[s:e])
-        if silu:
-            dgu = _proj_input_grad(run, dy, layer.weight("down"), "swiglu_bwd", aux=g)
-        else:
-            dgu = _act_bwd(run, g, _proj_input_grad(run, dy, layer.weight("down")))
+        dgu = _proj_input_grad(run, dy, layer.weight("down"), epilogue, aux=g)
         dh2 = _proj_input_grad(run, dgu, layer.weight("gate_up"))
         dsrc[s:e] = _norm_bwd(run, dh2, src[s:e], name, rstd2[s:e],
                               None if parallel else dout[s:e])

@@ -434,3 +434,46 @@ def test_w4_rows_say_how_pifi_fast_ran_its_slm():
         assert "own forward" in workloads._slm_path(model, "pifi_fast", ids, mask)
     finally:
         model.packed_slm = "auto"  # (the models are cached for the other tests)
+
+
+@pytest.mark.parametrize("shape", ["gemma-2-9b", "falcon-7b"])
+def test_w3_rows_of_the_other_families_run_their_norm_activation_and_epilogues(shape,
+                                                                                 monkeypatch):
+    """W3's per-op rows at the Gemma-2 and Falcon shapes (shrunk here): the norm, activation
+    and GEMM-epilogue rows of the family's own kinds, each producing the shape the layer's step
+    produces (gated GeGLU: [g | u] in, [dg | du] out; Falcon's GELU: one half)."""
+    import copy
+
+    from pifi_fast import ops
+    from pifi_fast.bench import workloads as W
+
+    kind, kw = W.LLM_SHAPES[shape]
+    kw = dict(copy.deepcopy(kw), hidden_size=64, num_attention_heads=4)
+    kw.update({"intermediate_size": 96, "num_key_value_heads": 2, "head_dim": 16,
+               "query_pre_attn_scalar": 16} if kind == "gemma2" else {"ffn_hidden_size": 96})
+    monkeypatch.setitem(W.LLM_SHAPES, shape, (kind, kw))
+    W._layers.cache_clear()
+    try:
+        cases = W._w3_cases({"shapes": [shape], "kernel_tokens": [40]}, torch.device("cpu"),
+                            torch.float32)
+        norm, act, epilogue = W.FAMILY_OP_SHAPES[shape]
+        assert ops.ACT_EPILOGUE[act] == epilogue
+        gated = 2 if act == "gelu_tanh" else 1
+        want = {f"{norm}_norm": (40, 64), f"{norm}_norm_bwd": (40, 64), act: (40, 96),
+                f"{act}_bwd": (40, 96 * gated), "attention": None,
+                f"gate_up+{epilogue} cublas": (40, 96),
+                f"down_grad+{epilogue}_bwd cublas": (40, 96 * gated),
+                f"gate_up+{epilogue} triton": "skip", f"down_grad+{epilogue}_bwd triton": "skip"}
+        assert sorted(c.variant for c in cases) == sorted(want)
+        for case in cases:
+            built = case.build()
+            if want[case.variant] == "skip":  # the Triton GEMM is timed on a GPU only
+                assert "skip" in built
+                continue
+            out = built["fn"]()
+            out = out[0] if isinstance(out, tuple) else out
+            assert torch.isfinite(out).all(), case.variant
+            if want[case.variant] is not None:
+                assert tuple(out.shape) == want[case.variant], case.variant
+    finally:
+        W._layers.cache_clear()

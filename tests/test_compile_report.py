@@ -34,7 +34,12 @@ def test_every_kernel_configuration_compiles_clean():
     kinds = {r["kernel"].split("+")[0].split(".")[0] for r in rows}
     # every launch of the layer is covered, the 8-bit GEMM's too
     assert {"rms_norm_fwd", "rms_norm_bwd", "rope", "rope_transpose", "swiglu_fwd",
-            "swiglu_bwd", "gemm_fwd", "gemm_igrad", "dq_gemm_fwd", "dq_gemm_igrad"} <= kinds
+            "swiglu_bwd", "gemm_fwd", "gemm_igrad", "dq_gemm_fwd", "dq_gemm_igrad",
+            "rms_1p_norm_fwd", "rms_1p_norm_bwd", "layer_norm_fwd", "layer_norm_bwd",
+            "gelu_tanh_fwd", "gelu_tanh_bwd", "gelu_fwd", "gelu_bwd"} <= kinds
+    epilogues = {r["kernel"].split("+")[1] for r in rows if r["kernel"].startswith("gemm_")
+                 and "+" in r["kernel"]}
+    assert {"swiglu", "swiglu_bwd", "geglu_tanh", "geglu_tanh_bwd", "gelu", "gelu_bwd"} <= epilogues
     for r in rows:
         if "gemm" not in r["kernel"] or not r["ok"]:
             continue
@@ -118,7 +123,7 @@ def test_gemm_tables_are_the_autotuners_only_source():
             assert table and table == gemm.tiles(arch, epilogue, "fp16")
             assert [gemm._tile_of(c) for c in gemm.configs(arch, epilogue, "bf16")] == table
     with pytest.raises(ValueError, match="epilogue"):
-        gemm.tiles(80, "gelu", "bf16")
+        gemm.tiles(80, "relu", "bf16")
 
 
 def test_prune_keeps_the_devices_tiles(monkeypatch):

@@ -67,18 +67,34 @@ def test_fused_layer_matches_hf_layer(kernel_impl, kind, lengths):
 
 
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs Triton's interpreter (or CUDA)")
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "falcon-40b"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "falcon", "falcon-40b"])
 @pytest.mark.parametrize("recompute", ["none", "mlp"])
-def test_triton_gemm_epilogues_match_hf_layer(kind, recompute):
-    """gemm="triton": fused residual, SwiGLU (recompute="mlp" forward, inference) and
-    SwiGLU-backward epilogues; fp32 under the interpreter."""
+def test_triton_gemm_epilogues_match_hf_layer(kind, recompute, monkeypatch):
+    """gemm="triton": fused residual, the activation's epilogue (recompute="mlp" forward,
+    inference) and its backward epilogue (SwiGLU, GeGLU-tanh or GELU by family); fp32 under
+    the interpreter. The epilogues that ran are recorded, so a silent fallback fails here."""
+    from pifi_fast import ops
+    from pifi_fast.kernels import gemm as G
+
+    ran, gemm = [], G.gemm
+
+    def recording_gemm(a, b, epilogue="none", **kwargs):
+        ran.append(epilogue)
+        return gemm(a, b, epilogue, **kwargs)
+
+    monkeypatch.setattr(G, "gemm", recording_gemm)
     llm, fused = _pair(kind, kernels="triton", gemm="triton", recompute=recompute)
     x, mask = _ragged([9, 4, 1, 7], llm.config.hidden_size)
     out_ref, dx_ref, out, dx = _run_both(llm, fused, x, mask)
     assert rel_err(out[mask], out_ref[mask]) <= 1e-5
     assert rel_err(dx[mask], dx_ref[mask]) <= 1e-5
-    with torch.no_grad():  # inference takes the fused gate/up + SwiGLU epilogue
+    epilogue = ops.ACT_EPILOGUE[fused.spec.act]
+    assert epilogue + "_bwd" in ran
+    assert (epilogue in ran) == (recompute == "mlp")
+    ran.clear()
+    with torch.no_grad():  # inference takes the fused gate/up + activation epilogue
         assert rel_err(fused(x, mask.long())[mask], out_ref[mask]) <= 1e-5
+    assert epilogue in ran
 
 
 @pytest.mark.parametrize("kernel_impl", KERNELS)

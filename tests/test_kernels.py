@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from pifi_fast import kernels
+from pifi_fast.kernels import family_ops as F
 from pifi_fast.kernels import gemm as G
 from pifi_fast.kernels import rms_norm as R
 from pifi_fast.kernels import rope as P
@@ -124,6 +125,87 @@ def test_swiglu_backward_is_the_autograd_gradient():
     assert rel(S.swiglu_bwd(gu.detach().float(), dm.float()), g) < 1e-6
 
 
+# -- Gemma's (1 + w) RMSNorm and Falcon's LayerNorm -----------------------------------------------
+NORM_TWINS = {"rms_1p": (F.rms_norm_1p_fwd_ref, F.rms_norm_1p_bwd_ref),
+              "layer": (F.layer_norm_fwd_ref, F.layer_norm_bwd_ref)}
+
+
+def check_family_norm(kind, dtype, rows, hidden, with_dres):
+    # a mean far from 0 and a spread of scales: LayerNorm's centring has work to do
+    x = randn(rows, hidden, dtype=dtype, scale=3.0) + 2
+    w = randn(hidden, dtype=dtype, scale=0.5)
+    b = randn(hidden, dtype=dtype) if kind == "layer" else None
+    fwd_ref, bwd_ref = NORM_TWINS[kind]
+    eps = 1e-6
+    args = (x, w, b) if kind == "layer" else (x, w)
+    y, rstd = F.norm_fwd(x, w, eps, kind, b)
+    y_t, rstd_t = fwd_ref(*args, eps)
+    y_64, rstd_64 = fwd_ref(*f64(*args), eps)
+    check_2x(y, y_t, y_64, dtype, f"{kind} fwd")
+    check_2x(rstd, rstd_t, rstd_64, torch.float32, f"{kind} rstd")
+    dy = randn(rows, hidden, dtype=dtype)
+    dres = randn(rows, hidden, dtype=dtype) if with_dres else None
+    check_2x(F.norm_bwd(dy, x, w, rstd, kind, dres), bwd_ref(dy, x, w, rstd_t, dres),
+             bwd_ref(*f64(dy, x, w, rstd_64, dres)), dtype, f"{kind} bwd")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 1000), (33, 72), (3, 4544)])
+@pytest.mark.parametrize("kind", ["rms_1p", "layer"])
+def test_family_norms_forward_and_backward(dtype, rows, hidden, kind):
+    check_family_norm(kind, dtype, rows, hidden, with_dres=rows % 2 == 1)
+
+
+@pytest.mark.parametrize("kind", ["rms_1p", "layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_family_norms_looped_path_for_wide_rows(kind, dtype, monkeypatch):
+    """rms_norm's block rule, shrunk so hidden 1000 takes the loop (one pass per statistic)."""
+    monkeypatch.setattr(R, "MAX_BLOCK_BYTES", 256)
+    monkeypatch.setattr(R, "LOOP_BLOCK", 64)
+    check_family_norm(kind, dtype, 5, 1000, with_dres=True)
+
+
+@pytest.mark.parametrize("kind", ["rms_1p", "layer"])
+def test_family_norm_backward_is_the_autograd_gradient(kind):
+    x = randn(5, 100, dtype=torch.float64, scale=2.0).requires_grad_()
+    w, b = randn(100, dtype=torch.float64), randn(100, dtype=torch.float64)
+    fwd_ref, bwd_ref = NORM_TWINS[kind]
+    y, rstd = fwd_ref(x, w, b, 1e-6) if kind == "layer" else fwd_ref(x, w, 1e-6)
+    dy = randn(5, 100, dtype=torch.float64)
+    (gx,) = torch.autograd.grad(y, x, dy)
+    assert rel(bwd_ref(dy, x.detach(), w, rstd), gx) < 1e-12
+    assert rel(F.norm_bwd(dy.float(), x.detach().float(), w.float(), rstd.float(), kind), gx) < 1e-5
+
+
+# -- GeGLU (tanh GELU) and GELU --------------------------------------------------------------------
+ACT_TWINS = {"gelu_tanh": (F.geglu_tanh_fwd_ref, F.geglu_tanh_bwd_ref),
+             "gelu": (F.gelu_fwd_ref, F.gelu_bwd_ref)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,inter", [(1, 100), (7, 300), (5, 1500)])
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu"])
+def test_family_activations_forward_and_backward(dtype, rows, inter, act):
+    width = 2 * inter if act == "gelu_tanh" else inter
+    gu = randn(rows, width, dtype=dtype, scale=2.0)
+    dm = randn(rows, inter, dtype=dtype)
+    fwd_ref, bwd_ref = ACT_TWINS[act]
+    check_2x(F.act_fwd(gu, act), fwd_ref(gu), fwd_ref(gu.double()), dtype, f"{act} fwd")
+    check_2x(F.act_bwd(gu, dm, act), bwd_ref(gu, dm), bwd_ref(gu.double(), dm.double()), dtype,
+             f"{act} bwd")
+
+
+@pytest.mark.parametrize("act", ["gelu_tanh", "gelu"])
+def test_family_activation_backward_is_the_autograd_gradient(act):
+    fwd_ref, bwd_ref = ACT_TWINS[act]
+    gu = randn(4, 100 if act == "gelu_tanh" else 50, dtype=torch.float64, scale=2.0)
+    gu.requires_grad_()
+    dm = randn(4, 50, dtype=torch.float64)
+    (g,) = torch.autograd.grad(fwd_ref(gu), gu, dm)
+    assert rel(bwd_ref(gu.detach(), dm), g) < 1e-12
+    assert rel(F.act_bwd(gu.detach().float(), dm.float(), act), g) < 1e-6
+
+
 # -- RoPE ------------------------------------------------------------------------------------------
 def rope_tables(n_pos, head_dim, dtype=torch.float32):
     """cos/sin tables shaped like a Hugging Face rotary module's output (halves repeated)."""
@@ -188,10 +270,10 @@ GEMM_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "c
 
 @pytest.mark.parametrize("dtype", GEMM_DTYPES)
 @pytest.mark.parametrize("m,k,n", [(1, 72, 50), (37, 100, 30), (64, 48, 96)])
-@pytest.mark.parametrize("epilogue", ["none", "swiglu", "swiglu_bwd"])
+@pytest.mark.parametrize("epilogue", G.EPILOGUES)
 @pytest.mark.parametrize("orientation", ["forward", "input_grad"])
 def test_gemm_epilogues(dtype, m, k, n, epilogue, orientation):
-    width = 2 * n if epilogue == "swiglu" else n
+    width = 2 * n if epilogue in G.GATED else n
     if orientation == "forward":  # x @ W^T with W (width, k)
         w = randn(width, k, dtype=dtype, scale=k ** -0.5)
         b = w.t()
@@ -199,9 +281,10 @@ def test_gemm_epilogues(dtype, m, k, n, epilogue, orientation):
         w = randn(k, width, dtype=dtype, scale=k ** -0.5)
         b = w
     a = randn(m, k, dtype=dtype)
-    bias = randn(width, dtype=dtype) if epilogue != "swiglu_bwd" else None
+    bias = randn(width, dtype=dtype) if not epilogue.endswith("_bwd") else None
     residual = randn(m, n, dtype=dtype) if epilogue == "none" else None
-    aux = randn(m, 2 * n, dtype=dtype, scale=2.0) if epilogue == "swiglu_bwd" else None
+    aux = (randn(m, 2 * n if epilogue in G.GATED_BWD else n, dtype=dtype, scale=2.0)
+           if epilogue.endswith("_bwd") else None)
     out = G.gemm(a, b, epilogue, bias=bias, residual=residual, aux=aux)
     twin = G.gemm_ref(a, b, epilogue, bias, residual, aux)
     truth = G.gemm_ref(*f64(a, b), epilogue, *f64(bias, residual, aux))
@@ -212,11 +295,12 @@ def test_gemm_epilogues(dtype, m, k, n, epilogue, orientation):
 def test_gemm_rejects_bad_arguments():
     a, w = torch.ones(4, 8, device=DEVICE), torch.ones(8, 6, device=DEVICE)
     with pytest.raises(ValueError, match="epilogue"):
-        G.gemm(a, w, "gelu")
+        G.gemm(a, w, "relu")
     with pytest.raises(ValueError, match="chain"):
         G.gemm(a, w.t())
-    with pytest.raises(ValueError, match="aux"):
-        G.gemm(a, w, "swiglu_bwd")
+    for epilogue in ("swiglu_bwd", "geglu_tanh_bwd", "gelu_bwd"):
+        with pytest.raises(ValueError, match="aux"):
+            G.gemm(a, w, epilogue)
 
 
 # -- more than 2^31 elements (GPU only: 4+ GB tensors) --------------------------------------------

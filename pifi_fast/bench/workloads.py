@@ -77,6 +77,11 @@ LLM_SHAPES = {
 }
 # shapes whose layer is Llama's kind (RMSNorm, SwiGLU): the per-op rows (W3) and Liger apply
 LLAMA_KIND_SHAPES = ("llama-3.1-8b", "qwen2-0.5b", "smollm2-135m")
+# the other families' shapes: their norm, activation (LayerSpec.norm, .act) and the activation's
+# GEMM epilogue (pifi_fast.ops.ACT_EPILOGUE), whose kernels (pifi_fast.kernels.family_ops) get
+# per-op rows (W3) of their own
+FAMILY_OP_SHAPES = {"gemma-2-9b": ("rms_1p", "gelu_tanh", "geglu_tanh"),
+                    "falcon-7b": ("layer", "gelu", "gelu")}
 BASELINES = ("hf_sdpa", "hf_eager", "hf_compile", "authors", "liger")
 # the fused layer with 8-bit weights (weights="int8" / "fp8"), the same layer otherwise
 QUANT_IMPLS = ("pifi_fast_int8", "pifi_fast_fp8")
@@ -450,10 +455,18 @@ def _w3_cases(sizes, device, dtype):
            # 8-bit weights (pifi_fast.kernels.quant): the forward GEMM and the input gradient
            "gate_up_proj int8", "gate_up_proj fp8", "gate_up_proj_grad int8",
            "gate_up_proj_grad fp8")
+    shape_ops = [(shape, ops) for shape in sizes["shapes"] if shape in LLAMA_KIND_SHAPES]
+    for shape in sizes["shapes"]:
+        if shape in FAMILY_OP_SHAPES:
+            norm, act, epilogue = FAMILY_OP_SHAPES[shape]
+            shape_ops.append((shape, (
+                f"{norm}_norm", f"{norm}_norm_bwd", act, f"{act}_bwd", "attention",
+                f"gate_up+{epilogue} cublas", f"gate_up+{epilogue} triton",
+                f"down_grad+{epilogue}_bwd cublas", f"down_grad+{epilogue}_bwd triton")))
     return [Case("W3", op, shape, tokens, "pifi_fast",
                  functools.partial(_build_w3, shape, tokens, op, device, dtype))
-            for shape in sizes["shapes"] if shape in LLAMA_KIND_SHAPES
-            for tokens in sizes["kernel_tokens"] for op in ops]
+            for shape, shape_ops_ in shape_ops for tokens in sizes["kernel_tokens"]
+            for op in shape_ops_]
 
 
 def _build_w3(shape, tokens, op, device, dtype):
@@ -465,7 +478,7 @@ def _build_w3(shape, tokens, op, device, dtype):
 
     layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))["pifi_fast"]
     es = torch.empty((), dtype=dtype).element_size()
-    h, inter = layer.hidden_size, layer.config.intermediate_size
+    h, inter = layer.hidden_size, layer.down_weight.shape[1]
     seq = min(tokens, 512)
     b = max(1, tokens // seq)
     t = b * seq
@@ -474,6 +487,26 @@ def _build_w3(shape, tokens, op, device, dtype):
         return torch.randn(*shape_, device=device, dtype=dtype)
 
     impl = ops.elementwise_impl(rand(1), layer.kernels)
+    if op.endswith(("_norm", "_norm_bwd")) and not op.startswith("rms_norm"):
+        # the other families' norms: Gemma's (1 + w) RMSNorm, LayerNorm with bias
+        kind = op.removesuffix("_bwd").removesuffix("_norm")
+        x, w, bias = rand(t, h), layer.input_norm_weight, layer.input_norm_bias
+        if not op.endswith("_bwd"):
+            return {"fn": lambda: impl.norm_fwd(x, w, layer.eps, kind, bias), "tokens": t,
+                    "bytes_moved": 2 * t * h * es}
+        _, rstd = impl.norm_fwd(x, w, layer.eps, kind, bias)
+        dy, dres = rand(t, h), rand(t, h)
+        return {"fn": lambda: impl.norm_bwd(dy, x, w, rstd, kind, dres), "tokens": t,
+                "bytes_moved": 4 * t * h * es}
+    if op.removesuffix("_bwd") in ("gelu_tanh", "gelu"):
+        act = op.removesuffix("_bwd")
+        gated = act == "gelu_tanh"  # reads [g | u], writes m; backward writes [dg | du]
+        gu, dm = rand(t, (2 if gated else 1) * inter), rand(t, inter)
+        if not op.endswith("_bwd"):
+            return {"fn": lambda: impl.act_fwd(gu, act), "tokens": t,
+                    "bytes_moved": (3 if gated else 2) * t * inter * es}
+        return {"fn": lambda: impl.act_bwd(gu, dm, act), "tokens": t,
+                "bytes_moved": (5 if gated else 3) * t * inter * es}
     if op in ("rms_norm", "rms_norm_bwd"):
         x, w = rand(t, h), layer.input_norm_weight
         if op == "rms_norm":
@@ -507,7 +540,7 @@ def _build_w3(shape, tokens, op, device, dtype):
         return {"fn": lambda: attn.attention(q, k, v, seg, layer.scaling), "tokens": t,
                 "flops": 4 * b * layer.num_heads * seq * seq * layer.head_dim}
     if "cublas" in op or "triton" in op:
-        return _gemm_choice_case(layer, op, impl, rand, t, h, inter)
+        return _gemm_choice_case(layer, op, impl, rand, t, h)
     if op.endswith(("int8", "fp8")):
         q_layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))[
             "pifi_fast_" + op.rsplit(" ", 1)[1]]
@@ -534,7 +567,7 @@ def _build_w3(shape, tokens, op, device, dtype):
             "flops": 2 * t * weight.shape[0] * weight.shape[1]}
 
 
-def _gemm_choice_case(layer, op, impl, rand, t, h, inter):
+def _gemm_choice_case(layer, op, impl, rand, t, h):
     from pifi_fast._ext import frozen_linear
     from pifi_fast.kernels import HAS_TRITON
 
@@ -546,18 +579,27 @@ def _gemm_choice_case(layer, op, impl, rand, t, h, inter):
                         "interpreter)"}
     from pifi_fast.kernels.gemm import gemm
 
-    if op.startswith("gate_up"):
-        x, w = rand(t, h), layer.gate_up_weight
-        fn = ((lambda: gemm(x, w.t(), "swiglu")) if triton
-              else (lambda: impl.swiglu_fwd(frozen_linear(x, w))))
-    elif op.startswith("down_grad"):
-        dy, w, gu = rand(t, h), layer.down_weight, rand(t, 2 * inter)
-        fn = ((lambda: gemm(dy, w, "swiglu_bwd", aux=gu)) if triton
-              else (lambda: impl.swiglu_bwd(gu, dy @ w)))
-    else:
+    from pifi_fast.ops import ACT_EPILOGUE
+
+    if op.startswith("o_proj"):
         a, w, res = rand(t, layer.q_size), layer.o_weight, rand(t, h)
         fn = ((lambda: gemm(a, w.t(), residual=res)) if triton
               else (lambda: frozen_linear(a, w, None, res)))
+        return {"fn": fn, "tokens": t, "flops": 2 * t * w.shape[0] * w.shape[1]}
+    epilogue = op.split(" ")[0].partition("+")[2]  # "gate_up+geglu_tanh cublas" -> geglu_tanh
+    act = {e: a for a, e in ACT_EPILOGUE.items()}[epilogue.removesuffix("_bwd")]
+    act_fwd, act_bwd = ((impl.swiglu_fwd, impl.swiglu_bwd) if act == "silu" else
+                        (functools.partial(impl.act_fwd, act=act),
+                         functools.partial(impl.act_bwd, act=act)))
+    if op.startswith("gate_up"):
+        x, w = rand(t, h), layer.gate_up_weight
+        fn = ((lambda: gemm(x, w.t(), epilogue)) if triton
+              else (lambda: act_fwd(frozen_linear(x, w))))
+    else:  # down_grad: the down projection's input gradient and the activation's backward
+        w = layer.down_weight
+        dy, gu = rand(t, h), rand(t, (1 if act == "gelu" else 2) * w.shape[1])
+        fn = ((lambda: gemm(dy, w, epilogue, aux=gu)) if triton
+              else (lambda: act_bwd(gu, dy @ w)))
     return {"fn": fn, "tokens": t, "flops": 2 * t * w.shape[0] * w.shape[1]}
 
 
