@@ -92,7 +92,11 @@ def build_layer(config, index: int, state_dict: dict[str, torch.Tensor], dtype=N
                 f"{getattr(config, 'intermediate_size', '?')}, heads "
                 f"{config.num_attention_heads}/{getattr(config, 'num_key_value_heads', None)}) "
                 f"needs {tuple(want)}")
-        sd[k] = t.to(dtype) if t.is_floating_point() else t
+        t = t.to(dtype) if t.is_floating_point() else t
+        # A tensor of its own, aligned as torch allocates: a tensor read from a file can be a view
+        # at any byte offset of the file's buffer, and CPU GEMM kernels may round differently
+        # with the alignment (one Mixtral layer read from two files gave different last bits).
+        sd[k] = t.clone() if t.data_ptr() % 64 else t
     module.load_state_dict(sd, assign=True, strict=True)
     for p in module.parameters():
         p.requires_grad_(False)
