@@ -6,6 +6,7 @@ falls back to the autograd Function below, which has the same contract, and we s
 """
 from __future__ import annotations
 
+import importlib.util
 import warnings
 
 import torch
@@ -32,6 +33,11 @@ def _torch_mismatch() -> str | None:
 
 _IMPORT_ERROR: Exception | str | None = _torch_mismatch()
 HAS_EXTENSION = EXTENSION_WITH_CUDA = False
+if _IMPORT_ERROR is None and importlib.util.find_spec("pifi_fast._C") is None:
+    # (importing it anyway would say "partially initialized module ... circular import")
+    _IMPORT_ERROR = ("it was not built: this install skipped it (PIFI_FAST_NO_EXT=1, or no "
+                     "torch or C++ compiler at build time); to build it, install again with "
+                     "torch present: pip install --no-build-isolation <pifi_fast source>")
 if _IMPORT_ERROR is None:
     try:
         from pifi_fast import _C  # noqa: F401  (import registers the ops)

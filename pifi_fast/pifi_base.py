@@ -62,6 +62,17 @@ def _load_slm(slm, task: str):
     return cls.from_pretrained(slm, trust_remote_code=False, use_safetensors=True)
 
 
+def _slm_tokenizer(slm):
+    """The tokenizer of an SLM given by Hub id or folder, or None where it has none (or it
+    cannot be read here); predict() then asks for one."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(slm)
+    except (OSError, ValueError):
+        return None
+
+
 ADAPTERS = ("linear", "mlp")
 
 
@@ -241,7 +252,11 @@ class PiFiBase(nn.Module):
             if len(set(found)) != len(found):
                 raise ValueError(f"layers {indices} name the same layer twice (indices {found})")
             llm_layers = llm_layers[0] if len(llm_layers) == 1 else llm_layers
-        return cls(slm_module, llm_layers, task=task, **task_options)
+        model = cls(slm_module, llm_layers, task=task, **task_options)
+        if isinstance(slm, (str, os.PathLike)):
+            # the SLM's tokenizer rides along: save_pretrained writes it, predict() uses it
+            model.tokenizer = _slm_tokenizer(slm)
+        return model
 
     # -- input checks ---------------------------------------------------------------------------
     def _check_inputs(self, input_ids, attention_mask, inputs_embeds):
@@ -492,7 +507,10 @@ class PiFiBase(nn.Module):
                 "llm_config": None if self.llm_config is None else self.llm_config.to_dict(),
             }
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, default=str))
-            for name, writer in (extra_files or {}).items():
+            extra_files = dict(extra_files or {})
+            if getattr(self, "tokenizer", None) is not None:  # (a caller's own one wins)
+                extra_files.setdefault("tokenizer", self.tokenizer.save_pretrained)
+            for name, writer in extra_files.items():
                 writer(tmp / name)
             if into_existing and target.is_dir():
                 for item in sorted(tmp.iterdir(), key=lambda p: p.name == WEIGHTS_NAME):
@@ -582,7 +600,7 @@ class PiFiBase(nn.Module):
             model.load_state_dict(state, strict=True)
         model.llm_source = cfg.get("llm_source", model.llm_source)
         model.loaded_from = directory
-        if (directory / "tokenizer").is_dir():  # pifi-fast train saves it beside the weights
+        if (directory / "tokenizer").is_dir():  # written beside the weights by save_pretrained
             from transformers import AutoTokenizer
 
             model.tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer")

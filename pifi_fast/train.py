@@ -459,6 +459,7 @@ def evaluate(model, task_data: TaskData, rows, device, precision="fp32", batch_s
         result = metrics_mod.qa_metrics(preds, golds)
     if n:
         result["loss"] = loss_sum / n
+    result["examples"] = len(rows)  # how many were scored
     return result
 
 
@@ -639,6 +640,8 @@ def _train(cfg: TrainConfig) -> dict:
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
     train_rows = _load_rows(cfg, "train", cfg.limit_train)
     dev_rows = _load_rows(cfg, cfg.eval_split, cfg.limit_eval)
+    if rank == 0 and data_mod.is_one_file(cfg.data):
+        print(data_mod.one_file_note(cfg.data))
     tokenizer = load_tokenizer(resolve_slm(cfg.slm))
     task_data = TaskData(cfg, tokenizer, train_rows)
     task_data.check_rows(dev_rows, cfg.eval_split)  # once, before any training
@@ -846,7 +849,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     model's ({"negative": 0, "positive": 1}); the columns default to the training run's.
     ``compile``: torch.compile the model; ``cuda_graphs``: compiled with CUDA graphs (GPU;
     elsewhere compiled without them, with a warning). Both bucket the batch lengths.
-    ``packed_slm``: PiFiModel.packed_slm (auto, true or false; None: the training run's)."""
+    ``packed_slm``: PiFiModel.packed_slm (auto, true or false; None: the training run's).
+    A file other than the training data is evaluated whole (``split`` applies to folders,
+    built-in names and the training file, whose splits data.load_split cuts)."""
     from pifi_fast import PiFiModel
     from pifi_fast.pifi_base import _looks_like_repo_id
 
@@ -870,6 +875,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     model.packed_slm = packed_slm_option(cfg.packed_slm if packed_slm is None else packed_slm)
     if model.labels is not None:  # the vocabulary stored with the weights wins
         task_data.label_map = {data_mod.normalize_label(k): i for i, k in enumerate(model.labels)}
+    if data and data != saved["data"] and Path(data).is_file():
+        split = "all"  # a file of its own (another domain): evaluated whole, not cut in splits
     rows = data_mod.apply_label_map(_load_rows(cfg, split, limit), label_map)
     task_data.check_rows(rows, split)
     execution = "cuda-graphs" if cuda_graphs else "compile" if compile else "eager"

@@ -180,3 +180,19 @@ def test_wheel_knows_its_torch_and_runs_in_a_fresh_venv_without_a_compiler(tmp_p
     warning = [line for line in out.stderr.splitlines() if "compiled against torch" in line]
     assert len(warning) == 1 and "2.99.0+cu999" in warning[0] and _torch.__version__ in warning[0]
     assert "undefined symbol" not in out.stderr
+
+
+def test_an_install_without_the_extension_says_it_was_not_built(tmp_path):
+    """PIFI_FAST_NO_EXT=1 (or no compiler): `pifi-fast info` says the extension was not built and
+    how to build it, not Python's "partially initialized module ... circular import"."""
+    script = ("import importlib.util as u\n"
+              "real = u.find_spec\n"
+              "u.find_spec = lambda n, *a: None if n == 'pifi_fast._C' else real(n, *a)\n"
+              "from pifi_fast.cli import main\n"
+              "main(['info'])\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("compiled extension"))
+    assert "compiled extension: False" in line and "it was not built" in line
+    assert "circular" not in out.stdout + out.stderr

