@@ -31,10 +31,18 @@ def _torch_mismatch() -> str | None:
     return None
 
 
+def _not_built() -> bool:
+    """Whether no pifi_fast._C exists at all (importing it anyway would then say "partially
+    initialized module ... circular import", which misleads)."""
+    try:
+        return importlib.util.find_spec("pifi_fast._C") is None
+    except ImportError:  # a finder refused it: the import below records why
+        return False
+
+
 _IMPORT_ERROR: Exception | str | None = _torch_mismatch()
 HAS_EXTENSION = EXTENSION_WITH_CUDA = False
-if _IMPORT_ERROR is None and importlib.util.find_spec("pifi_fast._C") is None:
-    # (importing it anyway would say "partially initialized module ... circular import")
+if _IMPORT_ERROR is None and _not_built():
     _IMPORT_ERROR = ("it was not built: this install skipped it (PIFI_FAST_NO_EXT=1, or no "
                      "torch or C++ compiler at build time); to build it, install again with "
                      "torch present: pip install --no-build-isolation <pifi_fast source>")

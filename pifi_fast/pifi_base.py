@@ -69,8 +69,8 @@ def _slm_tokenizer(slm):
 
     try:
         return AutoTokenizer.from_pretrained(slm)
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError, ImportError):  # no tokenizer files, unreadable, or a missing
+        return None                              # optional package (sentencepiece)
 
 
 ADAPTERS = ("linear", "mlp")
