@@ -383,8 +383,14 @@ def test_batch_prediction_from_the_cli_and_python(tiny_models, tmp_path):
     assert [g["label"] for g in graphs] == [r["label"] for r in lines]
     with pytest.raises(ValueError, match="execution must be one of"):
         model.predict(texts, execution="graphs")
+    # an SLM given as a module brings no tokenizer; given by its folder, its tokenizer comes along
+    from transformers import AutoModel
+
     with pytest.raises(ValueError, match="needs a tokenizer"):
-        PiFiModel.from_parts(tiny_models["bert"], None, seed=0).predict(["x"])
+        PiFiModel.from_parts(AutoModel.from_pretrained(tiny_models["bert"]), None,
+                             seed=0).predict(["x"])
+    assert PiFiModel.from_parts(tiny_models["bert"], None, seed=0).predict(["x"])[0]["label"] in (
+        0, 1)
 
 
 @needs_sst2
