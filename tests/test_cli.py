@@ -1,6 +1,11 @@
 """The command line explains itself: every option of every command has a help line with its
 default (and its choices where it has them); `pifi-fast --help` lists the commands."""
 import argparse
+import os
+import subprocess
+import sys
+
+import pytest
 
 from pifi_fast import cli
 
@@ -33,8 +38,6 @@ def test_every_on_off_option_follows_one_convention():
     """`--flag` alone turns a switch on and `--flag true|false` sets it, for every command (train
     needed a value and eval took none: the README's `train --compile` failed); a misspelt value
     is an error, not a silent false."""
-    import pytest
-
     parser, commands = _subparsers()
     for name, sub in commands.items():
         for action in sub._actions:
@@ -77,12 +80,6 @@ def test_info_says_which_backward_path_the_fused_layer_runs_here(capsys, monkeyp
 def test_a_users_error_is_one_line_not_a_traceback(tmp_path):
     """From the shell, a missing data file or built-in dataset ends in one line that says what
     to do (exit status 2); from Python, main(argv) raises as before."""
-    import os
-    import subprocess
-    import sys
-
-    import pytest
-
     env = dict(os.environ, PIFI_FAST_DATA=str(tmp_path / "no-data"))
     for data, expected in (("missing.csv", "no such file or folder"),
                            ("sst2", "set PIFI_FAST_DATA")):
