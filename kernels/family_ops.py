@@ -124,6 +124,7 @@ def act_bwd_ref(gu, dm, act: str):
     """The twin of act_bwd."""
     return geglu_tanh_bwd_ref(gu, dm) if act == "gelu_tanh" else gelu_bwd_ref(gu, dm)
 
+
 # -- Triton ----------------------------------------------------------------------------------------
 # The norms: one program per row, with rms_norm's block rule (rms_norm.launch_params: the row
 # in one block up to its MAX_BLOCK_BYTES, else LOOP_BLOCK-wide blocks in a loop, one pass per
