@@ -3,18 +3,27 @@
 Each module holds plain launch functions (tensors in, tensors out, no autograd) and, beside each
 kernel, a short pure-PyTorch twin that defines what the kernel computes:
 
-    rms_norm   RMSNorm with the residual add fused; input-gradient-only backward
-    rope       rotary embedding applied in place inside a packed QKV buffer; its transpose
-    swiglu     silu(g) * u from a merged gate/up buffer; dg and du into one buffer
+    rms_norm        RMSNorm with the residual add fused; input-gradient-only backward
+    rope            rotary embedding applied in place inside a packed QKV buffer; its transpose
+    swiglu          silu(g) * u from a merged gate/up buffer; dg and du into one buffer
+    family_ops      Gemma's (1 + w) RMSNorm, LayerNorm, GeGLU-tanh and GELU (Gemma, Falcon)
+    gemm            the projection GEMM with fused epilogues (SwiGLU, GeGLU, GELU, residual)
+    quant           8-bit frozen weights: quantization and the GEMM that dequantizes on load
+    compile_report  every kernel configuration compiled for five GPU targets, without a GPU
+    _spec, _round   launch descriptions (for compiling without a GPU); in-kernel rounding
 
-Kernels know nothing about models. They run on CUDA tensors, or on CPU tensors under Triton's
-interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how CI checks them.
+Kernels know nothing about models: this package imports nothing of pifi_fast outside it, and
+pifi_fast.ops is its one user in the library (the benchmarks and the CLI call it too). They run
+on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
+triton is imported), which is how CI checks them.
 Without triton installed the package still imports; ``HAS_TRITON`` is then False and callers
 (pifi_fast.ops) use the twins.
 """
 from __future__ import annotations
 
 import os
+
+import torch
 
 try:
     import triton  # noqa: F401
@@ -27,8 +36,6 @@ except ImportError:  # CPU-only torch builds come without triton
 def acc_dtype(t):
     """t in its accumulation dtype: fp32 for 16-bit inputs, the input's own dtype above that
     (the twins compute in it)."""
-    import torch
-
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 

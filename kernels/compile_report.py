@@ -16,8 +16,8 @@ records:
 
 Compiles run in worker processes (``jobs``), each with a fresh Triton cache and without
 TRITON_INTERPRET (the interpreter's functions cannot be compiled), so the report can run inside
-a test session that uses the interpreter. ``pifi-fast kernels`` prints the table; ``write``
-saves Markdown and JSON.
+a test session that uses the interpreter. ``write`` saves Markdown and JSON; ``compile_all``
+runs, times and writes them (what ``pifi-fast kernels`` prints).
 """
 from __future__ import annotations
 
@@ -27,13 +27,22 @@ import datetime
 import io
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+# (importing pifi_fast.kernels has imported pifi_fast, which loads these kernel modules anyway)
+from . import family_ops, gemm, quant, rms_norm, rope, swiglu
+from ._spec import triton_signature
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,6 @@ def target_for_capability(major: int, minor: int) -> Target | None:
 def collect(targets, dtypes, only: str | None = None, gemm_tiles=None):
     """[(target, launch)] in a fixed order: every configuration of every kernel (the GEMMs'
     from their tables, or ``gemm_tiles`` on every target when given: to try candidates)."""
-    from . import family_ops, gemm, quant, rms_norm, rope, swiglu
-
     out = []
     for tname in targets:
         target = TARGETS[tname]
@@ -86,7 +93,7 @@ def collect(targets, dtypes, only: str | None = None, gemm_tiles=None):
 
 # -- compiling one launch ------------------------------------------------------------------------
 def _ptxas():
-    import triton
+    import triton  # deferred: triton is optional (CPU-only torch builds); only compiling uses it
 
     path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not path.exists():
@@ -123,11 +130,10 @@ def tensor_core_kind(ptx: str) -> str:
 
 def compile_one(target: Target, launch) -> dict:
     """Compile one launch for one target; the report row."""
+    # deferred: triton is optional (CPU-only torch builds); only compiling uses it
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    from ._spec import triton_signature
 
     row = {"target": target.name, "kernel": launch.name, "dtype": launch.dtype,
            "config": launch.config, "warps": launch.num_warps, "stages": launch.num_stages,
@@ -182,7 +188,7 @@ def compile_one(target: Target, launch) -> dict:
 @contextlib.contextmanager
 def _ptxas_log_on():
     """Triton's knobs.nvidia.dump_ptxas_log switched on for one compile (when it exists)."""
-    from triton import knobs
+    from triton import knobs  # deferred: triton is optional (CPU-only torch builds)
 
     nvidia = getattr(knobs, "nvidia", None)
     if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
@@ -231,8 +237,6 @@ def run(targets=tuple(TARGETS), dtypes=DTYPES, only=None, jobs: int | None = Non
                                   stderr=subprocess.PIPE, text=True,
                                   env=_worker_env(os.path.join(cache, str(k))))
                  for k in range(jobs)]
-        import threading
-
         def drain(p):
             for line in p.stdout:
                 if line.startswith("{"):
@@ -352,10 +356,7 @@ def markdown(rows: list[dict], env: dict, gemm_fallbacks: list[str]) -> str:
 
 
 def environment() -> dict:
-    import platform
-
-    import torch
-    import triton
+    import triton  # deferred: triton is optional (CPU-only torch builds); the report needs it
 
     res = subprocess.run([_ptxas(), "--version"], capture_output=True, text=True)
     m = re.search(r"release ([\d.]+)", res.stdout)
@@ -366,11 +367,9 @@ def environment() -> dict:
 
 
 def gemm_fallbacks(targets, dtypes) -> list[str]:
-    from .gemm import configs
-
     return [f"{t} {d}" for t in targets for d in dtypes
             if (d == "fp32" or d in TARGETS[t].dtypes)
-            and not any(configs(TARGETS[t].capability, e, d) for e in ("none", "swiglu",
+            and not any(gemm.configs(TARGETS[t].capability, e, d) for e in ("none", "swiglu",
                                                                        "swiglu_bwd"))]
 
 
@@ -386,15 +385,26 @@ def write(rows: list[dict], out_dir, targets, dtypes) -> dict:
     return {"md": out / "kernels.md", "json": out / "kernels.json"}
 
 
+def compile_all(targets=tuple(TARGETS), dtypes=DTYPES, only=None, jobs: int | None = None,
+                out=None) -> dict:
+    """run() with a progress bar (on a terminal), timed, and written to ``out`` when given
+    (write()). Returns the rows, their text table, the seconds taken, the paths written
+    ({kind: Path}, empty without ``out``) and whether every row passed ("ok")."""
+    total = len(collect(targets, dtypes, only))
+    t0 = time.monotonic()
+    with tqdm(total=total, unit="kernel", desc="compiling", disable=None) as bar:
+        rows = run(targets, dtypes, only, jobs, progress=lambda row: bar.update())
+    seconds = time.monotonic() - t0
+    paths = write(rows, out, targets, dtypes) if out else {}
+    return {"rows": rows, "table": text_table(rows), "seconds": seconds, "paths": paths,
+            "ok": all(r["ok"] for r in rows)}
+
+
 # -- on a GPU: what the autotuner picks, against the table ----------------------------------------
 def autotuner_picks(device="cuda", dtype=None, rows=(32, 4096)) -> list[dict]:
     """Run the GEMM once per layer launch at the Llama-3.1-8B shape for a few row counts on a
     real GPU, and report which tile the autotuner picked (and each tile's time) next to the
     table's first tile (the one taken without tuning). Needs CUDA."""
-    import torch
-
-    from . import gemm
-
     if not torch.cuda.is_available():
         raise RuntimeError("autotuner_picks needs a CUDA device")
     dtype = dtype or (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
@@ -433,6 +443,15 @@ def autotuner_picks(device="cuda", dtype=None, rows=(32, 4096)) -> list[dict]:
                         "same": _tile_name(best) == _tile_name(table[0]),
                         "timings_ms": timings})
     return out
+
+
+def write_autotuner_picks(picks: list[dict], out_dir) -> Path:
+    """Save autotuner_picks()'s result as out_dir/autotuner_picks.json; returns its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "autotuner_picks.json"
+    path.write_text(json.dumps(picks, indent=1))
+    return path
 
 
 def _tile_name(t) -> str:

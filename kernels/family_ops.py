@@ -30,6 +30,7 @@ from . import HAS_TRITON
 from . import acc_dtype as _acc
 from . import as_rows as _rows
 from . import rms_norm as _rms
+from ._spec import DTYPE_NAMES, Float, Int, Launch, Ptr
 
 
 def rms_norm_1p_fwd_ref(x, weight, eps):
@@ -390,8 +391,6 @@ def compile_launches(arch: int, dtype: str):
     """Every configuration the launchers pick (pifi_fast.kernels.compile_report): the norms per
     block width (64 columns to the one-pass limit, and the looped one), forward and backward
     with and without the residual gradient, for both kinds; the activations per block width."""
-    from ._spec import DTYPE_NAMES, Float, Int, Launch, Ptr
-
     dt = DTYPE_NAMES[dtype]
     size = torch.empty(0, dtype=dt).element_size()
     widths = [1 << k for k in range(6, (_rms.MAX_BLOCK_BYTES // size).bit_length())]

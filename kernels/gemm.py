@@ -37,6 +37,7 @@ import os
 import torch
 
 from . import HAS_TRITON, interpreting
+from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 from .family_ops import geglu_tanh_bwd_ref, geglu_tanh_fwd_ref, gelu_bwd_ref, gelu_fwd_ref
 from .swiglu import swiglu_bwd_ref, swiglu_fwd_ref
 
@@ -123,7 +124,7 @@ def tiles(arch: int, epilogue: str, dtype: str) -> list[tuple[int, int, int, int
 
 def configs(arch: int, epilogue: str, dtype: str) -> list:
     """The one source of the GEMM's autotuner configs: tiles() as triton.Config objects."""
-    import triton
+    import triton  # deferred: a Triton-only path (configs need triton installed)
 
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_stages=st, num_warps=w)
@@ -171,7 +172,7 @@ def _prune(all_configs, named_args, **kwargs):
 def _all_configs():
     """Every tile of every target (the autotuner prunes to the device's list at launch); one
     small tile under the interpreter, which would otherwise run every config."""
-    import triton
+    import triton  # deferred: a Triton-only path (configs need triton installed)
 
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
@@ -187,7 +188,7 @@ def _all_configs():
 
 # -- Triton ----------------------------------------------------------------------------------------
 if HAS_TRITON:
-    import triton
+    import triton  # deferred: a Triton-only path (configs need triton installed)
     import triton.language as tl
 
     from ._round import to_dtype
@@ -304,8 +305,6 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
     for each launch the layer makes, specialized as at the Llama-3.1-8B shape: forward B = W^T
     (unit stride along K), input gradient B = W (unit stride along N). ``tile_list`` overrides
     the table (for exploring candidates)."""
-    from ._spec import DTYPE_NAMES, Int, Launch, Ptr
-
     dt = DTYPE_NAMES[dtype]
     m = 4099  # a packed token count: not a multiple of 16
     out = []

@@ -33,6 +33,7 @@ import os
 import torch
 
 from . import HAS_TRITON, interpreting
+from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -189,7 +190,7 @@ def _prune(all_configs, named_args, **kwargs):
 
 
 def _all_configs():
-    import triton
+    import triton  # deferred: a Triton-only path (configs need triton installed)
 
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
@@ -207,7 +208,7 @@ def _all_configs():
 
 # -- Triton ----------------------------------------------------------------------------------------
 if HAS_TRITON:
-    import triton
+    import triton  # deferred: a Triton-only path (configs need triton installed)
     import triton.language as tl
 
     from ._round import to_dtype
@@ -287,8 +288,6 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
     target runs, for each launch the layer makes, specialized at the Llama-3.1-8B shape (scale
     groups of 128; int8 forward launches also with GGUF Q8_0's groups of 32, "int8-g32").
     ``tile_list`` overrides the tables (exploring candidates)."""
-    from ._spec import DTYPE_NAMES, Int, Launch, Ptr
-
     dt = DTYPE_NAMES[dtype]
     out = []
     # (storage, its name in the report, scale group: None = one per channel)

@@ -21,6 +21,7 @@ import torch
 from . import HAS_TRITON
 from . import acc_dtype as _acc
 from . import as_rows as _rows
+from ._spec import DTYPE_NAMES, Float, Int, Launch, Ptr
 
 MAX_HIDDEN = 65536
 
@@ -170,8 +171,6 @@ def compile_launches(arch: int, dtype: str):
     block width, 64 columns to the one-pass limit, and the looped one for wider rows; forward
     with and without the fused residual add, backward with and without the residual
     gradient."""
-    from ._spec import DTYPE_NAMES, Float, Int, Launch, Ptr
-
     dt = DTYPE_NAMES[dtype]
     size = torch.empty(0, dtype=dt).element_size()
     widest = MAX_BLOCK_BYTES // size

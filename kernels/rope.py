@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import HAS_TRITON
+from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 
 
 # -- plain PyTorch twin ----------------------------------------------------------------------------
@@ -90,8 +91,6 @@ def launch_params(head_dim: int):
 def compile_launches(arch: int, dtype: str):
     """Every configuration (pifi_fast.kernels.compile_report): one per head dim class (2 to
     MAX_HEAD_DIM), forward and transpose; the cos/sin tables in the compute dtype."""
-    from ._spec import DTYPE_NAMES, Int, Launch, Ptr
-
     dt = DTYPE_NAMES[dtype]
     out = []
     for head_dim in (1 << k for k in range(1, MAX_HEAD_DIM.bit_length())):

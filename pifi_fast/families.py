@@ -29,6 +29,7 @@ import sys
 
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 # The families whose frozen layer pifi_fast computes itself (FrozenLlamaLayer, described by a
 # LayerSpec); every other family Transformers ships runs its own Hugging Face layer, unfused.
@@ -42,8 +43,6 @@ ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def modeling_classes(config):
     """(the family's causal-LM class, the modeling module defining it)."""
-    from transformers import AutoModelForCausalLM
-
     try:
         model_cls = AutoModelForCausalLM._model_mapping[type(config)]
     except KeyError:

@@ -22,6 +22,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 # metadata value types: code -> (struct format, size) for the fixed-size ones
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
@@ -117,8 +118,6 @@ class _Cursor:
 
 def read_header(path) -> GGUFHeader:
     """Parse a GGUF file's header (metadata and tensor infos); GGUFFormatError if it cannot."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     path = Path(path)
     size = path.stat().st_size
     if size < 24:

@@ -15,7 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import huggingface_hub
+from huggingface_hub.errors import LocalEntryNotFoundError
+
 from pifi_fast.loading import HUB_UNREACHABLE, ensure_hub_reachable, hub_offline
+from pifi_fast.version import installed_version
 
 CARD_NAME = "README.md"
 # what a PiFi checkpoint folder holds: nothing else is downloaded
@@ -26,14 +30,11 @@ _FILES = ["pifi_config.json", "model.safetensors", "README.md", "results.json",
 def download(repo_id: str, revision: str | None = None) -> Path:
     """A local folder holding the PiFi checkpoint of a Hub repo: downloaded (only a
     checkpoint's files), or, with HF_HUB_OFFLINE=1, found in the local cache."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     ensure_hub_reachable()
     offline = hub_offline()
     try:
-        path = snapshot_download(repo_id, revision=revision, allow_patterns=_FILES,
-                                 local_files_only=offline)
+        path = huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                 allow_patterns=_FILES, local_files_only=offline)
     except LocalEntryNotFoundError:
         if offline:
             raise FileNotFoundError(f"{repo_id} is not in the local Hub cache "
@@ -48,8 +49,6 @@ def _fmt_metric(value):
 
 def model_card(model, results: dict | None = None, train_config: dict | None = None) -> str:
     """README.md text for a saved PiFi model."""
-    from pifi_fast.pifi_base import _version
-
     slm = getattr(model.slm.config, "_name_or_path", "") or model.slm.config.model_type
     index = model.llm_index
     where = (f"layers {', '.join(map(str, index))}" if isinstance(index, list)
@@ -62,7 +61,7 @@ def model_card(model, results: dict | None = None, train_config: dict | None = N
              f"- {model.task}", "---", "", "# PiFi model", "",
              "A small LM with one frozen decoder layer of a large LM plugged in between two "
              f"{model._options.get('adapter', 'linear')} adapters (PiFi, ACL 2025), trained "
-             f"with pifi_fast {_version()}.", "",
+             f"with pifi_fast {installed_version()}.", "",
              "| | |", "|---|---|", f"| small LM | `{slm}` |", f"| LLM layer | {llm} |",
              f"| frozen layer weights | {weights} |", f"| task | {model.task} |"]
     if model.labels is not None:
@@ -104,8 +103,6 @@ def push_to_hub(model, repo_id: str, *, private: bool | None = None, token=None,
                 results: dict | None = None) -> str:
     """Upload a PiFi checkpoint with its model card: the folder it was loaded from
     (``source_folder``, keeping its tokenizer and results) or a fresh save_pretrained."""
-    from huggingface_hub import HfApi
-
     ensure_hub_reachable()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
@@ -117,7 +114,7 @@ def push_to_hub(model, repo_id: str, *, private: bool | None = None, token=None,
             results = json.loads((folder / "results.json").read_text())
         if not (folder / CARD_NAME).is_file() or results is not None:
             write_model_card(model, folder, results)
-        api = HfApi(token=token)
+        api = huggingface_hub.HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder),
                                  commit_message=commit_message)

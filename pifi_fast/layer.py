@@ -23,7 +23,8 @@ from pifi_fast.families import (FUSED_MODEL_TYPES, attention_window, layer_spec,
                                 layer_type, make_rotary, rotary_embeddings)
 from pifi_fast.kernels import quant as _quant
 from pifi_fast.ops import (GEMM_CHOICES, KERNEL_CHOICES, RECOMPUTE_CHOICES, WEIGHT_CHOICES,
-                           FrozenLayerFunction, LayerRun, QuantWeight, register_layer)
+                           FrozenLayerFunction, LayerRun, QuantWeight, frozen_layer_op,
+                           register_layer)
 
 # The projections that 8-bit modes quantize, and their storage per mode: int8 everywhere, or fp8
 # with q/k/v in int8 (attention's projections dominate FP8's error: measured on SmolLM2's last
@@ -452,8 +453,6 @@ class FrozenLlamaLayer(nn.Module):
             # under torch.compile the layer is one custom op (pifi_fast::frozen_layer): the
             # unpadding, its host sync and every data-dependent size stay inside it, so the
             # model around it traces into one graph
-            from pifi_fast.ops import frozen_layer_op
-
             return frozen_layer_op(self, x, attention_mask, position_ids)
         flat, positions, seg, run = self.pack(x, attention_mask, position_ids,
                                               torch.is_grad_enabled() and x.requires_grad)

@@ -20,16 +20,33 @@ trust_remote_code is never turned on.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
+import socket
+import tempfile
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
+import huggingface_hub
+import numpy as np
 import torch
+import transformers
+from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize
+from huggingface_hub import constants
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig
 
 from pifi_fast import families
+from pifi_fast.gguf_file import GGUFFormatError, read_header, tensor_bytes
+from pifi_fast.offline import cache_root
 
 _LAYER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -112,6 +129,8 @@ def convert_checkpoint_keys(config, index: int, tensors: dict[str, torch.Tensor]
     (``experts.*.w1`` and ``experts.*.w3`` -> ``experts.gate_up_proj``). Keys are matched with
     the layer's prefix ("model.layers.<index>.") in front, as in the file. A conversion this
     function does not implement raises CheckpointError naming it."""
+    # deferred: importing transformers.conversion_mapping costs 1.1 s (measured, 2 CPU cores)
+    # and only checkpoints read key by key need it
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     transforms = get_checkpoint_conversion_mapping(config.model_type) or []
@@ -192,9 +211,6 @@ def resolve_index(config, layer: int) -> int:
 
 
 def _load_config(path_or_dir, **kw):
-    import transformers
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(path_or_dir, trust_remote_code=False, **kw)
     except ValueError as exc:
@@ -270,8 +286,6 @@ def check_safetensors_file(path) -> None:
 
 
 def _read_safetensors(files_and_keys: dict[str, dict[str, str]]):
-    from safetensors import safe_open
-
     out = {}
     for path, keys in files_and_keys.items():
         check_safetensors_file(path)
@@ -309,8 +323,6 @@ def _load_from_files(config, index, source, fetch, allow_pickle, dtype):
                            _origins(files))
     single = fetch(_SAFE_SINGLE)
     if single is not None:
-        from safetensors import safe_open
-
         check_safetensors_file(single)
         with safe_open(single, framework="pt") as f:
             keys = _layer_keys(list(f.keys()), index, source)
@@ -354,17 +366,12 @@ def _load_local_folder(folder: Path, layer: int, dtype, allow_pickle: bool) -> L
 
 
 def _load_hub(repo_id: str, layer: int, dtype, allow_pickle: bool, revision=None) -> LLMLayer:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     ensure_hub_reachable()
 
     def fetch(name):
         try:
             # hf_hub_download shows its own tqdm progress bar for each file.
-            return hf_hub_download(repo_id, name, revision=revision)
+            return huggingface_hub.hf_hub_download(repo_id, name, revision=revision)
         except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: caught first)
             if hub_offline():
                 return None  # not in the cache
@@ -389,8 +396,6 @@ HUB_UNREACHABLE = ("cannot reach the Hugging Face Hub; pass a local folder, or s
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE=1: huggingface_hub answers from its cache only."""
-    from huggingface_hub import constants
-
     flag = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     return flag or bool(constants.HF_HUB_OFFLINE)
 
@@ -400,11 +405,6 @@ def ensure_hub_reachable(timeout: float = 3.0) -> None:
     (huggingface_hub itself retries for about 25 s before it gives up): a ConnectionError with
     one clear line when it fails. Skipped offline (the cache answers) and behind a proxy (whose
     route a direct connection does not test)."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
     if hub_offline() or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy",
                                                           "ALL_PROXY", "all_proxy")):
         return
@@ -432,8 +432,6 @@ _HF_BLOCK_PREFIXES = ("model.layers.{i}.", "transformer.h.{i}.", "gpt_neox.layer
 def _gguf_names(config, index: int, module_keys) -> dict[str, str]:
     """GGUF tensor name (blk.<i>.<name>[.weight|.bias]) -> the module's layer-local key, from
     gguf-py's table of llama.cpp's names for the architecture."""
-    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
     wanted = _gguf_arch(config)
     arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == wanted), None)
     if arch is None:
@@ -512,8 +510,6 @@ def unpermute_gguf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _gguf_header(path: Path):
     """The file's GGUF header (pifi_fast.gguf_file), or a CheckpointError naming the file and,
     for a cut file, the first tensor that does not fit."""
-    from pifi_fast.gguf_file import GGUFFormatError, read_header
-
     try:
         header = read_header(path)
     except GGUFFormatError as exc:
@@ -533,14 +529,6 @@ def _gguf_config(path: Path):
     CPU cores), so its result is cached on disk under pifi_fast's cache folder, keyed by the
     file's path, size and modification time and the Transformers version; a damaged or
     unwritable cache only means parsing again."""
-    import hashlib
-    import shutil
-    import tempfile
-
-    import transformers
-
-    from pifi_fast.offline import cache_root
-
     stat = path.stat()
     identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}"
     folder = cache_root() / "gguf-configs" / hashlib.sha256(identity.encode()).hexdigest()[:32]
@@ -567,11 +555,6 @@ def _gguf_config(path: Path):
 
 
 def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
-    from gguf.constants import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    from pifi_fast.gguf_file import tensor_bytes
-
     header = _gguf_header(path)  # first: Transformers' parser fails unclearly on a cut file
     config = _fix_gguf_config(_gguf_config(path), header)
     index = resolve_index(config, layer)
@@ -626,8 +609,6 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
 def _q8_0_blocks(data, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """(q int8 (R, C), scale float32 (R, C // 32)) from a GGUF Q8_0 tensor's raw blocks: each
     block of 32 inputs is a float16 scale d then 32 int8 values, and W = d * q exactly."""
-    import numpy as np
-
     rows, cols = shape
     blocks = np.ascontiguousarray(data).view(np.uint8).reshape(rows, cols // 32, 34)
     d = blocks[..., :2].copy().view(np.float16).reshape(rows, cols // 32)
@@ -648,10 +629,9 @@ def load_llm_config(source):
         return _load_config(str(path))
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"{source}: not a checkpoint folder, GGUF file or Hub repo id")
-    from huggingface_hub import hf_hub_download
-
     ensure_hub_reachable()
-    return _load_config(str(Path(hf_hub_download(str(source), "config.json")).parent))
+    config_file = huggingface_hub.hf_hub_download(str(source), "config.json")
+    return _load_config(str(Path(config_file).parent))
 
 
 def load_llm_layer(source, layer: int = -1, dtype: torch.dtype | None = None, *,

@@ -76,6 +76,6 @@ def qa_metrics(pred_texts, gold_texts) -> dict:
 
 
 def bleu(hypotheses, references) -> dict:
-    import sacrebleu
+    import sacrebleu  # deferred: sacrebleu is optional (the train extra), for seq2seq only
 
     return {"bleu": sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score}

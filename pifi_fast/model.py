@@ -107,7 +107,7 @@ class PiFiModel(PiFiBase):
 
     def slm_mode(self, slm_inputs: dict) -> str | None:
         """How a classification batch's sentence vectors are computed: "packed" (the real tokens
-        only: eager, and compiled by pifi_base.compile_model), "padded" (the padded layout, the
+        only: eager, and compiled by inference.compile_model), "padded" (the padded layout, the
         last layer for the first tokens only: static shapes, what torch.compile traces when
         Dynamo may not capture a data-dependent size, as with CUDA graphs) or None (the SLM's
         own forward). ``slm_inputs``: input_ids, attention_mask, inputs_embeds."""

@@ -9,8 +9,14 @@ Transformers folder in a cache (smollm2_hf_dir).
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from importlib import metadata
 from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def _package_file(dist: str, suffix: str) -> Path:
@@ -37,8 +43,6 @@ def smollm2_gguf() -> Path:
 
 def cache_root() -> Path:
     """$PIFI_FAST_CACHE, else ~/.cache/pifi_fast."""
-    import os
-
     return Path(os.environ.get("PIFI_FAST_CACHE") or Path.home() / ".cache" / "pifi_fast")
 
 
@@ -47,16 +51,10 @@ def smollm2_hf_dir() -> Path:
     SmolLM2-135M-Instruct, dequantized once from the offline GGUF to float32 and cached; written
     into a temporary sibling and renamed into place, so an interrupted conversion leaves nothing
     that looks finished."""
-    import shutil
-    import tempfile
-
     gguf = smollm2_gguf()
     target = cache_root() / f"smollm2-135m-instruct-{gguf.stat().st_size}"
     if (target / "config.json").is_file():
         return target
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     print(f"converting {gguf.name} to a Transformers folder (once): {target}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))

@@ -26,7 +26,7 @@ would (same rates), so a training run is not bit-identical to one on the plain f
 Packing takes any padding layout (a left-padded row's first position is kept, as a query
 only), but its token count depends on the mask: a host sync on a GPU, and under torch.compile
 a data-dependent size that Dynamo traces only with capture_dynamic_output_shape_ops on
-(pifi_base.compile_model turns it on for its compiled model; otherwise the nonzero would break
+(inference.compile_model turns it on for its compiled model; otherwise the nonzero would break
 the graph). With ``pack=False`` the padded layout is kept (padding positions computed and
 ignored, as the plain forward does; static shapes, no host sync) and only the last layer's
 saving applies: what torch.compile traces without that option, and what CUDA graphs capture.
@@ -121,7 +121,7 @@ class _Packing:
             kept[:, 0] = True  # a padding first position is computed as a query, never a key
             counts = kept.sum(1)
             # the token count depends on the data: under torch.compile this nonzero stays in
-            # the graph only with capture_dynamic_output_shape_ops (pifi_base.compile_model)
+            # the graph only with capture_dynamic_output_shape_ops (inference.compile_model)
             self.flat = kept.reshape(-1).nonzero().squeeze(1)
             self.first = torch.cumsum(counts, 0) - counts  # packed index of each first position
         self.key_mask = None if no_padding else real[:, None, None, :]  # True: attend

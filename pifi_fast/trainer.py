@@ -8,17 +8,17 @@ continues a run (the Trainer loads model.safetensors back through load_state_dic
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import Trainer
+
+from pifi_fast.pifi_base import PiFiBase
 
 
 class PiFiTrainer(Trainer):
     """transformers.Trainer whose checkpoints are PiFi checkpoints (see the module docstring)."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        from pathlib import Path
-
-        from pifi_fast.pifi_base import PiFiBase
-
         output_dir = Path(output_dir or self.args.output_dir)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not isinstance(model, PiFiBase):  # any other model: the Trainer's own way

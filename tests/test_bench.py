@@ -1,11 +1,12 @@
-"""The benchmark machinery: the CLI writes its outputs, --compare flags slowdowns, the saved
-bytes counter counts what autograd keeps."""
+"""The benchmark machinery: the CLI and run_benchmarks (the call behind it) write their outputs,
+--compare flags slowdowns, the saved bytes counter counts what autograd keeps."""
 import json
 
 import pytest
 import torch
 
 from pifi_fast.bench import report
+from pifi_fast.bench.suite import run_benchmarks
 from pifi_fast.bench.timing import saved_activation_bytes
 from pifi_fast.cli import main
 
@@ -130,6 +131,49 @@ def test_time_budget_skips_the_rest_and_still_writes(tmp_path):
     assert rows and all(r.get("skipped") == "time budget of this run reached" for r in rows)
     text = (out / "results.md").read_text()
     assert "## Targets of the fused layer" in text and "## Targets of the whole step" in text
+
+
+def _fixed_ceilings(monkeypatch):
+    # the measured ceilings cost seconds a run on a CPU; these tests read no percentage of them
+    monkeypatch.setattr(report, "ceilings", lambda device, dtype: {
+        "copy_bytes_per_s": 1e10, "matmul_flop_per_s": 1e11})
+
+
+def test_run_benchmarks_returns_rows_paths_and_the_slowdowns_it_flags(tmp_path, monkeypatch):
+    """The library call behind `pifi-fast bench`: names for device and dtype, the rows measured,
+    the files written, and --compare's slowdowns (one repetition: no spread, so any case slower
+    than the earlier run's is flagged, and none that got faster)."""
+    _fixed_ceilings(monkeypatch)
+    group = "W1 fwd dense | smollm2-135m | 128"
+    earlier = tmp_path / "earlier.json"
+    # the earlier run's seconds: pifi_fast slower then (not flagged), the others faster
+    old = {"pifi_fast": 1e9, "hf_sdpa": 0.0, "hf_eager": 0.0}
+    earlier.write_text(json.dumps({"rows": [
+        {"group": group, "impl": impl, "median_s": s, "q1_s": s, "q3_s": s}
+        for impl, s in old.items()]}))
+    out = tmp_path / "res"
+    res = run_benchmarks("tiny", "W1", device="cpu", dtype="float32", only="W1 fwd dense",
+                         reps=1, out=out, compare=earlier)
+    assert res["out_dir"] == out
+    assert [(r["group"], r["impl"]) for r in res["rows"]] == [(group, i) for i in old]
+    assert all(r["median_s"] > 0 and r["dtype"] == "float32" for r in res["rows"])
+    assert res["paths"]["json"] == out / "results.json" and res["paths"]["md"].is_file()
+    assert all(path.is_file() for path in res["paths"].values())
+    assert res["markdown"] == (out / "results.md").read_text() and "CPU run" in res["markdown"]
+    assert len(res["flagged"]) == 2 and all(f.startswith(f"SLOWER: {group} | hf_")
+                                            for f in res["flagged"])
+
+
+def test_run_benchmarks_without_compare_flags_nothing_and_keeps_its_time_budget(tmp_path,
+                                                                                monkeypatch):
+    _fixed_ceilings(monkeypatch)
+    res = run_benchmarks("tiny", "W3", device=torch.device("cpu"), dtype=torch.float32,
+                         skip=("int8", "fp8"), time_budget=0, out=str(tmp_path / "res"))
+    assert res["flagged"] is None and res["out_dir"] == tmp_path / "res"
+    assert res["rows"] and all(r.get("skipped") == "time budget of this run reached"
+                               for r in res["rows"])
+    assert not any("int8" in r["variant"] or "fp8" in r["variant"] for r in res["rows"])
+    assert json.loads(res["paths"]["json"].read_text())["rows"] == res["rows"]
 
 
 def test_liger_baseline_swaps_liger_modules_into_a_copy_sharing_the_weights():
@@ -274,13 +318,13 @@ def test_w4_8bit_rows_build_their_model_only_when_asked_with_the_same_trainable_
 def test_w4_epoch_rows_train_one_epoch_per_implementation(monkeypatch, tmp_path):
     """The epoch rows run pifi_fast.train for one epoch with each implementation's options
     (training itself is tested elsewhere; here: the wiring, and one call per timed run)."""
-    import pifi_fast.train as train_mod
-    from pifi_fast.bench import workloads
+    from pifi_fast.bench import epoch, workloads
 
     seen = []
-    monkeypatch.setattr(train_mod, "train", lambda cfg: seen.append(cfg) or {
+    # (the epoch rows' module holds its own names for train and the token count)
+    monkeypatch.setattr(epoch, "train", lambda cfg: seen.append(cfg) or {
         "history": [{"epoch_seconds": 1.5}]})
-    monkeypatch.setattr(workloads, "_sst2_train_tokens", lambda: 123)
+    monkeypatch.setattr(epoch, "_sst2_train_tokens", lambda: 123)
     (tmp_path / "sst2").mkdir()
     monkeypatch.setenv("PIFI_FAST_DATA", str(tmp_path))
     for impl in ("pifi_fast", "pifi_fast_compiled", "hf_sdpa", "hf_compile", "authors"):

@@ -1,13 +1,23 @@
 """The command line explains itself: every option of every command has a help line with its
 default (and its choices where it has them); `pifi-fast --help` lists the commands."""
 import argparse
+import inspect
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
+from helpers import tiny_llm
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
 
-from pifi_fast import cli
+from pifi_fast import cli, environment, kernels
+from pifi_fast.batch_predict import predict_file
+from pifi_fast.cli import commands
+from pifi_fast.demo import run_demo, summary_lines
+from pifi_fast.kernels import compile_report
+from pifi_fast.train import TrainConfig, train
 
 
 def _subparsers():
@@ -90,3 +100,101 @@ def test_a_users_error_is_one_line_not_a_traceback(tmp_path):
         assert out.stderr.startswith("pifi-fast train: error: ") and expected in out.stderr
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         cli.main(["train", "--data", str(tmp_path / "missing.csv")])
+
+
+# -- the library functions the commands call, called directly ------------------------------------
+def test_environment_lines_are_what_info_prints(capsys, tmp_path):
+    lines = environment.environment_lines()
+    assert any(line.startswith("compiled extension: ") for line in lines)
+    assert any(line.startswith("CUDA device: ") for line in lines)
+    assert any(line.startswith("attention backends usable on ") for line in lines)
+    assert cli.cpu_bf16_instructions() == environment.cpu_bf16_instructions()
+    assert cli.main(["info"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines
+    with pytest.raises(environment.LLM_ERRORS):
+        environment.environment_lines(llm=str(tmp_path / "missing"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny PiFi classifier (random BERT with MiniLM's tokenizer, a tiny Llama layer) trained
+    one step on a csv file, and that file."""
+    offline = pytest.importorskip("pifi_fast.offline")
+    root = tmp_path_factory.mktemp("predict")
+    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
+    torch.manual_seed(0)
+    AutoModel.from_config(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
+    words = ["good", "bad", "dull", "warm", "long", "funny", "odd", "fine", "sharp", "slow"]
+    data = root / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"{a} and {b},{i % 2}\n" for i, (a, b) in enumerate(
+        (a, b) for a in words for b in words[:6])))
+    train(TrainConfig(data=str(data), slm=str(root / "bert"), llm=str(root / "llama"), epochs=1,
+                      max_steps=1, batch_size=8, output_dir=str(root / "run"), test_split=None,
+                      seed=3))
+    return root / "run" / "best", data
+
+
+def test_predict_file_writes_one_record_per_row_and_says_how_fast(tiny_checkpoint, tmp_path,
+                                                                  capsys):
+    checkpoint, data = tiny_checkpoint
+    out = tmp_path / "new" / "p.jsonl"
+    res = predict_file(str(checkpoint), str(data), out, limit=5, batch_size=4)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert res["predictions"] == len(records) == 5 and res["output"] == out
+    assert res["execution"] == "eager" and res["device"] == torch.device("cpu")
+    assert res["seconds"] > 0 and res["sentences_per_second"] > 0
+    texts = [line.split(",")[0] for line in data.read_text().splitlines()[1:6]]
+    assert [r["text"] for r in records] == texts  # a file is predicted whole, in its order
+    assert [r["gold"] for r in records] == [0, 1, 0, 1, 0]
+    for r in records:
+        assert r["label"] in (0, 1) and abs(sum(r["probabilities"].values()) - 1) < 1e-5
+    assert not out.with_name("p.jsonl.tmp").exists()
+    # the command runs the same function and prints its figures in one line
+    assert cli.main(["predict", str(checkpoint), "--data", str(data), "--limit", "5",
+                     "--batch-size", "4", "--output", str(tmp_path / "cli.jsonl")]) == 0
+    assert "5 predictions in " in capsys.readouterr().out
+    assert (tmp_path / "cli.jsonl").read_text() == out.read_text()
+
+
+def test_the_demo_command_passes_its_arguments_to_run_demo(monkeypatch, capsys, tmp_path):
+    """The demo itself trains two models for minutes: here run_demo is replaced by a stand-in
+    that checks the command's call binds to run_demo's real signature."""
+    args = cli.build_parser().parse_args(["demo", "--epochs", "1", "--limit-train", "16",
+                                          "--output-dir", str(tmp_path)])
+    calls = []
+
+    def stand_in(*a, **kw):
+        calls.append(inspect.signature(run_demo).bind(*a, **kw).arguments)
+        res = {"best_dev": 0.5, "best_epoch": 1}
+        return {"results": {"slm_alone": res, "pifi": dict(res, best_dev=0.625)},
+                "layer_step_seconds": {"cls": (0.001, 0.002)}, "device": "cpu",
+                "batch_size": 32, "path": tmp_path / "demo_summary.json"}
+
+    monkeypatch.setattr(commands, "run_demo", stand_in)
+    assert args.func(args) == 0
+    assert calls == [{"output_dir": str(tmp_path), "epochs": 1, "batch_size": 32, "seed": 42,
+                      "limit_train": 16}]
+    out = capsys.readouterr().out
+    assert "PiFi - SLM alone: +12.50 accuracy points" in out
+    assert "fused 1.00 ms, reference 2.00 ms (x2.00; cpu" in out
+    assert out.endswith(f"wrote {tmp_path / 'demo_summary.json'}\n")
+    assert summary_lines(stand_in())[:2] == ["", "== summary =="]
+
+
+@pytest.mark.compile
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+def test_compile_all_compiles_times_and_writes(tmp_path):
+    res = compile_report.compile_all(["sm_80"], ["fp32"], only="rms_norm_fwd+residual", jobs=1,
+                                     out=tmp_path)
+    assert res["ok"] and res["rows"] and all(r["kernel"] == "rms_norm_fwd+residual"
+                                             for r in res["rows"])
+    assert res["seconds"] > 0 and "rms_norm_fwd+residual" in res["table"]
+    assert res["paths"] == {"md": tmp_path / "kernels.md", "json": tmp_path / "kernels.json"}
+    assert json.loads(res["paths"]["json"].read_text())["rows"] == res["rows"]
+    picks = [{"launch": "gemm_fwd", "pick": None}]
+    path = compile_report.write_autotuner_picks(picks, tmp_path / "tuned")
+    assert json.loads(path.read_text()) == picks

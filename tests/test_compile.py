@@ -133,7 +133,7 @@ def test_compile_model_uses_atens_random_numbers_on_cpu_only(monkeypatch):
     """compile_model: on a CPU random ops fall back to ATen (Inductor's CPU RNG made the compiled
     step slower than eager, measured in compile_model's docstring); elsewhere torch's defaults,
     and mode="reduce-overhead" for CUDA graphs."""
-    from pifi_fast.pifi_base import compile_model
+    from pifi_fast.inference import compile_model
 
     calls = []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
@@ -147,7 +147,7 @@ def test_compile_model_uses_atens_random_numbers_on_cpu_only(monkeypatch):
 def test_compile_model_lets_dynamo_capture_the_packed_token_count(monkeypatch, cuda_graphs):
     """compile_model's calls (only they) run with capture_dynamic_output_shape_ops, so packing
     the SLM stays in the one graph; CUDA graphs need static shapes and keep it off."""
-    from pifi_fast.pifi_base import compile_model
+    from pifi_fast.inference import compile_model
 
     class Probe(torch.nn.Linear):
         def forward(self):

@@ -335,7 +335,7 @@ def test_cuda_graph_inference_replays_eager_outputs_on_gpu(task):
     from torch._inductor import cudagraph_trees
 
     from pifi_fast import PiFiModel
-    from pifi_fast.pifi_base import inference_runner
+    from pifi_fast.inference import inference_runner
 
     torch._dynamo.reset()
     model = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("qwen2"), task=task, num_labels=3,

@@ -5,7 +5,7 @@ their speed is believed:
 - the fused model (padded SLM, GPU's default, and packed_slm=True, the pifi_fast_packed rows)
   and the reference under bf16 autocast, against a float64 truth: the fused error at most twice
   the reference's (GUIDE §3), logits and trainable gradients, classification and QA;
-- a compiled training step (pifi_base.compile_model) equals the eager one (fp32), over two
+- a compiled training step (inference.compile_model) equals the eager one (fp32), over two
   batch shapes, packed and not;
 - CUDA-graph inference (inference_runner "cuda-graphs", as evaluation and predict() run it)
   under bf16 autocast, over two batch shapes and replays on new ids, within twice the eager
@@ -23,7 +23,7 @@ import torch
 from helpers import ragged_batch, rel_err, tiny_llm, tiny_slm, trained_scale_state
 
 from pifi_fast import PiFiModel, packed_slm, reference
-from pifi_fast.pifi_base import compile_model, inference_runner
+from pifi_fast.inference import compile_model, inference_runner
 
 CPU_DRY_RUN = True
 pytestmark = pytest.mark.gpu

@@ -254,7 +254,7 @@ def _traced_ops(classifier, ids, mask) -> tuple[int, int, bool]:
 
 def test_compile_traces_one_graph_packed_when_dynamo_may_capture_the_token_count():
     """Plain torch.compile: the padded layout (static shapes), one graph. With Dynamo's
-    capture_dynamic_output_shape_ops (what pifi_base.compile_model turns on): packed, still one
+    capture_dynamic_output_shape_ops (what inference.compile_model turns on): packed, still one
     graph, and the compiled logits and gradients equal eager packing's on right- and
     left-padded batches of other lengths (no recompile for a new token count)."""
     classifier = _pifi(tiny_slm("bert")).double()

@@ -13,7 +13,9 @@ from helpers import ragged_batch, tiny_llm, tiny_slm
 
 from pifi_fast import PiFiModel
 from pifi_fast import data as data_mod
-from pifi_fast.train import NonFiniteError, TrainConfig, evaluate_checkpoint, train
+from pifi_fast.train import (NonFiniteError, TaskData, TrainConfig, evaluate_checkpoint,
+                             train)
+from pifi_fast.training import loop
 
 offline = pytest.importorskip("pifi_fast.offline")
 
@@ -146,9 +148,7 @@ def test_diverging_learning_rate_stops_with_a_clear_message_and_keeps_the_checkp
     """Epoch 1 trains sanely; epoch 2 runs at a learning rate that diverges. The run stops
     before the bad optimizer step, naming epoch, step and examples; epoch 1's checkpoint is
     untouched."""
-    import pifi_fast.train as train_mod
-
-    real_step = train_mod.optimizer_step
+    real_step = loop.optimizer_step
 
     def diverging(model, optimizer, *args, **kwargs):
         if train_mod_state["epoch2"]:
@@ -157,15 +157,15 @@ def test_diverging_learning_rate_stops_with_a_clear_message_and_keeps_the_checkp
         return real_step(model, optimizer, *args, **kwargs)
 
     train_mod_state = {"epoch2": False}
-    real_eval = train_mod.evaluate
+    real_eval = loop.evaluate
 
     def eval_then_diverge(*args, **kwargs):
         result = real_eval(*args, **kwargs)
         train_mod_state["epoch2"] = True
         return result
 
-    monkeypatch.setattr(train_mod, "optimizer_step", diverging)
-    monkeypatch.setattr(train_mod, "evaluate", eval_then_diverge)
+    monkeypatch.setattr(loop, "optimizer_step", diverging)
+    monkeypatch.setattr(loop, "evaluate", eval_then_diverge)
     out = tmp_path / "run"
     with pytest.raises(NonFiniteError, match=r"non-finite loss .* at epoch 2, step \d+, "
                                              r"examples \[[\d, ]+\]; stopped before the "
@@ -181,9 +181,7 @@ def test_diverging_learning_rate_stops_with_a_clear_message_and_keeps_the_checkp
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: with the GradScaler
 def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_dirs, tmp_path, monkeypatch,
                                                           precision):
-    import pifi_fast.train as train_mod
-
-    real_collate = train_mod.TaskData.collate
+    real_collate = TaskData.collate
     calls = {"n": 0}
 
     def poisoned(self, rows, **kw):  # every third training batch gets a NaN through its loss
@@ -199,7 +197,7 @@ def test_skip_mode_skips_non_finite_steps_and_counts_them(tiny_dirs, tmp_path, m
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_mod.TaskData, "collate", poisoned)
+    monkeypatch.setattr(TaskData, "collate", poisoned)
     monkeypatch.setattr(PiFiModel, "forward", nan_forward)
     res = train(_cfg(tiny_dirs, tmp_path / "run", on_nonfinite="skip", epochs=1,
                      precision=precision))
@@ -272,7 +270,7 @@ def test_sigkilled_run_resumes_to_the_same_bits(tiny_dirs, uninterrupted, tmp_pa
 
 
 def test_a_partly_written_checkpoint_never_loads(tmp_path):
-    from pifi_fast.pifi_base import CONFIG_NAME
+    from pifi_fast.persistence import CONFIG_NAME
 
     model = PiFiModel.from_parts(tiny_slm("bert"), tiny_llm("llama"), seed=0)
     model.save_pretrained(tmp_path / "ok")

@@ -4,7 +4,7 @@ import torch
 from helpers import ragged_batch, tiny_llm, tiny_slm
 
 from pifi_fast import PiFiModel, reference
-from pifi_fast.pifi_base import CONFIG_NAME, WEIGHTS_NAME
+from pifi_fast.persistence import CONFIG_NAME, WEIGHTS_NAME
 
 
 @pytest.mark.parametrize("slm_kind,task", [("bert", "classification"), ("t5", "seq2seq")])

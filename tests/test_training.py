@@ -7,6 +7,7 @@ import torch
 from helpers import tiny_llm
 
 from pifi_fast import metrics, train as train_mod
+from pifi_fast.training import batches, loop
 from pifi_fast.data import data_root
 from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
 
@@ -78,10 +79,10 @@ def test_resume_continues_an_interrupted_run_to_the_same_weights(tiny_models, tm
             raise KeyboardInterrupt("killed")
         return real_step(*a, **k)
 
-    monkeypatch.setattr(train_mod, "optimizer_step", interrupted)
+    monkeypatch.setattr(loop, "optimizer_step", interrupted)
     with pytest.raises(KeyboardInterrupt):
         train(_tiny_cfg(tiny_models, tmp_path / "b"))
-    monkeypatch.setattr(train_mod, "optimizer_step", real_step)
+    monkeypatch.setattr(loop, "optimizer_step", real_step)
     resumed = train(_tiny_cfg(tiny_models, tmp_path / "b", resume=True))
     assert resumed["history"][-1]["epoch"] == 2
     state = resumed["model"].state_dict()
@@ -416,7 +417,7 @@ def test_lora_on_the_slm_trains_resumes_and_exports_merged(tiny_models, tmp_path
     stopped after epoch 1 and resumed equals the straight run; best/ is merged and loads
     without LoRA, giving the same logits as the LoRA model it came from."""
     from pifi_fast import PiFiModel
-    from pifi_fast.pifi_base import CONFIG_NAME
+    from pifi_fast.persistence import CONFIG_NAME
 
     common = dict(slm="minilm", lora_r=4, limit_train=32, limit_eval=16, batch_size=8,
                   lr=1e-3)
@@ -485,7 +486,7 @@ def test_qa_with_the_answer_in_the_last_window(tiny_models, tmp_path):
     from transformers import AutoTokenizer
 
     batch = TaskData(tok_cfg, AutoTokenizer.from_pretrained(tiny_models["bert"]))._collate_qa(
-        [train_mod._squad_record(qa[0])])
+        [batches.squad_record(qa[0])])
     assert len(batch["_example"]) >= 3  # several windows of one example
     assert batch["start_positions"][-1] > 0 and batch["start_positions"][0] == 0
     res = train(TrainConfig(**{**common, "output_dir": str(tmp_path / "windows")}))

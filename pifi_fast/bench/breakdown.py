@@ -20,6 +20,11 @@ import time
 
 import torch
 
+from pifi_fast.bench.common import _pifi_models, default_dtype
+from pifi_fast.bench.w4_step import _w4_batch, w4_precision
+from pifi_fast.training.optim import make_optimizer
+from pifi_fast.training.runtime import precision_autocast
+
 PARTS = ("slm", "adapter_in", "llm_layer", "adapter_out", "head")
 LABELS = {"slm": "SLM", "adapter_in": "adapter in", "llm_layer": "frozen layer",
           "adapter_out": "adapter out", "head": "head + loss", "optimizer": "optimizer",
@@ -31,21 +36,16 @@ def step_breakdown(pair: str = "minilm+smollm2", impl: str = "pifi_fast", senten
                    dtype: torch.dtype | None = None) -> dict:
     """Median seconds per part of one training step (forward + backward + optimizer) of a W4
     model (impl: pifi_fast, hf_sdpa = the reference, or authors) on SST-2 sentence lengths."""
-    from pifi_fast.bench import workloads
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or workloads.default_dtype(device)
+    dtype = dtype or default_dtype(device)
     if impl not in ("pifi_fast", "hf_sdpa", "authors"):
         raise ValueError(f"impl must be pifi_fast, hf_sdpa or authors, got {impl!r}")
-    models, vocab = workloads._pifi_models(pair, str(device), str(dtype).replace("torch.", ""))
+    models, vocab = _pifi_models(pair, str(device), str(dtype).replace("torch.", ""))
     model = models[impl]
     model.train()
-    ids, mask, labels, tokens = workloads._w4_batch(pair, sentences, "train step", impl, device,
-                                                    vocab)
+    ids, mask, labels, tokens = _w4_batch(pair, sentences, "train step", impl, device, vocab)
     params = [p for p in model.parameters() if p.requires_grad]
-    from pifi_fast.train import make_optimizer, precision_autocast
-
-    autocast, _ = precision_autocast(device, workloads.w4_precision(impl, dtype))  # as train
+    autocast, _ = precision_autocast(device, w4_precision(impl, dtype))  # as train
 
     optimizer = make_optimizer(params, lr=1e-5, fused=impl != "authors")  # as train runs them
 
@@ -125,12 +125,12 @@ def markdown(results: list[dict]) -> str:
 
 def plot(results: list[dict], path) -> bool:
     """Stacked bars, one per (pair, impl): milliseconds per part. False without matplotlib."""
-    try:
+    try:  # deferred: matplotlib is optional (plots only)
         import matplotlib
     except ImportError:
         return False
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is optional; after use("Agg")
 
     keys = (*PARTS, "optimizer", "other")
     fig, ax = plt.subplots(figsize=(1.6 * len(results) + 3, 4))

@@ -4,21 +4,22 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import subprocess
+import time
 from pathlib import Path
 
 import torch
+import transformers
 
+from pifi_fast.bench.common import BASELINES
 from pifi_fast.bench.timing import copy_bandwidth, matmul_rate, measure, peak_memory
-from pifi_fast.bench.workloads import BASELINES
 
 
 def environment(device: torch.device) -> dict:
-    import transformers
-
     env = {"date": datetime.date.today().isoformat(), "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__,
            "cuda": torch.version.cuda, "device_type": device.type}
-    try:
+    try:  # deferred: triton is optional (CPU-only torch builds come without it)
         import triton
 
         env["triton"] = triton.__version__
@@ -27,8 +28,6 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["device"] = torch.cuda.get_device_name(device)
         try:
-            import subprocess
-
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                 capture_output=True, text=True).stdout.strip().splitlines()[0]
@@ -79,8 +78,6 @@ def run(cases, device: torch.device, reps: int, ceil: dict, progress=None,
     """Measure every case. With a deadline (time.monotonic() value), cases not started by then
     are recorded as skipped, so a time-boxed run still writes everything it measured; so does
     a run stopped by Stopped."""
-    import time
-
     rows = []
     stopped = None
     for case in cases:
@@ -329,14 +326,14 @@ def markdown(rows, env, ceil, level) -> str:
 
 
 def plots(rows, env, out_dir: Path) -> dict[str, Path]:
-    try:
+    try:  # deferred: matplotlib is optional (plots only)
         import matplotlib
     except ImportError:  # e.g. a bare GPU machine: the JSON and Markdown still get written
         print("matplotlib is not installed: plots skipped (pip install matplotlib)")
         return {}
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib is optional; after use("Agg")
 
     out = {}
     tag = "CPU paths" if env["device_type"] == "cpu" else env["device"]

@@ -1,0 +1,128 @@
+"""The body of each `pifi-fast` command: parsed arguments in, one library call, its result
+printed, the exit status out. The work itself lives in the library (pifi_fast.train,
+pifi_fast.demo, pifi_fast.batch_predict, pifi_fast.environment, pifi_fast.bench.suite,
+pifi_fast.kernels.compile_report), callable from Python without the command line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from pifi_fast import environment
+from pifi_fast.batch_predict import predict_file
+from pifi_fast.bench import suite
+from pifi_fast.data import parse_label_map
+from pifi_fast.demo import run_demo, summary_lines
+from pifi_fast.kernels import compile_report
+from pifi_fast.model import PiFiModel
+from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
+
+
+def train_cmd(args) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    if cfg.test_split in ("", "none"):
+        cfg.test_split = None
+    res = train(cfg)
+    res.pop("model", None)
+    print(json.dumps({k: res[k] for k in ("metric", "best_dev", "best_epoch") if k in res}))
+    if "test" in res:
+        print(f"test: {json.dumps(res['test'])}")
+    return 0
+
+
+def eval_cmd(args) -> int:
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data, args.split, args.limit,
+                                         compile=args.compile, cuda_graphs=args.cuda_graphs,
+                                         label_map=parse_label_map(args.label_map),
+                                         text_column=args.text_column,
+                                         label_column=args.label_column,
+                                         packed_slm=args.packed_slm), indent=2))
+    return 0
+
+
+def predict_cmd(args) -> int:
+    """Batch prediction: a csv/tsv/jsonl file (or a dataset split) in, JSONL out."""
+    execution = "cuda-graphs" if args.cuda_graphs else "compile" if args.compile else "eager"
+    res = predict_file(args.checkpoint, args.data, args.output, split=args.split,
+                       limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
+                       text_column=args.text_column, pair_column=args.pair_column,
+                       packed_slm=args.packed_slm, device=args.device, execution=execution)
+    print(f"{res['predictions']} predictions in {res['seconds']:.1f} s "
+          f"({res['sentences_per_second']:.1f} sentences/s on {res['device']}, "
+          f"{res['execution']}) -> {res['output']}")
+    return 0
+
+
+def push_cmd(args) -> int:
+    model = PiFiModel.from_pretrained(args.checkpoint)
+    url = model.push_to_hub(args.repo_id, private=args.private, token=args.token)
+    print(f"uploaded {args.checkpoint} to {args.repo_id}: {url}")
+    return 0
+
+
+def demo_cmd(args) -> int:
+    """Offline PiFi end to end: the SLM alone against the SLM + PiFi, same data and seed."""
+    result = run_demo(args.output_dir, args.epochs, args.batch_size, args.seed,
+                      args.limit_train)
+    print("\n".join(summary_lines(result)))
+    print(f"wrote {result['path']}")
+    return 0
+
+
+def bench_cmd(args) -> int:
+    result = suite.run_benchmarks("quick" if args.quick else args.sizes, args.workloads,
+                                  device=args.device, dtype=args.dtype, only=args.only or None,
+                                  skip=tuple(args.skip), reps=args.reps,
+                                  time_budget=args.time_budget, out=args.out,
+                                  compare=args.compare)
+    print(result["markdown"])
+    for kind, path in result["paths"].items():
+        print(f"wrote {kind}: {path}")
+    flagged = result["flagged"]
+    if flagged is not None:  # None: no --compare
+        print("\n".join(flagged) if flagged else f"no case slower than in {args.compare}")
+    return 1 if flagged else 0
+
+
+def breakdown_cmd(args) -> int:
+    result = suite.run_breakdown(args.pairs, args.impls, args.sentences, args.reps,
+                                 device=args.device, out=args.out)
+    if result["markdown"] is None:
+        print(f"nothing timed: every pair's files are missing ({', '.join(result['missing'])})")
+        return 1
+    print(result["markdown"])
+    for kind, path in result["paths"].items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def kernels_cmd(args) -> int:
+    if args.tuned:  # on a GPU: the autotuner's picks against the tables
+        picks = compile_report.autotuner_picks()
+        for p in picks:
+            print(json.dumps({k: v for k, v in p.items() if k != "timings_ms"}))
+        if args.out:
+            compile_report.write_autotuner_picks(picks, args.out)
+        return 0
+    result = compile_report.compile_all(args.targets, args.dtypes, args.only, args.jobs,
+                                        out=args.out)
+    print(result["table"])
+    print(f"({result['seconds']:.0f} s on {args.jobs or 'all'} worker processes)")
+    for kind, path in result["paths"].items():
+        print(f"wrote {kind}: {path}")
+    return 0 if result["ok"] else 1
+
+
+def info_cmd(args) -> int:
+    print("\n".join(environment.host_lines()))
+    if args.llm:
+        try:
+            line = environment.llm_line(args.llm, args.layer)
+        except environment.LLM_ERRORS as exc:
+            print(f"pifi-fast info: error: --llm {args.llm}: {exc}", file=sys.stderr)
+            return 2
+        print(line)
+    for line in environment.gpu_lines():
+        print(line)
+    return 0

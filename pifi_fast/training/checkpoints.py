@@ -1,0 +1,81 @@
+"""A run's checkpoints: writing them (lean by default, atomically, with the trainer state for
+resuming), loading their weights back into the model being trained, and recovering the output
+folder after a kill."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from pifi_fast.persistence import CONFIG_NAME
+from pifi_fast.training.faults import fault_point
+from pifi_fast.training.runtime import rng_state
+
+
+def recover_checkpoints(out_dir: Path) -> None:
+    """After a kill: temporary folders of an unfinished save are removed (they never load), and
+    a checkpoint caught between its two renames (the old one moved aside, the new one not yet
+    in place) is moved back."""
+    if not out_dir.is_dir():
+        return
+    for tmp in out_dir.glob(".*.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in out_dir.glob(".*.old-*"):
+        target = out_dir / old.name[1:].split(".old-")[0]
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_best(model, best_dir: Path, device) -> bool:
+    """The best checkpoint's weights into the model; True when it was already exported merged
+    (LoRA folded in, by an earlier invocation of a resumed run): the model is merged first."""
+    options = json.loads((best_dir / CONFIG_NAME).read_text())["options"]
+    merged = "lora" in model._options and "lora" not in options
+    if merged:
+        model.merge_lora()
+    load_weights(model, best_dir, device)
+    return merged
+
+
+def load_weights(model, directory: Path, device) -> None:
+    """A checkpoint's weights into the model being trained: full, or lean (no frozen layer:
+    the model's own, read from the same source, must be the one the checkpoint names)."""
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    reference = config.get("frozen_layer")
+    if reference is not None and model.frozen_layer_sha256() != reference["sha256"]:
+        raise RuntimeError(f"{directory}: the frozen layer of this run differs from the one the "
+                           f"checkpoint was trained with ({reference['source']}, layer "
+                           f"{reference['layer']}): not resuming from it")
+    missing, unexpected = model.load_state_dict(
+        load_file(str(directory / "model.safetensors"), device=str(device)),
+        strict=reference is None)
+    if reference is not None and (unexpected or any(not k.startswith("llm_layer.")
+                                                    for k in missing)):
+        raise RuntimeError(f"{directory}: checkpoint does not fit the model ({missing[:5]}, "
+                           f"{unexpected[:5]})")
+
+
+def save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, scaler=None):
+    labels = None if task_data.label_map is None else [[k, v] for k, v in
+                                                        task_data.label_map.items()]
+    extra = {"tokenizer": lambda p: task_data.tok.save_pretrained(p),
+             "train_config.json": lambda p: p.write_text(json.dumps(
+                 {**dataclasses.asdict(cfg), "label_map": labels}, indent=2))}
+    if optimizer is not None:
+        def write_state(p):
+            fault_point("checkpoint_write")  # weights and config are written, this is not
+            torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "state": state,
+                        "scaler": scaler.state_dict() if scaler is not None else None}, p)
+
+        extra["trainer_state.pt"] = write_state
+    # lean by default: the frozen layer never changes, so it is referenced, not copied
+    lean = not cfg.full_checkpoints and model.can_reference_frozen_layer() is None
+    model.save_pretrained(directory, extra_files=extra,
+                          frozen_layer="reference" if lean else "full")

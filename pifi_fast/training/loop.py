@@ -1,0 +1,219 @@
+"""The training loop: train(cfg) runs a configured fine-tuning from data to the best
+checkpoint and its test metrics (see pifi_fast.train for the whole story: determinism,
+reliability, resuming)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pifi_fast import data as data_mod
+from pifi_fast.hub import write_model_card
+from pifi_fast.inference import compile_model, inference_runner
+from pifi_fast.training.batches import TaskData, load_rows
+from pifi_fast.training.checkpoints import (load_best, load_weights, recover_checkpoints,
+                                            save_checkpoint)
+from pifi_fast.training.config import (TrainConfig, apply_baseline, build_model, load_tokenizer,
+                                       resolve_slm)
+from pifi_fast.training.evaluation import evaluate
+from pifi_fast.training.faults import fault_point
+from pifi_fast.training.optim import make_optimizer, optimizer_step
+from pifi_fast.training.runtime import (barrier, dist_setup, peak_memory, precision_autocast,
+                                        seed_everything, set_rng_state, to_device)
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or gradient norm stopped training (on_nonfinite="stop")."""
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Fine-tune as configured; returns the results dict (also written to results.json) with
+    the trained model under "model"."""
+    if not cfg.deterministic:
+        return _train(cfg)
+    # cuBLAS needs a fixed workspace for reproducible reductions; the Triton GEMM must not tune
+    # (another tile is another rounding); torch refuses ops without a deterministic version.
+    # Process-wide switches: set for this run, restored after it.
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             os.environ.get("PIFI_FAST_GEMM_TUNE"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ["PIFI_FAST_GEMM_TUNE"] = "0"
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        return _train(cfg)
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark = saved[1]
+        if saved[2] is None:
+            os.environ.pop("PIFI_FAST_GEMM_TUNE", None)
+        else:
+            os.environ["PIFI_FAST_GEMM_TUNE"] = saved[2]
+
+
+def _train(cfg: TrainConfig) -> dict:
+    cfg = apply_baseline(cfg)
+    rank, world = dist_setup()
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if cfg.max_length is None:  # 384 for extractive QA (the Hugging Face recipe), else 100
+        cfg = dataclasses.replace(cfg, max_length=384 if cfg.task == "question_answering"
+                                  and not cfg.authors_setup else 100)
+    if cfg.authors_setup:
+        cfg = dataclasses.replace(cfg, precision="fp32", group_by_length=False,
+                                  fused_adam=False)
+    out_dir = Path(cfg.output_dir)
+    last_dir, best_dir = out_dir / "checkpoint-last", out_dir / "best"
+    seed_everything(cfg.seed)
+
+    if cfg.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {cfg.on_nonfinite!r}")
+    train_rows = load_rows(cfg, "train", cfg.limit_train)
+    dev_rows = load_rows(cfg, cfg.eval_split, cfg.limit_eval)
+    if rank == 0 and data_mod.is_one_file(cfg.data):
+        print(data_mod.one_file_note(cfg.data))
+    tokenizer = load_tokenizer(resolve_slm(cfg.slm))
+    task_data = TaskData(cfg, tokenizer, train_rows)
+    task_data.check_rows(dev_rows, cfg.eval_split)  # once, before any training
+    num_labels = len(task_data.label_map) if task_data.label_map else 0
+    autocast, precision = precision_autocast(device, cfg.precision)
+    model = build_model(cfg, num_labels, precision).to(device)
+    model.labels = task_data.labels
+    vocab = model.slm.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer of {cfg.slm} has {len(tokenizer)} tokens but the SLM's "
+                         f"embedding has {vocab} rows: ids {vocab}..{len(tokenizer) - 1} would "
+                         "index past it (a tokenizer from another model?)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay, fused=cfg.fused_adam)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    if rank == 0:
+        recover_checkpoints(out_dir)
+
+    state = {"epoch": 0, "step": 0, "best_metric": None, "history": [], "nonfinite_skipped": 0}
+    if cfg.resume and (last_dir / "trainer_state.pt").is_file():
+        load_weights(model, last_dir, device)
+        saved = torch.load(last_dir / "trainer_state.pt", weights_only=False, map_location="cpu")
+        optimizer.load_state_dict(saved["optimizer"])
+        for group in optimizer.param_groups:  # the saved groups carry their run's setting
+            group["fused"] = optimizer.defaults["fused"]
+        if scaler is not None and saved.get("scaler"):
+            scaler.load_state_dict(saved["scaler"])
+        set_rng_state(saved["rng"])
+        state = saved["state"]
+        if rank == 0:
+            print(f"resumed from {last_dir}: epoch {state['epoch']} done, step {state['step']}")
+    elif cfg.resume and rank == 0:
+        print(f"--resume: no checkpoint in {last_dir}, starting fresh")
+
+    compiled = compile_model(model) if cfg.compile else None
+    runner = compiled if compiled is not None else model
+    # evaluation: the training graph (no_grad, eval mode), or its own CUDA-graph runner
+    eval_runner = (inference_runner(model, "cuda-graphs") if cfg.eval_cuda_graphs else compiled)
+    if world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            runner, device_ids=[device.index] if device.type == "cuda" else None)
+    metric_name = data_mod.TASK_METRIC.get(cfg.data, {"classification": "accuracy",
+                                                       "question_answering": "f1",
+                                                       "seq2seq": "bleu"}[cfg.task])
+    lengths = task_data.lengths(train_rows)
+    epoch_times = []
+    model.train()
+    done = False
+    for epoch in range(state["epoch"], cfg.epochs):
+        batches = data_mod.length_grouped_batches(
+            lengths, cfg.batch_size, cfg.seed, epoch, mega=50 if cfg.group_by_length else 1)
+        t_epoch = time.perf_counter()
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                   disable=rank != 0)
+        seen, t0 = 0, time.perf_counter()
+        for global_batch in bar:
+            mine = global_batch[rank::world]  # each rank: its share of the same global batch
+            cpu_batch = task_data.collate([train_rows[i] for i in mine])
+            # on the CPU, before any GPU kernel sees them (a bad id there is a device assert)
+            model.check_values(cpu_batch.get("input_ids"), cpu_batch.get("labels"), rows=mine)
+            batch = to_device(cpu_batch, device, compiled=compiled is not None)
+            with autocast:
+                loss = runner(**batch).loss
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if not optimizer_step(model, optimizer, scaler, cfg.clip, loss, world):
+                where = (f"epoch {epoch + 1}, step {state['step'] + 1}, examples "
+                         f"{sorted(global_batch)}")
+                if cfg.on_nonfinite == "stop":
+                    raise NonFiniteError(
+                        f"non-finite loss ({loss.item()}) or gradient norm at {where}; stopped "
+                        f"before the optimizer step, so the last checkpoint ({last_dir}) is the "
+                        "last good state. Lower --lr, check the data, or pass "
+                        "--on-nonfinite skip to skip such steps")
+                state["nonfinite_skipped"] += 1
+                if rank == 0:
+                    tqdm.write(f"skipped a non-finite step at {where}")
+            state["step"] += 1
+            fault_point("step")
+            seen += len(global_batch)
+            bar.set_postfix(loss=f"{loss.item():.4f}",
+                            samples_per_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                done = True
+                break
+        epoch_times.append(time.perf_counter() - t_epoch)
+        result = (evaluate(model, task_data, dev_rows, device, precision, runner=eval_runner)
+                  if rank == 0 else {})
+        state["history"].append({"epoch": epoch + 1, "step": state["step"],
+                                 "epoch_seconds": epoch_times[-1],
+                                 f"{cfg.eval_split}": result})
+        improved = rank == 0 and (state["best_metric"] is None
+                                  or result[metric_name] > state["best_metric"])
+        if improved:
+            state["best_metric"] = result[metric_name]
+            state["best_epoch"] = epoch + 1
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            print(f"epoch {epoch + 1}: {cfg.eval_split} {metric_name} {result[metric_name]:.4f}"
+                  f"  ({epoch_times[-1]:.1f}s)")
+            # best first: a kill between the two leaves the previous last checkpoint, and the
+            # resumed run rewrites best with the same weights
+            if improved:
+                save_checkpoint(model, task_data, None, state, cfg, best_dir)
+            save_checkpoint(model, task_data, optimizer, state, cfg, last_dir, scaler)
+        barrier(world)
+        if done:
+            break
+
+    results = {"config": dataclasses.asdict(cfg), "metric": metric_name,
+               "best_dev": state["best_metric"], "best_epoch": state.get("best_epoch"),
+               "history": state["history"], "world_size": world,
+               "precision": precision, "device": str(device),
+               "nonfinite_steps_skipped": state.get("nonfinite_skipped", 0),
+               "trainable_parameters": sum(p.numel() for p in params),
+               "peak_memory_bytes": peak_memory(device)}
+    if rank == 0 and cfg.test_split and best_dir.exists():
+        try:
+            test_rows = load_rows(cfg, cfg.test_split, cfg.limit_eval)
+        except (FileNotFoundError, KeyError):
+            test_rows = None
+        if test_rows:
+            load_best(model, best_dir, device)
+            results["test"] = evaluate(model, task_data, test_rows, device, precision,
+                                       runner=eval_runner)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        if best_dir.exists():  # the exported model carries its numbers and a model card
+            if cfg.lora_r:  # exported merged: loads without peft, runs at full speed
+                exported = load_best(model, best_dir, device)
+                model.merge_lora()
+                if not exported:
+                    save_checkpoint(model, task_data, None, state, cfg, best_dir)
+
+            (best_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+            write_model_card(model, best_dir, results)
+    results["model"] = model
+    return results
