@@ -19,10 +19,10 @@ from pifi_fast.train import packed_slm_option
 
 
 def predict_file(checkpoint, data: str, output="predictions.jsonl", *, split: str = "test",
-             limit: int | None = None, batch_size: int = 64, max_length: int | None = None,
-             text_column: str = "text", pair_column: str | None = None,
-             packed_slm: str | bool | None = None, device: str | None = None,
-             execution: str = "eager") -> dict:
+                 limit: int | None = None, batch_size: int = 64, max_length: int | None = None,
+                 text_column: str = "text", pair_column: str | None = None,
+                 packed_slm: str | bool | None = None, device: str | None = None,
+                 execution: str = "eager") -> dict:
     """Label every row of ``data`` with the model saved in ``checkpoint`` (a folder or a Hub
     repo) and write ``output``: per row its text (and text_pair), the predicted label, every
     label's probability, and the row's gold label when it has one.
