@@ -33,7 +33,12 @@ from pifi_fast.ops import (GEMM_CHOICES, KERNEL_CHOICES, RECOMPUTE_CHOICES, WEIG
 # input projection: [gate | up] for a gated MLP, up alone for Falcon's.
 PROJECTIONS = ("qkv", "o", "gate_up", "down")
 STORAGE = {"int8": dict.fromkeys(PROJECTIONS, "int8"),
+           "int8-channel": dict.fromkeys(PROJECTIONS, "int8"),
            "fp8": {"qkv": "int8", "o": "fp8", "gate_up": "fp8", "down": "fp8"}}
+# Modes whose int8 projections keep one scale per output channel (the scale group is the whole
+# row) instead of pifi_fast.kernels.quant.group_size's 128 inputs: what CPU int8 GEMMs take
+# (torch._weight_int8pack_mm, pifi_fast.ops.int8_cpu_linear).
+PER_CHANNEL = frozenset({"int8-channel"})
 
 
 def key_layout(spec) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
@@ -107,11 +112,15 @@ class FrozenLlamaLayer(nn.Module):
                   (the PyTorch twins there make several fp32 temporaries) as many as keep one
                   (tokens x 2I) fp32 temporary within 128 MiB, at least 256; None: all at once
       causal      False (PiFi's bidirectional attention) or True
-      weights     "auto" (the compute dtype), "int8" or "fp8": the four projection weights are
-                  stored in 8 bits once, when the layer is built (see STORAGE and
-                  pifi_fast.kernels.quant); norms, biases, RoPE, attention and the residual
-                  stream stay in the compute dtype. The state_dict keeps the Hugging Face keys,
-                  the 8-bit tensors under them plus a "<key>_scale" beside each.
+      weights     "auto" (the compute dtype), "int8", "int8-channel" or "fp8": the four
+                  projection weights are stored in 8 bits once, when the layer is built (see
+                  STORAGE and pifi_fast.kernels.quant): "int8" with a scale per output channel
+                  and 128 inputs (the GPU default), "int8-channel" with one scale per output
+                  channel, which on the CPU runs torch's weight-only int8 GEMM with bf16
+                  activations (pifi_fast.ops.int8_cpu_linear; CPU inference), "fp8" e4m3 W8A8
+                  with int8 q/k/v; norms, biases, RoPE, attention and the residual stream stay
+                  in the compute dtype. The state_dict keeps the Hugging Face keys, the 8-bit
+                  tensors under them plus a "<key>_scale" beside each.
     """
 
     def __init__(self, config, rotary: nn.Module, layer_index: int = -1, dtype=None, device=None,
@@ -180,7 +189,8 @@ class FrozenLlamaLayer(nn.Module):
                 return frozen(*shapes[name])
             rows, cols = shapes[name]
             storage = STORAGE[weights][name]
-            group = cols if storage == "fp8" else _quant.group_size(cols)
+            per_channel = storage == "fp8" or weights in PER_CHANNEL
+            group = cols if per_channel else _quant.group_size(cols)
             q = torch.empty(rows, cols, device=device,
                             dtype=torch.int8 if storage == "int8" else _quant.FP8)
             scale = torch.empty(rows, cols // group, device=device, dtype=torch.float32)
@@ -240,9 +250,11 @@ class FrozenLlamaLayer(nn.Module):
 
     def _prequantized(self, quantized: dict) -> dict[str, torch.Tensor]:
         """State-dict entries (key, key + "_scale") for the int8-stored projections whose every
-        part the source holds in 8 bits (a merged projection needs all of its parts)."""
+        part the source holds in 8 bits (a merged projection needs all of its parts). Not for
+        the per-channel modes: GGUF Q8_0's 32-input blocks would keep their groups, which the CPU
+        int8 kernel does not take; those re-quantize the (dequantized) module weights instead."""
         out = {}
-        if self.weights == "auto":
+        if self.weights == "auto" or self.weights in PER_CHANNEL:
             return out
         for name in PROJECTIONS:
             if STORAGE[self.weights][name] != "int8":
@@ -354,7 +366,9 @@ class FrozenLlamaLayer(nn.Module):
               and scale.shape[0] == target_scale.shape[0] and scale.shape != target_scale.shape
               and target.shape[1] % scale.shape[1] == 0):
             # int8 with another scale group (GGUF Q8_0's 32 inputs, or a layer saved with them):
-            # kept as stored, so the weights are the file's, bit for bit
+            # kept as stored, so the weights are the file's, bit for bit (an "int8-channel"
+            # layer given grouped scales keeps them too; on the CPU its projections then take
+            # the dequantizing twin, not the int8 kernel, which wants one scale per channel)
             target_scale = nn.Parameter(torch.empty(scale.shape, dtype=torch.float32,
                                                     device=target_scale.device),
                                         requires_grad=False)

@@ -169,3 +169,22 @@ def trained_scale_state(task: str, num_labels: int) -> dict:
             p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 if p.dim() == 2
                     else 1 + 0.1 * torch.randn(p.shape, generator=g))
     return base.state_dict()
+
+
+def quant_update_errors(base, mode: str, x, mask=None):
+    """Relative errors of an 8-bit layer (weights=mode) against the dense one built from the
+    same LLMLayer ``base``: on the layer's update (output - input) and on the input gradient,
+    over the real tokens."""
+    from pifi_fast import FrozenLlamaLayer  # (as trained_scale_state above imports PiFiModel)
+
+    dense = FrozenLlamaLayer.from_hf(base.module, base.config, base.rotary)
+    quant = FrozenLlamaLayer.from_hf(base.module, base.config, base.rotary, weights=mode)
+    grad = torch.randn_like(x) * (mask[..., None] if mask is not None else 1)
+    results = []
+    for layer in (dense, quant):
+        leaf = x.clone().requires_grad_()
+        out = layer(leaf, None if mask is None else mask.long())
+        out.backward(grad)
+        results.append(((out.detach() - x), (leaf.grad - grad)))
+    real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+    return [rel_err(results[1][i][real], results[0][i][real]) for i in (0, 1)]

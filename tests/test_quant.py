@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import rel_err, tiny_slm
+from helpers import quant_update_errors, rel_err, tiny_slm
 from transformers import FalconConfig, Gemma2Config, LlamaConfig, Qwen2Config
 
 from pifi_fast import PiFiModel, kernels
@@ -209,24 +209,14 @@ def test_8bit_layer_is_the_hf_layer_with_dequantized_weights(kernel_impl, mode, 
 # input gradient): SmolLM2's last layer int8 2.2 / 2.9 % (CLS 1.6 / 1.6 %), fp8 8.1 / 8.0 % (CLS
 # 7.5 / 7.4 %); the Llama-3.1-8B-shaped random layer int8 1.7 / 2.3 % (CLS 1.4 / 1.6 %), fp8
 # 7.2 / 6.7 % (CLS 7.0 / 6.7 %). The bounds leave about 1.4x room.
-BOUNDS = {"int8": 0.04, "fp8": 0.12}
+# int8-channel: one scale per channel (coarser than int8's 128-input groups) and, on the CPU,
+# bf16 activations in its int8 kernel (tests/test_int8_cpu.py checks the kernel runs). Measured
+# 2026-12-02 (update / input gradient): SmolLM2's last layer 3.3 / 4.0 %, the 8B shape 2.4 / 3.1
+# %, about 1.4x int8's error; the bound leaves 1.4x room.
+BOUNDS = {"int8": 0.04, "fp8": 0.12, "int8-channel": 0.058}
 
 
-def _update_errors(base, mode, x, mask):
-    dense = FrozenLlamaLayer.from_hf(base.module, base.config, base.rotary)
-    quant = FrozenLlamaLayer.from_hf(base.module, base.config, base.rotary, weights=mode)
-    grad = torch.randn_like(x) * (mask[..., None] if mask is not None else 1)
-    results = []
-    for layer in (dense, quant):
-        leaf = x.clone().requires_grad_()
-        out = layer(leaf, None if mask is None else mask.long())
-        out.backward(grad)
-        results.append(((out.detach() - x), (leaf.grad - grad)))
-    real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
-    return [rel_err(results[1][i][real], results[0][i][real]) for i in (0, 1)]
-
-
-@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int8-channel"])
 def test_accuracy_on_smollm2s_real_last_layer(mode):
     offline = pytest.importorskip("pifi_fast.offline")
     from pifi_fast.loading import load_llm_layer
@@ -236,19 +226,19 @@ def test_accuracy_on_smollm2s_real_last_layer(mode):
     x = torch.randn(4, 32, base.config.hidden_size)
     mask = torch.ones(4, 32, dtype=torch.bool)
     mask[1, 20:] = False
-    for errs in (_update_errors(base, mode, x, mask),  # full sequence
-                 _update_errors(base, mode, x[:, :1].contiguous(), None)):  # CLS mode
+    for errs in (quant_update_errors(base, mode, x, mask),  # full sequence
+                 quant_update_errors(base, mode, x[:, :1].contiguous(), None)):  # CLS mode
         assert max(errs) <= BOUNDS[mode], errs
 
 
-@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int8-channel"])
 def test_accuracy_on_a_llama_8b_shaped_layer(mode):
     cfg = llm_config("llama-3.1-8b")
     base = random_layer(cfg, 0, dtype=torch.float32, seed=0)
     torch.manual_seed(0)
     x = torch.randn(1, 16, cfg.hidden_size)
-    for errs in (_update_errors(base, mode, x, None),
-                 _update_errors(base, mode, x.transpose(0, 1)[:4].contiguous(), None)):
+    for errs in (quant_update_errors(base, mode, x, None),
+                 quant_update_errors(base, mode, x.transpose(0, 1)[:4].contiguous())):
         assert max(errs) <= BOUNDS[mode], errs
 
 

@@ -28,7 +28,7 @@ class TrainConfig:
     recompute: str = "none"  # fused layer memory mode: none | mlp (recompute gate/up in backward)
     attention: str = "auto"  # fused layer attention backend: auto | flash_attn | torch_varlen | sdpa
     gemm: str = "cublas"  # fused layer projections: cublas | triton (fused epilogues)
-    layer_weights: str = "auto"  # fused layer: auto (compute dtype) | int8 | fp8 (8-bit weights)
+    layer_weights: str = "auto"  # fused layer: auto (dtype) | int8 | int8-channel | fp8
     adapter: str = "linear"  # L_in / L_out: linear (the paper's) | mlp (Linear-GELU-Linear)
     adapter_width: int = 0  # mlp adapters' hidden width (0: the SLM's hidden size)
     lora_r: int = 0  # LoRA rank on the SLM (0: full fine-tuning); the export is merged
