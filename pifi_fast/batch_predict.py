@@ -22,7 +22,8 @@ def predict_file(checkpoint, data: str, output="predictions.jsonl", *, split: st
                  limit: int | None = None, batch_size: int = 64, max_length: int | None = None,
                  text_column: str = "text", pair_column: str | None = None,
                  packed_slm: str | bool | None = None, device: str | None = None,
-                 execution: str = "eager") -> dict:
+                 execution: str = "eager", layer_weights: str | None = None,
+                 layer_dtype: str | None = None) -> dict:
     """Label every row of ``data`` with the model saved in ``checkpoint`` (a folder or a Hub
     repo) and write ``output``: per row its text (and text_pair), the predicted label, every
     label's probability, and the row's gold label when it has one.
@@ -30,10 +31,14 @@ def predict_file(checkpoint, data: str, output="predictions.jsonl", *, split: st
     ``data``: a file is predicted whole; from a folder or a built-in name ``split`` is taken.
     ``max_length`` and ``packed_slm`` (auto, true, false) default to the training run's
     settings (its train_config.json; 100 and auto without one); ``device`` to cuda when
-    present; ``execution``: eager, compile or cuda-graphs. Returns the number of
-    predictions, the seconds they took (compiled: including the first batches' compiles),
-    the device, the execution mode and the output path."""
-    model = PiFiModel.from_pretrained(checkpoint)
+    present; ``execution``: eager, compile or cuda-graphs; ``layer_weights``: the frozen
+    layer's weights mode instead of the saved one (int8-channel: 8-bit inference on a CPU);
+    ``layer_dtype``: its dtype instead of the saved one (bfloat16).
+    Returns the number of predictions, the seconds they took (compiled: including the first
+    batches' compiles), the device, the execution mode and the output path."""
+    model = PiFiModel.from_pretrained(
+        checkpoint, layer_dtype=layer_dtype,
+        **({"weights": layer_weights} if layer_weights else {}))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     saved = Path(model.loaded_from) / "train_config.json"

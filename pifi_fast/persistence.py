@@ -134,9 +134,15 @@ class PersistenceMixin:
         return target
 
     @classmethod
-    def from_pretrained(cls, directory, map_location="cpu", llm_source: str | None = None):
+    def from_pretrained(cls, directory, map_location="cpu", llm_source: str | None = None,
+                        layer_dtype=None, **layer_options):
         """A saved model, full or lean. For a lean checkpoint the frozen layer is re-read from
-        the recorded source (or ``llm_source``, when the files moved) and its sha256 checked."""
+        the recorded source (or ``llm_source``, when the files moved) and its sha256 checked.
+        ``layer_options`` override the saved options of how the frozen layer runs, e.g.
+        ``weights="int8-channel"``: the saved projection weights (dequantized first when they
+        were saved in another 8-bit mode) quantized on load, for 8-bit inference on a CPU.
+        ``layer_dtype`` (e.g. "bfloat16"): the frozen layer's dtype instead of the saved one
+        (the SLM, adapters and head keep theirs)."""
         if not Path(directory).expanduser().exists() and looks_like_repo_id(str(directory)):
             directory = hub.download(str(directory))  # or the cache, with HF_HUB_OFFLINE=1
         directory = Path(directory).expanduser()
@@ -147,9 +153,35 @@ class PersistenceMixin:
         check_safetensors_file(w_path)  # a cut file: an error naming it, not a header error
         cfg = json.loads(cfg_path.read_text())
         opts = dict(cfg["options"])
+        saved_weights = opts.get("weights", "auto")
+        requantize = layer_options.get("weights", saved_weights) != saved_weights
+        dtype_name = cfg.get("layer_dtype")
+        if layer_dtype is not None and cfg.get("llm_config") is not None:
+            wanted = str(layer_dtype).replace("torch.", "")
+            if wanted not in ("float32", "bfloat16", "float16"):
+                raise ValueError(f"layer_dtype must be float32, bfloat16 or float16, got "
+                                 f"{layer_dtype!r}")
+            redtype, dtype_name = wanted != dtype_name, wanted
+        else:
+            redtype = False
+        if (requantize or redtype) and cfg.get("frozen_layer") is not None:
+            # a lean checkpoint's hash is of the layer in its saved mode: re-read and verify it
+            # so, then build the new mode from a full copy of the verified model
+            verified = cls.from_pretrained(directory, map_location, llm_source)
+            with tempfile.TemporaryDirectory(prefix="pifi-requantize-") as tmp:
+                verified.save_pretrained(Path(tmp) / "full")
+                model = cls.from_pretrained(Path(tmp) / "full", map_location,
+                                            layer_dtype=layer_dtype, **layer_options)
+            model.llm_source, model.loaded_from = verified.llm_source, directory
+            return model
+        opts.update(layer_options)
         slm_cfg = dict(cfg["slm_config"])
         slm_config = AutoConfig.for_model(slm_cfg.pop("model_type"), **slm_cfg)
         state = safetensors.torch.load_file(str(w_path), device=str(map_location))
+        if requantize:  # the layer's float weights, which the new mode quantizes on load
+            state = {k: dequantize(v, state[k + "_scale"]) if k + "_scale" in state else v
+                     for k, v in state.items()
+                     if not (k.startswith("llm_layer.") and k.endswith("_scale"))}
         slm_cls = AutoModelForSeq2SeqLM if opts["task"] == "seq2seq" else AutoModel
         slm = slm_cls.from_config(slm_config)
         llm = None
@@ -159,22 +191,8 @@ class PersistenceMixin:
         elif cfg["llm_config"] is not None:
             llm_cfg = dict(cfg["llm_config"])
             llm_config = AutoConfig.for_model(llm_cfg.pop("model_type"), **llm_cfg)
-            layer_sd = {k[len("llm_layer."):]: v for k, v in state.items()
-                        if k.startswith("llm_layer.")}
-            # 8-bit projections: the Hugging Face module the layer is built from takes their
-            # dequantized values; the stored 8-bit tensors then load as they are (below)
-            layer_sd = {k: dequantize(v, layer_sd[k + "_scale"]) if k + "_scale" in layer_sd
-                        else v for k, v in layer_sd.items() if not k.endswith("_scale")}
-            dtype = getattr(torch, cfg["layer_dtype"])
-            if isinstance(cfg["llm_index"], list):  # several layers: keys "<i>.<HF key>"
-                llm = [build_layer(llm_config, index, {k[len(f"{i}."):]: v
-                                                       for k, v in layer_sd.items()
-                                                       if k.startswith(f"{i}.")},
-                                   dtype=dtype, source=str(directory))
-                       for i, index in enumerate(cfg["llm_index"])]
-            else:
-                llm = build_layer(llm_config, cfg["llm_index"], layer_sd, dtype=dtype,
-                                  source=str(directory))
+            llm = layers_from_state(llm_config, cfg["llm_index"], getattr(torch, dtype_name),
+                                    state, source=str(directory))
         model = cls(slm, llm, labels=cfg.get("labels"), **opts)
         if reference is not None:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -212,6 +230,23 @@ class PersistenceMixin:
                                commit_message=commit_message,
                                source_folder=getattr(self, "loaded_from", None))
 
+
+
+def layers_from_state(llm_config, llm_index, dtype, state: dict, source: str = ""):
+    """The frozen layer(s) of a PiFi state dict (keys "llm_layer.<HF key>", or
+    "llm_layer.<i>.<HF key>" for several layers) as the LLM's own Hugging Face decoder layers:
+    one LLMLayer, or a list when ``llm_index`` is a list. 8-bit projections (a "<key>_scale"
+    beside them) are dequantized: the Hugging Face module holds float weights, and an 8-bit
+    layer built from it loads the stored 8-bit tensors as they are afterwards."""
+    layer_sd = {k[len("llm_layer."):]: v for k, v in state.items() if k.startswith("llm_layer.")}
+    layer_sd = {k: dequantize(v, layer_sd[k + "_scale"]) if k + "_scale" in layer_sd else v
+                for k, v in layer_sd.items() if not k.endswith("_scale")}
+    if isinstance(llm_index, list):
+        return [build_layer(llm_config, index, {k[len(f"{i}."):]: v for k, v in layer_sd.items()
+                                                if k.startswith(f"{i}.")},
+                            dtype=dtype, source=source)
+                for i, index in enumerate(llm_index)]
+    return build_layer(llm_config, llm_index, layer_sd, dtype=dtype, source=source)
 
 
 def looks_like_repo_id(name: str) -> bool:

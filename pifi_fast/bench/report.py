@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from pifi_fast.bench import w5_deploy
 from pifi_fast.bench.common import BASELINES
 from pifi_fast.bench.timing import copy_bandwidth, matmul_rate, measure, peak_memory
 
@@ -251,10 +252,14 @@ def write(rows, env, ceil, out_dir: Path, level: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "results.json", "md": out_dir / "results.md"}
     payload = {"environment": env, "ceilings": ceil, "level": level, "rows": rows,
-               "targets": targets(rows), "step_targets": step_targets(rows)}
+               "targets": targets(rows), "step_targets": step_targets(rows),
+               "deploy_overhead": w5_deploy.overhead(rows),
+               "deploy_targets": w5_deploy.deploy_targets(rows)}
     paths["json"].write_text(json.dumps(payload, indent=1, default=str))
     paths["md"].write_text(markdown(rows, env, ceil, level))
     paths.update(plots(rows, env, out_dir))
+    if w5_deploy.plot(rows, out_dir / "w5_overhead.png"):
+        paths["w5_png"] = out_dir / "w5_overhead.png"
     return paths
 
 
@@ -322,6 +327,9 @@ def markdown(rows, env, ceil, level) -> str:
         met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
         lines.append(f"| {t['pair']} | {t['target']} | {value} | {t['impl'] or '-'} | "
                      f">= {t['goal']:g} | {met} |")
+    w5 = w5_deploy.markdown(rows)
+    if w5:
+        lines += ["", w5.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 

@@ -24,12 +24,12 @@ def _device(device) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def run_benchmarks(level: str = "quick", workloads: str = "W1,W2,W3,W4", *, device=None,
+def run_benchmarks(level: str = "quick", workloads: str = "W1,W2,W3,W4,W5", *, device=None,
                    dtype=None, only: str | None = None, skip=(), reps: int | None = None,
                    time_budget: float | None = None, out=None, compare=None) -> dict:
     """Measure the cases of a size list (``level``: tiny, quick or full) and write the report.
 
-    workloads: a comma list of W1..W4; only / skip: keep the cases whose key contains ``only``,
+    workloads: a comma list of W1..W5; only / skip: keep the cases whose key contains ``only``,
     drop those containing any text of ``skip``; reps: timed repetitions per case (default: the
     size list's); time_budget: seconds after which no case starts (the rows the targets read run
     first), the rest recorded as skipped; out: the folder (default

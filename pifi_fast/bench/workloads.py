@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from pifi_fast.bench import epoch, w1_layer, w2_cls, w3_ops, w4_step
+from pifi_fast.bench import epoch, w1_layer, w2_cls, w3_ops, w4_step, w5_deploy
 from pifi_fast.bench.common import (FAMILY_OP_SHAPES, LLM_SHAPES, Case, _layers, _liger_rope,
                                     _pifi_models, _quant_model, default_dtype, liger_layer,
                                     llm_config, size_lists)
@@ -37,11 +37,11 @@ __all__ = ["WORKLOADS", "all_cases",
 
 # workload -> the functions listing its cases, in the order a run takes them
 WORKLOADS = {"W1": (w1_layer.cases,), "W2": (w2_cls.cases,), "W3": (w3_ops.cases,),
-             "W4": (w4_step.cases, epoch.cases)}
+             "W4": (w4_step.cases, epoch.cases), "W5": (w5_deploy.cases,)}
 
 
 def all_cases(level: str, device: torch.device, dtype: torch.dtype,
-              workloads=("W1", "W2", "W3", "W4")) -> list[Case]:
+              workloads=("W1", "W2", "W3", "W4", "W5")) -> list[Case]:
     sizes = size_lists(level, device)
     return [case for name, listers in WORKLOADS.items() if name in workloads
             for cases in listers for case in cases(sizes, device, dtype)]

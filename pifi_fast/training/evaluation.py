@@ -107,13 +107,18 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
                         label_map: dict | None = None,
                         text_column: str | None = None,
                         label_column: str | None = None,
-                        packed_slm: str | bool | None = None) -> dict:
+                        packed_slm: str | bool | None = None,
+                        layer_weights: str | None = None,
+                        layer_dtype: str | None = None) -> dict:
     """Metrics of a saved checkpoint, a local folder or a Hub repo (pifi-fast eval), on its own
     data or another (cross-domain transfer): ``label_map`` renames the data's labels to the
     model's ({"negative": 0, "positive": 1}); the columns default to the training run's.
     ``compile``: torch.compile the model; ``cuda_graphs``: compiled with CUDA graphs (GPU;
     elsewhere compiled without them, with a warning). Both bucket the batch lengths.
     ``packed_slm``: PiFiModel.packed_slm (auto, true or false; None: the training run's).
+    ``layer_weights``: run the frozen layer in this weights mode instead of the saved one
+    (e.g. "int8-channel", quantized on load: the accuracy cost of 8-bit CPU inference);
+    ``layer_dtype``: the frozen layer's dtype instead of the saved one (e.g. "bfloat16").
     A file other than the training data is evaluated whole (``split`` applies to folders,
     built-in names and the training file, whose splits data.load_split cuts)."""
     ckpt = Path(checkpoint).expanduser()
@@ -130,7 +135,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "dev", limit=No
     tokenizer = load_tokenizer(ckpt / "tokenizer")
     task_data = TaskData(cfg, tokenizer, label_map=None if labels is None else
                          {k: v for k, v in labels})
-    model = PiFiModel.from_pretrained(ckpt).to(device)
+    model = PiFiModel.from_pretrained(
+        ckpt, layer_dtype=layer_dtype,
+        **({"weights": layer_weights} if layer_weights else {})).to(device)
     model.packed_slm = packed_slm_option(cfg.packed_slm if packed_slm is None else packed_slm)
     if model.labels is not None:  # the vocabulary stored with the weights wins
         task_data.label_map = {data_mod.normalize_label(k): i for i, k in enumerate(model.labels)}
