@@ -88,9 +88,12 @@ def _deploy_models(pair: str, device_str: str, dtype_str: str):
     int8 = PiFiModel.from_parts(slm_part, llm, task="classification",
                                 llm_dtype=getattr(torch, dtype_str), weights=INT8_MODE)
     int8.load_state_dict(weights)
-    bf16 = PiFiModel.from_parts(slm_part, copy.deepcopy(llm), task="classification",
-                                llm_dtype=torch.bfloat16)
+    llm_bf16 = copy.deepcopy(llm)
+    llm_bf16.module.to(torch.bfloat16)  # (llm_dtype applies to layers read from a source only)
+    bf16 = PiFiModel.from_parts(slm_part, llm_bf16, task="classification")
     bf16.load_state_dict(weights)  # (the layer's weights rounded to bf16 as they load)
+    if bf16.layer_dtype != torch.bfloat16:
+        raise RuntimeError(f"the bf16 row's layer is {bf16.layer_dtype}")
     return {"slm_alone": alone.eval().to(device_str), "pifi_fast_int8": int8.eval().to(device_str),
             "pifi_fast_bf16": bf16.eval().to(device_str)}
 
