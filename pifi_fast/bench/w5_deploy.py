@@ -1,7 +1,7 @@
 """W5, what PiFi costs at inference: classification forward passes of SST-2-length sentences at
 batch 1 (latency) and batch 32 (throughput) for the SLM alone, the reference PiFi, pifi_fast
-(eager, compiled, int8 layer) and the exported model under ONNX Runtime (fp32, int8), and the
-frozen layer alone in CLS mode against its weight-streaming bound.
+(eager, compiled, int8 layer, bf16 layer) and the exported model under ONNX Runtime (fp32,
+int8), and the frozen layer alone in CLS mode against its weight-streaming bound.
 
 Implementations (W5 rows):
   slm_alone           the same SLM and head without the frozen layer (PiFi's own baseline)
@@ -32,6 +32,7 @@ import torch
 
 from pifi_fast import PiFiModel
 from pifi_fast.bench.common import Case, _pair_parts, _pifi_models, sst2_lengths
+from pifi_fast.export import export_model, load_exported
 from pifi_fast.inference import compile_model
 
 MODEL_IMPLS = ("slm_alone", "hf_sdpa", "pifi_fast", "pifi_fast_compiled", "pifi_fast_int8",
@@ -104,7 +105,6 @@ _EXPORTS: dict = {}
 def _exported(pair: str, device_str: str, dtype_str: str, int8: bool):
     """The pair's PiFi exported to ONNX once (fp32 and ONNX Runtime's dynamic int8) into a
     temporary folder removed at exit, loaded with this process's thread count."""
-    from pifi_fast.export import export_model, load_exported  # deferred: onnx is optional
     key = (pair, device_str, dtype_str)
     if key not in _EXPORTS:
         folder = tempfile.mkdtemp(prefix="pifi-w5-export-")
