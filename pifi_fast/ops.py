@@ -109,10 +109,14 @@ _TRITON = (SimpleNamespace(rms_fwd=_rms.rms_norm_fwd, rms_bwd=_rms.rms_norm_bwd,
 ACT_EPILOGUE = {"silu": "swiglu", "gelu_tanh": "geglu_tanh", "gelu": "gelu"}
 
 
+def _kernel_choice(choice: str) -> str:
+    """The layer's kernels option with $PIFI_FAST_KERNELS applied (it overrides "auto")."""
+    return os.environ.get("PIFI_FAST_KERNELS", "auto") if choice == "auto" else choice
+
+
 def elementwise_impl(x: torch.Tensor, choice: str = "auto") -> SimpleNamespace:
     """The kernels or their twins for tensor x. $PIFI_FAST_KERNELS overrides "auto"."""
-    if choice == "auto":
-        choice = os.environ.get("PIFI_FAST_KERNELS", "auto")
+    choice = _kernel_choice(choice)
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
     if choice == "torch":
@@ -251,10 +255,7 @@ def _rowwise_scaled_mm_runs(device: str) -> bool:
 def _twins_forced(run) -> bool:
     """kernels="torch" (or $PIFI_FAST_KERNELS=torch under "auto"): every step runs its plain
     PyTorch twin, the 8-bit projections included (no CPU int8 kernel)."""
-    choice = run.kernels
-    if choice == "auto":
-        choice = os.environ.get("PIFI_FAST_KERNELS", "auto")
-    return choice == "torch"
+    return _kernel_choice(run.kernels) == "torch"
 
 
 def _quant_linear(x, w: QuantWeight, bias=None, residual=None, triton: bool = True,
