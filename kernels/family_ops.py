@@ -26,9 +26,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import HAS_TRITON
-from . import acc_dtype as _acc
-from . import as_rows as _rows
+from .common import HAS_TRITON
+from .common import acc_dtype as _acc
+from .common import as_rows as _rows
 from . import rms_norm as _rms
 from ._spec import DTYPE_NAMES, Float, Int, Launch, Ptr
 

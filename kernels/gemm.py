@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from . import HAS_TRITON, interpreting
+from .common import HAS_TRITON, interpreting
 from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 from .family_ops import geglu_tanh_bwd_ref, geglu_tanh_fwd_ref, gelu_bwd_ref, gelu_fwd_ref
 from .swiglu import swiglu_bwd_ref, swiglu_fwd_ref

@@ -32,7 +32,7 @@ import os
 
 import torch
 
-from . import HAS_TRITON, interpreting
+from .common import HAS_TRITON, interpreting
 from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 
 FP8 = torch.float8_e4m3fn

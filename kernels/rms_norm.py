@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON
-from . import acc_dtype as _acc
-from . import as_rows as _rows
+from .common import HAS_TRITON
+from .common import acc_dtype as _acc
+from .common import as_rows as _rows
 from ._spec import DTYPE_NAMES, Float, Int, Launch, Ptr
 
 MAX_HIDDEN = 65536

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import HAS_TRITON
+from .common import HAS_TRITON
 from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 
 

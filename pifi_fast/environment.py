@@ -12,7 +12,8 @@ import torch
 import transformers
 
 import pifi_fast
-from pifi_fast import _ext, attention, families, kernels, ops, packed_slm
+from pifi_fast import _ext, attention, families, ops, packed_slm
+from pifi_fast.kernels import common as kernels
 from pifi_fast.loading import load_llm_config, resolve_index
 
 # What reading an LLM's config raises for a bad --llm (CheckpointError is a ValueError).
@@ -77,9 +78,11 @@ def host_lines() -> list[str]:
 
 def llm_line(llm: str, layer: int = -1) -> str:
     """Whether layer `layer` of the LLM `llm` (folder, .gguf file or Hub id) runs fused or
-    unfused, and how; reads its config only. Raises one of LLM_ERRORS when it cannot."""
+    unfused, and how (fused: which kernel or twin runs each op on CUDA and here, read from the
+    layer's dispatch table); reads its config only. Raises one of LLM_ERRORS when it cannot."""
     config = load_llm_config(llm)
-    return f"--llm {llm}: {families.describe(config, resolve_index(config, layer))}"
+    index = resolve_index(config, layer)
+    return f"--llm {llm}: {families.describe(config, index, _device_type())}"
 
 
 def gpu_lines() -> list[str]:

@@ -16,7 +16,8 @@ running (pifi_fast.hf_layer, pifi_fast.layer) need no per-family branches:
   layer_spec (LayerSpec)  the fused layer's description of a family (norm kind, block,
                         activation, attention options, key names), None where it runs unfused
   FUSED_MODEL_TYPES / is_fusable / describe  which families pifi_fast fuses, and in words which
-                        path a layer takes (pifi-fast info --llm, the model's repr)
+                        path a layer takes (pifi-fast info --llm, the model's repr); a fused
+                        layer's kernels are read from pifi_fast.ops' dispatch table, not listed
 
 Nothing here runs code from a checkpoint: a family that exists only as remote code is refused
 with what to do instead.
@@ -30,6 +31,8 @@ import sys
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
+
+from pifi_fast import ops
 
 # The families whose frozen layer pifi_fast computes itself (FrozenLlamaLayer, described by a
 # LayerSpec); every other family Transformers ships runs its own Hugging Face layer, unfused.
@@ -280,8 +283,11 @@ def is_fusable(config) -> bool:
     return layer_spec(config) is not None
 
 
-def describe(config, index: int) -> str:
-    """One line: which path layer `index` of this LLM takes in pifi_fast.PiFiModel."""
+def describe(config, index: int, device_type: str | None = None, kernels: str = "auto") -> str:
+    """One line: which path layer `index` of this LLM takes in pifi_fast.PiFiModel; for a fused
+    layer, what runs its norms, activation and RoPE on CUDA and on `device_type` (default: CUDA
+    when there is one, else the CPU) under the kernels option `kernels`, read from the table
+    the layer dispatches through (pifi_fast.ops.describe_kernels)."""
     why = unsupported(config, index)
     if why:
         return f"{config.model_type}: cannot be plugged in: {why}"
@@ -292,12 +298,9 @@ def describe(config, index: int) -> str:
         extras.append(f"logits soft-capped at {config.attn_logit_softcapping}"
                       + (" (flash-attn where it soft-caps, else the math path)" if spec else ""))
     if spec is not None:
-        kernels = ("Triton kernels on CUDA" if spec.norm == "rms" and spec.act == "silu" else
-                   f"Triton RoPE; its {spec.norm} norms and {spec.act} MLP as PyTorch ops (no "
-                   "Triton kernels for them yet)")
         return (f"{config.model_type} layer {index}: fused (pifi_fast's FrozenLlamaLayer, "
-                f"{spec.block} block: {kernels}; input-gradient-only backward; "
-                f"{', '.join(extras)})")
+                f"{spec.block} block; {ops.describe_kernels(spec, device_type, kernels)}; "
+                f"input-gradient-only backward; {', '.join(extras)})")
     attn = "eager" if needs_eager_attention(config) else "sdpa"
     return (f"{config.model_type} layer {index}: unfused (its own Hugging Face "
             f"{decoder_layer_class(config).__name__}, {attn} attention, "

@@ -274,7 +274,8 @@ def check_safetensors_file(path) -> None:
         try:
             header = json.loads(f.read(n))
         except ValueError as exc:
-            raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {exc})")
+            raise CheckpointError(
+                f"{path}: not a safetensors file (unreadable header: {exc})") from exc
     spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in header.items()
                    if k != "__metadata__")
     expected = 8 + n + (max(end for _, end, _ in spans) if spans else 0)

@@ -5,6 +5,8 @@ plugged layers are a FrozenLayerStack (one unpadding for them all) or an nn.Modu
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -91,7 +93,11 @@ class PiFiModel(PiFiBase):
         if self.llm_config is None:
             return "the SLM alone (no frozen layer)"
         first = self.llm_index[0] if isinstance(self.llm_index, list) else self.llm_index
-        line = families.describe(self.llm_config, first)
+        layer = self.llm_layer[0] if isinstance(self.llm_layer, nn.ModuleList) else self.llm_layer
+        held = next(itertools.chain(layer.parameters(), layer.buffers()), None)
+        line = families.describe(self.llm_config, first,
+                                 held.device.type if held is not None else None,
+                                 layer.kernels if self.fused else "auto")
         if is_fusable(self.llm_config) and not self.fused:
             line += " -- run unfused here (fused=False or freeze=False)"
         return f"frozen layer: {line}"

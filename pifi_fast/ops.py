@@ -4,7 +4,9 @@ The layer runs on packed tokens: x is (T, H), the real tokens of the batch only 
 pifi_fast.attention.Segments), so padding costs nothing in any GEMM or kernel. Elementwise work
 goes to the Triton kernels of pifi_fast.kernels when they can run (CUDA tensors, or CPU tensors
 under Triton's interpreter) and to their plain PyTorch twins otherwise; ``kernels="torch"``
-forces the twins, ``"triton"`` the kernels. Projections (``gemm`` option):
+forces the twins, ``"triton"`` the kernels. layer_kernels / describe_kernels say, per op of a
+family's layer, which function that is on a device, read from the same tables (_TWINS, _TRITON).
+Projections (``gemm`` option):
     "cublas"  torch.ops.pifi_fast.frozen_linear (the compiled extension; bias and residual
               fused into the cuBLAS/cuBLASLt GEMM) forward, dy @ W backward; the default
     "triton"  pifi_fast.kernels.gemm with fused epilogues: residual adds on O and down, SwiGLU
@@ -67,7 +69,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from pifi_fast import attention as attn
-from pifi_fast import kernels
+from pifi_fast.kernels import common as kernels
 from pifi_fast._ext import frozen_linear
 from pifi_fast.kernels import family_ops as _fam
 from pifi_fast.kernels import gemm as _gemm
@@ -116,19 +118,25 @@ def _kernel_choice(choice: str) -> str:
 
 def elementwise_impl(x: torch.Tensor, choice: str = "auto") -> SimpleNamespace:
     """The kernels or their twins for tensor x. $PIFI_FAST_KERNELS overrides "auto"."""
+    return impl_on(x.device.type, choice)
+
+
+def impl_on(device_type: str, choice: str = "auto") -> SimpleNamespace:
+    """What elementwise_impl picks for a tensor of this device type ("cuda", "cpu", ...): _TRITON
+    or _TWINS. Needs no tensor, so CUDA's choice can be described on a machine without one."""
     choice = _kernel_choice(choice)
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"kernels must be one of {KERNEL_CHOICES}, got {choice!r}")
     if choice == "torch":
         return _TWINS
     if choice == "triton":
-        if not kernels.can_run(x):
+        if not (kernels.HAS_TRITON and (device_type == "cuda" or kernels.interpreting())):
             raise RuntimeError(
                 f"kernels='triton' needs triton and a CUDA tensor (or TRITON_INTERPRET=1 set "
-                f"before triton is imported); got a {x.device.type} tensor, triton "
+                f"before triton is imported); got a {device_type} tensor, triton "
                 f"{'present' if kernels.HAS_TRITON else 'missing'}")
         return _TRITON
-    return _TRITON if (x.is_cuda and kernels.HAS_TRITON) else _TWINS
+    return _TRITON if (device_type == "cuda" and kernels.HAS_TRITON) else _TWINS
 
 
 class LayerRun(SimpleNamespace):
@@ -362,13 +370,86 @@ def fp8_linear(x, w: QuantWeight, bias=None, residual=None):
 
 
 # -- the family's steps (LayerSpec): norms, the MLP's activation, q/k norms -----------------------
+def norm_op(spec) -> str:
+    """Which of the table's norms (_TWINS / _TRITON) a LayerSpec's norms run through: "rms"
+    (rms_fwd / rms_bwd: Llama's RMSNorm) or "norm" (norm_fwd / norm_bwd: Gemma's (1 + w)
+    RMSNorm, Falcon's LayerNorm)."""
+    return "rms" if spec.norm == "rms" else "norm"
+
+
+def act_op(spec) -> str:
+    """Which of the table's MLP activations a LayerSpec runs through: "swiglu" (swiglu_fwd /
+    swiglu_bwd) or "act" (act_fwd / act_bwd: GeGLU-tanh, Falcon's GELU)."""
+    return "swiglu" if spec.act == "silu" else "act"
+
+
+# per-head q/k norms (LayerSpec.qk_norm): (forward, backward), plain PyTorch on every device
+QK_NORMS = {"rms": (_rms.rms_norm_fwd_ref, _rms.rms_norm_bwd_ref),
+            "rms_1p": (_fam.rms_norm_1p_fwd_ref, _fam.rms_norm_1p_bwd_ref)}
+
+
+def layer_kernels(spec, device_type: str, choice: str = "auto") -> dict:
+    """What runs each elementwise op of the fused layer that follows `spec` (a LayerSpec) on a
+    device type under the kernels option `choice`: {"<norm> norm", "<act> MLP", "RoPE" and, with
+    per-head q/k norms, "<kind> q/k norm": the forward function}. Read from the table the layer
+    gets there (impl_on) through the norm_op / act_op it calls, so it is what runs (each
+    forward's backward sits beside it in the same table). Raises impl_on's RuntimeError for
+    kernels="triton" where Triton cannot run."""
+    impl = impl_on(device_type, choice)
+    found = {f"{spec.norm} norm": getattr(impl, norm_op(spec) + "_fwd"),
+             f"{spec.act} MLP": getattr(impl, act_op(spec) + "_fwd"),
+             "RoPE": impl.rope_}
+    if spec.qk_norm:
+        found[f"{spec.qk_norm} q/k norm"] = QK_NORMS[spec.qk_norm][0]
+    return found
+
+
+def kernel_name(fn) -> str:
+    """A kernel or twin as describe_kernels names it: "<kernels module>.<function>"."""
+    return f"{fn.__module__.rpartition('.')[2]}.{fn.__name__}"
+
+
+def _listing(found: dict, labels: bool) -> str:
+    """"Triton a (op), b (op), PyTorch c (op)": the functions in order, each run of one kind
+    (a Triton kernel: in _TRITON; else a PyTorch twin) headed by its kind."""
+    triton = [] if _TRITON is None else [f for f in vars(_TRITON).values() if callable(f)]
+    text, kind = [], None
+    for op, fn in found.items():
+        now = "Triton" if any(fn is f for f in triton) else "PyTorch"
+        name = kernel_name(fn) + (f" ({op})" if labels else "")
+        text.append(name if now == kind else f"{now} {name}")
+        kind = now
+    return ", ".join(text)
+
+
+def describe_kernels(spec, device_type: str | None = None, choice: str = "auto") -> str:
+    """In words, what runs the fused layer's elementwise ops (layer_kernels) on CUDA and, when
+    elsewhere, on `device_type` (default: CUDA when there is one, else the CPU), under the
+    kernels option `choice`: the clause pifi-fast info --llm and the model's repr print."""
+    here = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if _TRITON is None:
+        devices, heads = (here,), {here: "on every device (triton not installed)"}
+    else:
+        devices = ("cuda",) if here == "cuda" else ("cuda", here)
+        heads = {d: f"on {d.upper() if d in ('cuda', 'cpu') else d}"
+                 + (" (here)" if d == here else "") for d in devices}
+    parts = []
+    for i, device in enumerate(devices):
+        try:
+            found = _listing(layer_kernels(spec, device, choice), labels=i == 0)
+        except RuntimeError:
+            found = "none, kernels='triton' cannot run there (the layer raises)"
+        parts.append(f"{heads[device]}: {found}")
+    return "; ".join(parts)
+
+
 def _norm_fwd(run, x, name):
     """(y, fp32 1/std) of the layer's norm `name` ("input_norm", "post_norm", "attn_out_norm",
     "mlp_out_norm") on x: Llama's RMSNorm, Gemma's (1 + w) RMSNorm or LayerNorm with bias,
     through the kernels or their twins (run.impl)."""
     layer = run.layer
     w = getattr(layer, name + "_weight")
-    if layer.spec.norm == "rms":
+    if norm_op(layer.spec) == "rms":
         y, _, rstd = run.impl.rms_fwd(x, w, layer.eps)
         return y, rstd
     return run.impl.norm_fwd(x, w, layer.eps, layer.spec.norm, getattr(layer, name + "_bias"))
@@ -378,7 +459,7 @@ def _norm_bwd(run, dy, x, name, rstd, dres=None):
     """dx of the norm `name` at input x (+ dres, the gradient along the residual stream)."""
     layer = run.layer
     w = getattr(layer, name + "_weight")
-    if layer.spec.norm == "rms":
+    if norm_op(layer.spec) == "rms":
         return run.impl.rms_bwd(dy, x, w, rstd, dres)
     return run.impl.norm_bwd(dy, x, w, rstd, layer.spec.norm, dres)
 
@@ -386,13 +467,14 @@ def _norm_bwd(run, dy, x, name, rstd, dres=None):
 def _act_fwd(run, gu):
     """The MLP's activation on the gate/up GEMM's output: silu(g) * u, gelu_tanh(g) * u or
     gelu(u), through the kernels or their twins."""
-    act = run.layer.spec.act
-    return run.impl.swiglu_fwd(gu) if act == "silu" else run.impl.act_fwd(gu, act)
+    spec = run.layer.spec
+    return run.impl.swiglu_fwd(gu) if act_op(spec) == "swiglu" else run.impl.act_fwd(gu, spec.act)
 
 
 def _act_bwd(run, gu, dm):
-    act = run.layer.spec.act
-    return run.impl.swiglu_bwd(gu, dm) if act == "silu" else run.impl.act_bwd(gu, dm, act)
+    spec = run.layer.spec
+    return (run.impl.swiglu_bwd(gu, dm) if act_op(spec) == "swiglu"
+            else run.impl.act_bwd(gu, dm, spec.act))
 
 
 def _mlp_norm(layer) -> str:
@@ -418,10 +500,8 @@ def _qkv_rotated(run, impl, qkv, positions):
 
 
 def _qk_norm_fwd(layer, x, w):
-    if layer.spec.qk_norm == "rms_1p":
-        return _fam.rms_norm_1p_fwd_ref(x, w, layer.eps)
-    y, _, rstd = _rms.rms_norm_fwd_ref(x, w, layer.eps)
-    return y, rstd
+    out = QK_NORMS[layer.spec.qk_norm][0](x, w, layer.eps)  # (y, rstd) or (y, _, rstd)
+    return out[0], out[-1]
 
 
 def _qk_normed(layer, qkv):
@@ -639,8 +719,7 @@ def _qk_norm_input_grad(layer, qkv_raw, dqkv):
                     (raw[1], grads[1], layer.k_norm_weight)):
         r = r.reshape(t, -1, d)
         _, rstd = _qk_norm_fwd(layer, r, w)
-        bwd = (_fam.rms_norm_1p_bwd_ref if layer.spec.qk_norm == "rms_1p"
-               else _rms.rms_norm_bwd_ref)
+        bwd = QK_NORMS[layer.spec.qk_norm][1]
         out.append(bwd(g.reshape(t, -1, d), r, w, rstd).reshape(t, -1))
     return torch.cat((out[0], out[1], grads[2]), -1)
 

@@ -12,7 +12,8 @@ import torch
 from helpers import tiny_llm
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
 
-from pifi_fast import cli, environment, kernels
+from pifi_fast import cli, environment
+from pifi_fast.kernels import common as kernels
 from pifi_fast.batch_predict import predict_file
 from pifi_fast.cli import commands
 from pifi_fast.demo import run_demo, summary_lines

@@ -8,7 +8,8 @@ import torch
 from helpers import (NEW_FUSED, assert_grads_close, rel_err, tiny_llm, tiny_slm,
                      trainable_grads)
 
-from pifi_fast import PiFiModel, kernels
+from pifi_fast import PiFiModel
+from pifi_fast.kernels import common as kernels
 
 INTERPRETER = kernels.HAS_TRITON and kernels.interpreting()
 TASKS = ["classification", "question_answering", "token_classification", "seq2seq"]

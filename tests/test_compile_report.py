@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pifi_fast import kernels
+from pifi_fast.kernels import common as kernels
 
 pytestmark = [pytest.mark.compile,
               pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")]

@@ -2,16 +2,19 @@
 is saved with save_pretrained (sharded), one layer is read back from the files, and PiFi runs
 classification, question answering and token classification with it, pifi_fast against the
 reference, forward and backward, then saved and reloaded (full and lean checkpoints)."""
+import functools
 import json
 import re
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import FAMILIES, assert_grads_close, rel_err, tiny_family, tiny_slm, trainable_grads
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pifi_fast import PiFiModel, families, load_llm_layer
+from pifi_fast import PiFiModel, families, load_llm_layer, ops
+from pifi_fast.kernels import common as kernels
 from pifi_fast.hf_layer import bidirectional_mask
 from pifi_fast.reference import PiFiModel as ReferencePiFi
 
@@ -210,6 +213,104 @@ def test_info_says_which_path_a_layer_takes(checkpoints, capsys, tmp_path):
     assert "phi3 layer 1: unfused" in capsys.readouterr().out
     assert cli.main(["info", "--llm", str(tmp_path / "missing")]) == 2
     assert "not a checkpoint folder" in capsys.readouterr().err
+
+
+FUSED = sorted(n for n in FAMILIES if families.is_fusable(tiny_family(n)))
+# "<kernels module>.<function>" as the description names them (labels and words have no dot)
+NAMED = re.compile(r"[a-z_0-9]+\.[a-z_0-9]+")
+
+
+def _expected(spec, table):
+    """The functions the fused layer calls from a dispatch table (_TWINS / _TRITON), forward,
+    by the rule pifi_fast.ops follows: Llama's RMSNorm or the family norm, SwiGLU or the family
+    activation, then RoPE; per-head q/k norms always through their PyTorch twins."""
+    fns = [table.rms_fwd if spec.norm == "rms" else table.norm_fwd,
+           table.swiglu_fwd if spec.act == "silu" else table.act_fwd, table.rope_]
+    return fns + ([ops.QK_NORMS[spec.qk_norm][0]] if spec.qk_norm else [])
+
+
+def _recorder(calls):
+    """A wrapper that makes a function record its name in `calls` (and keep that name)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def recorded(*args, **kwargs):
+            calls.append(ops.kernel_name(fn))
+            return fn(*args, **kwargs)
+        return recorded
+    return wrap
+
+
+def test_the_description_names_what_the_dispatcher_runs(checkpoints, monkeypatch):
+    """For every fused family, the description (pifi-fast info --llm, the model's repr) names,
+    per op, the function the layer's dispatch table gives it on CUDA and on the CPU; on the CPU
+    it is checked against a real forward + backward, whose table records what it calls."""
+    monkeypatch.delenv("PIFI_FAST_KERNELS", raising=False)
+    cuda_table = ops._TRITON if kernels.HAS_TRITON else ops._TWINS
+    cpu_table = ops.elementwise_impl(torch.empty(1))
+    assert cpu_table is ops._TWINS
+    for name in FUSED:
+        config = tiny_family(name)
+        spec = families.layer_spec(config)
+        cpu = [ops.kernel_name(f) for f in _expected(spec, cpu_table)]
+        cuda = [ops.kernel_name(f) for f in _expected(spec, cuda_table)]
+        assert list(ops.layer_kernels(spec, "cpu").values()) == _expected(spec, cpu_table)
+        assert list(ops.layer_kernels(spec, "cuda").values()) == _expected(spec, cuda_table)
+        text = families.describe(config, 1, "cpu")
+        found = re.search(r"on CUDA: (.*); on CPU \(here\): (.*); input-gradient", text)
+        assert found, text
+        assert NAMED.findall(found[1]) == cuda and NAMED.findall(found[2]) == cpu, text
+        here = re.search(r"on CUDA \(here\): (.*); input-grad", families.describe(config, 1,
+                                                                                  "cuda"))
+        assert NAMED.findall(here[1]) == cuda
+        # what a CPU forward + backward calls: the forwards named, and their backwards
+        calls = []
+        wrap = _recorder(calls)
+        folder, _ = checkpoints(name)
+        with monkeypatch.context() as patched:
+            patched.setattr(ops, "_TWINS", SimpleNamespace(**{
+                k: wrap(v) if callable(v) else v for k, v in vars(ops._TWINS).items()}))
+            patched.setattr(ops, "QK_NORMS", {k: (wrap(f), wrap(b))
+                                              for k, (f, b) in ops.QK_NORMS.items()})
+            torch.manual_seed(1)
+            model = PiFiModel.from_parts(tiny_slm("bert"), folder, task="token_classification",
+                                         num_labels=3)
+            assert model.fused
+            batch = _batch("token_classification", torch.Generator().manual_seed(3))
+            model(**batch).loss.backward()
+        forwards = {c for c in calls if "_bwd" not in c}
+        assert forwards == set(cpu), (name, calls)
+        assert {c for c in calls if "_bwd" in c} == {
+            c.replace("_fwd", "_bwd") for c in cpu if "_fwd" in c}, (name, calls)
+        # the model's repr carries the same line, for the device its layer is on
+        assert families.describe(config, 1, "cpu") in repr(model)
+
+
+@pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("name", ["gemma2", "falcon", "falcon-40b"])
+def test_gemma2_and_falcon_name_their_triton_kernels_on_cuda(checkpoints, capsys, name):
+    from pifi_fast import cli
+
+    folder, _ = checkpoints(name)
+    assert cli.main(["info", "--llm", str(folder)]) == 0
+    out = capsys.readouterr().out
+    norm = "rms_1p norm" if name == "gemma2" else "layer norm"
+    act = "gelu_tanh MLP" if name == "gemma2" else "gelu MLP"
+    assert (f"on CUDA{' (here)' if torch.cuda.is_available() else ''}: Triton "
+            f"family_ops.norm_fwd ({norm}), family_ops.act_fwd ({act}), rope.rope_ (RoPE)") in out
+    assert "no Triton kernels" not in out and "as PyTorch ops" not in out
+
+
+def test_without_triton_the_description_says_the_twins_run_everywhere(monkeypatch):
+    monkeypatch.delenv("PIFI_FAST_KERNELS", raising=False)
+    monkeypatch.setattr(ops, "_TRITON", None)
+    monkeypatch.setattr(ops.kernels, "HAS_TRITON", False)
+    text = families.describe(tiny_family("gemma2"), 1, "cpu")
+    assert ("on every device (triton not installed): PyTorch family_ops.norm_fwd_ref (rms_1p "
+            "norm), family_ops.act_fwd_ref (gelu_tanh MLP), rope.rope_ref_ (RoPE); "
+            "input-gradient") in text
+    assert "on CUDA" not in text
+    # kernels="triton" cannot run there: said, not raised (a repr must not fail)
+    assert "cannot run" in families.describe(tiny_family("falcon"), 1, "cpu", "triton")
 
 
 # -- GGUF: the layer read from a file written the way llama.cpp's converter writes it ------------

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import NEW_FUSED, rel_err, tiny_llm, tiny_slm
 
-from pifi_fast import kernels, ops
+from pifi_fast import ops
+from pifi_fast.kernels import common as kernels
 from pifi_fast.bench.timing import saved_activation_bytes
 from pifi_fast.bench.workloads import llm_config
 from pifi_fast.hf_layer import run_hf_layer

@@ -8,7 +8,7 @@ fp32 epsilons (the kernels compute in fp32; in fp32 the twin is sometimes exact 
 import pytest
 import torch
 
-from pifi_fast import kernels
+from pifi_fast.kernels import common as kernels
 from pifi_fast.kernels import family_ops as F
 from pifi_fast.kernels import gemm as G
 from pifi_fast.kernels import rms_norm as R

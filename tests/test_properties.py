@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from transformers import (FalconConfig, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config,
                           Qwen3Config)
 
-from pifi_fast import kernels
+from pifi_fast.kernels import common as kernels
 from pifi_fast.layer import FrozenLlamaLayer
 from pifi_fast.loading import random_layer
 

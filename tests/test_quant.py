@@ -9,7 +9,8 @@ import torch
 from helpers import quant_update_errors, rel_err, tiny_slm
 from transformers import FalconConfig, Gemma2Config, LlamaConfig, Qwen2Config
 
-from pifi_fast import PiFiModel, kernels
+from pifi_fast import PiFiModel
+from pifi_fast.kernels import common as kernels
 from pifi_fast.bench.timing import saved_activation_bytes
 from pifi_fast.bench.workloads import llm_config
 from pifi_fast.hf_layer import run_hf_layer

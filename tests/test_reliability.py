@@ -172,7 +172,7 @@ def test_diverging_learning_rate_stops_with_a_clear_message_and_keeps_the_checkp
                                              r"optimizer step") as err:
         train(_cfg(tiny_dirs, out, epochs=3))
     assert "--on-nonfinite skip" in str(err.value)
-    state = torch.load(out / "checkpoint-last" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "checkpoint-last" / "trainer_state.pt", weights_only=True)
     assert state["state"]["epoch"] == 1  # the last good state, untouched
     weights = PiFiModel.from_pretrained(out / "checkpoint-last").state_dict()
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -125,7 +125,7 @@ def test_trainer_runs_fused_adam_except_in_the_authors_setup(tiny_models, tmp_pa
         cfg = _tiny_cfg(tiny_models, tmp_path / name, epochs=1, max_steps=2, **kw)
         train(cfg)
         state = torch.load(tmp_path / name / "checkpoint-last" / "trainer_state.pt",
-                           weights_only=False)
+                           weights_only=True)
         return {bool(g["fused"]) for g in state["optimizer"]["param_groups"]}
 
     assert fused_in_checkpoint("default") == {True}

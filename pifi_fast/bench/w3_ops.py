@@ -12,7 +12,8 @@ import functools
 import torch
 
 from pifi_fast import attention as attn
-from pifi_fast import kernels, ops
+from pifi_fast import ops
+from pifi_fast.kernels import common as kernels
 from pifi_fast._ext import frozen_linear
 from pifi_fast.bench.common import FAMILY_OP_SHAPES, LLAMA_KIND_SHAPES, Case, _layers
 # (gemm imports without triton, as pifi_fast.ops imports it: only the GPU rows call it)

@@ -1,20 +1,40 @@
 """A run's checkpoints: writing them (lean by default, atomically, with the trainer state for
 resuming), loading their weights back into the model being trained, and recovering the output
-folder after a kill."""
+folder after a kill.
+
+Nothing read back from a run folder runs code: weights are safetensors, configs JSON, and the
+trainer state (trainer_state.pt: optimizer, GradScaler, RNG and run state) holds only tensors
+and plain values, read with torch.load(weights_only=True). Folders written before the RNG state
+became tensors load the same way without any allowlist (their Python RNG state is a tuple of
+ints, which weights_only accepts; they had no NumPy state), so they stay resumable; a file
+holding anything else is refused (TrainerStateError), never unpickled."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
 from pifi_fast.persistence import CONFIG_NAME
 from pifi_fast.training.faults import fault_point
 from pifi_fast.training.runtime import rng_state
+
+
+TRAINER_STATE = "trainer_state.pt"
+_PLAIN = (str, int, float, bool, type(None))
+
+
+class TrainerStateError(ValueError):
+    """A checkpoint's trainer_state.pt is not one training can resume from: unreadable, not
+    laid out as pifi_fast writes it, or holding objects other than tensors and plain values
+    (refused unloaded: unpickling them could run code)."""
 
 
 def recover_checkpoints(out_dir: Path) -> None:
@@ -71,11 +91,57 @@ def save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, sc
     if optimizer is not None:
         def write_state(p):
             fault_point("checkpoint_write")  # weights and config are written, this is not
-            torch.save({"optimizer": optimizer.state_dict(), "rng": rng_state(), "state": state,
-                        "scaler": scaler.state_dict() if scaler is not None else None}, p)
+            torch.save(_plain({"format": 2, "optimizer": optimizer.state_dict(),
+                               "rng": rng_state(), "state": state,
+                               "scaler": scaler.state_dict() if scaler is not None else None}),
+                       p)
 
-        extra["trainer_state.pt"] = write_state
+        extra[TRAINER_STATE] = write_state
     # lean by default: the frozen layer never changes, so it is referenced, not copied
     lean = not cfg.full_checkpoints and model.can_reference_frozen_layer() is None
     model.save_pretrained(directory, extra_files=extra,
                           frozen_layer="reference" if lean else "full")
+
+
+def load_trainer_state(directory: Path) -> dict:
+    """The trainer state of a checkpoint folder, read with torch.load(weights_only=True): a
+    file holding anything but tensors and plain values raises TrainerStateError naming it, and
+    nothing in it runs."""
+    path = Path(directory) / TRAINER_STATE
+    advice = ("if you did not write this run folder yourself, do not use it; to train anyway, "
+              "run without --resume (a fresh start, which replaces its checkpoints)")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises weights_only=False: not for this file; only its finding
+        found = re.search(r"unsupported global:? GLOBAL [\w.]+|unsupported operand \d+", str(exc),
+                          re.IGNORECASE)
+        raise TrainerStateError(
+            f"{path}: refused to load it: pifi_fast writes only tensors and plain values there, "
+            f"and this file holds something else "
+            f"({found.group(0) if found else 'unreadable by the safe loader'}), which "
+            f"unpickling could run as code; {advice}") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise TrainerStateError(f"{path}: not a readable trainer state ({exc}); {advice}") from exc
+    if not (isinstance(saved, dict) and {"optimizer", "rng", "state"} <= saved.keys()
+            and isinstance(saved["state"], dict) and isinstance(saved["rng"], dict)):
+        raise TrainerStateError(f"{path}: not a pifi_fast trainer state (expected a dict with "
+                                f"optimizer, rng and state); {advice}")
+    return saved
+
+
+def _plain(obj, where="trainer state"):
+    """obj with NumPy scalars made Python numbers; TypeError for anything else that
+    torch.load(weights_only=True) would refuse, so that a run never writes a state it cannot
+    resume from."""
+    if torch.is_tensor(obj) or type(obj) in _PLAIN:
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    raise TypeError(f"{where}: a {type(obj).__name__} is not a tensor or plain value; "
+                    "trainer_state.pt holds only those (it is read with weights_only=True)")

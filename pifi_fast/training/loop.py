@@ -16,8 +16,8 @@ from pifi_fast import data as data_mod
 from pifi_fast.hub import write_model_card
 from pifi_fast.inference import compile_model, inference_runner
 from pifi_fast.training.batches import TaskData, load_rows
-from pifi_fast.training.checkpoints import (load_best, load_weights, recover_checkpoints,
-                                            save_checkpoint)
+from pifi_fast.training.checkpoints import (TRAINER_STATE, load_best, load_trainer_state,
+                                            load_weights, recover_checkpoints, save_checkpoint)
 from pifi_fast.training.config import (TrainConfig, apply_baseline, build_model, load_tokenizer,
                                        resolve_slm)
 from pifi_fast.training.evaluation import evaluate
@@ -98,9 +98,9 @@ def _train(cfg: TrainConfig) -> dict:
         recover_checkpoints(out_dir)
 
     state = {"epoch": 0, "step": 0, "best_metric": None, "history": [], "nonfinite_skipped": 0}
-    if cfg.resume and (last_dir / "trainer_state.pt").is_file():
+    if cfg.resume and (last_dir / TRAINER_STATE).is_file():
+        saved = load_trainer_state(last_dir)  # weights_only: a run folder never runs code
         load_weights(model, last_dir, device)
-        saved = torch.load(last_dir / "trainer_state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(saved["optimizer"])
         for group in optimizer.param_groups:  # the saved groups carry their run's setting
             group["fused"] = optimizer.defaults["fused"]

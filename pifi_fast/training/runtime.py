@@ -33,14 +33,33 @@ def seed_everything(seed: int):
 
 
 def rng_state():
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The random state of Python, NumPy and torch (CPU and every CUDA device) as tensors and
+    plain values only, so that a checkpoint holding it loads with torch.load(weights_only=True)
+    (NumPy's own state holds an ndarray, which that refuses)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state = {"python": {"version": version, "gauss_next": gauss_next,
+                        "internal": torch.tensor(internal, dtype=torch.int64)},
+             "numpy": {"bit_generator": str(name), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached_gaussian),
+                       "keys": torch.from_numpy(keys.astype(np.int64))},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
+    """Restores rng_state(); also the layout runs wrote before it (Python's state as its tuple,
+    no NumPy state: NumPy's stays as seeded)."""
+    python = state["python"]
+    if isinstance(python, dict):
+        python = (python["version"], tuple(python["internal"].tolist()), python["gauss_next"])
+    random.setstate(python)
+    if "numpy" in state:
+        n = state["numpy"]
+        np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

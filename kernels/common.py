@@ -1,8 +1,13 @@
-"""Triton kernels of pifi_fast, installed as ``pifi_fast.kernels``.
+"""What every kernel module of pifi_fast.kernels shares: whether Triton is installed and runs
+on a tensor, the accumulation dtype of the twins, and the row view a launch takes.
 
-Each module holds plain launch functions (tensors in, tensors out, no autograd) and, beside each
-kernel, a short pure-PyTorch twin that defines what the kernel computes:
+``pifi_fast.kernels`` is a namespace package without an ``__init__.py``, so that this folder
+(``./kernels`` in a source checkout) can never shadow an installed top-level ``kernels`` package
+(Hugging Face's, which Transformers imports): see docs/development.md. Each of its modules
+holds plain launch functions (tensors in, tensors out, no autograd) and, beside each kernel, a
+short pure-PyTorch twin that defines what the kernel computes:
 
+    common          this module: what the others share
     rms_norm        RMSNorm with the residual add fused; input-gradient-only backward
     rope            rotary embedding applied in place inside a packed QKV buffer; its transpose
     swiglu          silu(g) * u from a merged gate/up buffer; dg and du into one buffer
@@ -12,7 +17,7 @@ kernel, a short pure-PyTorch twin that defines what the kernel computes:
     compile_report  every kernel configuration compiled for five GPU targets, without a GPU
     _spec, _round   launch descriptions (for compiling without a GPU); in-kernel rounding
 
-Kernels know nothing about models: this package imports nothing of pifi_fast outside it, and
+Kernels know nothing about models: the package imports nothing of pifi_fast outside it, and
 pifi_fast.ops is its one user in the library (the benchmarks and the CLI call it too). They run
 on CUDA tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before
 triton is imported), which is how CI checks them.
