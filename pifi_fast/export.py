@@ -46,7 +46,7 @@ MODEL_FILES = {"onnx": "model.onnx", "pt2": "model.pt2"}
 INT8_ONNX = "model.int8.onnx"
 # the options of PiFiBase itself; the rest of a model's options choose how its layer runs
 _BASE_OPTIONS = ("task", "num_labels", "label_smoothing", "head_dropout", "attend_to_padding",
-                 "freeze", "adapter", "adapter_width")
+                 "freeze", "adapter", "adapter_width", "pooling")
 # dynamic axes: a sequence of at least 2 tokens ([CLS] and [SEP] at least), so that no size-1
 # special case of the trace is baked in, and at most the SLM's position table
 _MAX_BATCH = 4096

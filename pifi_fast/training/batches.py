@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pifi_fast import data as data_mod
+from pifi_fast import tasks
 from pifi_fast.training.config import TrainConfig
 
 
@@ -111,8 +112,12 @@ class TaskData:
 
 
 def load_rows(cfg: TrainConfig, split: str, limit):
+    preset = tasks.find_preset(cfg.data)
+    if preset is not None and preset.kind != cfg.task:
+        raise ValueError(f"--data {cfg.data} is a {preset.kind} task: pass --task {preset.kind}")
     columns = {"text": cfg.text_column, "text_pair": cfg.pair_column, "label": cfg.label_column}
-    rows = data_mod.load_split(cfg.data, split, columns if cfg.task == "classification" else None)
+    rows = data_mod.load_split(cfg.data, split, columns if cfg.task == "classification" else None,
+                               encoding=cfg.encoding, drop_empty_labels=cfg.drop_empty_labels)
     if cfg.task == "question_answering":
         rows = [squad_record(r) for r in rows]
     return rows[:limit] if limit else rows

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from pifi_fast import reference
 from pifi_fast.model import PiFiModel
-from pifi_fast.offline import minilm_dir, smollm2_gguf, smollm2_hf_dir
+from pifi_fast.offline import gemma3_270m_gguf, minilm_dir, smollm2_gguf, smollm2_hf_dir
 
 
 @dataclasses.dataclass
@@ -18,7 +18,9 @@ class TrainConfig:
     task: str = "classification"  # classification | question_answering | seq2seq
     slm: str = "minilm"  # Hub id or folder; "minilm" = the offline all-MiniLM-L6-v2
     llm: str | None = "smollm2"  # Hub id, folder, .gguf; "smollm2" = offline; None = SLM alone
-    layer: int = -1
+    layer: int | str = -1  # an index, or "auto": pifi_fast.training.select_layer picks it
+    layer_selection: str | None = None  # --layer auto: a selection.json (or its folder)
+    # written by pifi-fast select-layer, instead of running the selection first
     baseline: str = "none"  # none | llm-lora: the whole --llm with LoRA, no plugged layer
     layers: str | None = None  # several plugged layers, run in this order: "27,28,29" or
     # "-3,-2,-1" (on the command line --layers=-3,-2,-1); overrides layer
@@ -37,6 +39,8 @@ class TrainConfig:
     lora_targets: str | None = None  # comma list of SLM module names (default: peft's for it)
     packed_slm: str = "auto"  # classification: the SLM's sentence vectors from the real
     # tokens only (pifi_fast.packed_slm): auto (on CPU) | true | false
+    pooling: str = "auto"  # classification's sentence vector: auto (cls for encoders, last for
+    # decoder-only SLMs) | cls | mean | mean-with-padding | last (see pifi_base.POOLINGS)
     chunk_tokens: int = -1  # fused layer: MLP block over this many tokens at a time (-1: auto,
     # 4096 on CUDA, on CPU by bytes: see FrozenLlamaLayer; 0: all at once)
     authors_setup: bool = False  # fp32, pad to max_length, attend to padding, no grouping,
@@ -64,9 +68,14 @@ class TrainConfig:
     limit_eval: int | None = None
     eval_split: str = "dev"
     test_split: str | None = "test"
+    test_data: str | None = None  # other datasets (comma list) whose test split the best
+    # checkpoint is also scored on: cross-domain, the authors' --test_dataset
+    test_label_map: str | None = None  # DATA=MODEL,... for those datasets' labels
     text_column: str = "text"
     pair_column: str | None = None
     label_column: str = "label"
+    encoding: str = "utf-8"  # csv / tsv / jsonl files' text encoding (latin-1, cp1252, ...)
+    drop_empty_labels: bool = False  # drop csv / tsv / jsonl rows whose label is empty
     full_checkpoints: bool = False  # store the frozen layer in every checkpoint (default: a
     # reference to its source and a sha256, re-read on load: lean checkpoints)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop (default) | skip the step
@@ -130,6 +139,8 @@ def resolve_llm(name):
         return None
     if name == "smollm2":
         return str(smollm2_gguf())
+    if name == "gemma3-270m":  # assembled once from its four PyPI parts into the cache
+        return str(gemma3_270m_gguf())
     return name
 
 
@@ -142,7 +153,11 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
     options = dict(task=cfg.task, label_smoothing=cfg.label_smoothing, freeze=cfg.freeze,
                    attend_to_padding=cfg.authors_setup)
     if cfg.task == "classification":
-        options.update(num_labels=num_labels, head_dropout=cfg.head_dropout)
+        options.update(num_labels=num_labels, head_dropout=cfg.head_dropout,
+                       pooling=None if cfg.pooling == "auto" else cfg.pooling)
+    elif cfg.pooling != "auto":
+        raise ValueError(f"--pooling {cfg.pooling} applies to task classification only, not "
+                         f"{cfg.task}")
     if cfg.lora_r:
         options["lora"] = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                            "targets": cfg.lora_targets}
@@ -184,6 +199,9 @@ def packed_slm_option(value: str | bool) -> str | bool:
 def layer_indices(cfg: TrainConfig) -> int | list[int]:
     """cfg.layer, or the list cfg.layers names ("27,28,29")."""
     if not cfg.layers:
+        if not isinstance(cfg.layer, int):
+            raise ValueError(f"layer must be an index (or 'auto' before training resolves it), "
+                             f"got {cfg.layer!r}")
         return cfg.layer
     try:
         return [int(part) for part in str(cfg.layers).split(",")]

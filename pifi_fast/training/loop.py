@@ -20,9 +20,10 @@ from pifi_fast.training.checkpoints import (TRAINER_STATE, load_best, load_train
                                             load_weights, recover_checkpoints, save_checkpoint)
 from pifi_fast.training.config import (TrainConfig, apply_baseline, build_model, load_tokenizer,
                                        resolve_slm)
-from pifi_fast.training.evaluation import evaluate
+from pifi_fast.training.evaluation import evaluate, evaluate_checkpoint
 from pifi_fast.training.faults import fault_point
 from pifi_fast.training.optim import make_optimizer, optimizer_step
+from pifi_fast.training.select_layer import resolve_auto_layer
 from pifi_fast.training.runtime import (barrier, dist_setup, peak_memory, precision_autocast,
                                         seed_everything, set_rng_state, to_device)
 
@@ -71,6 +72,12 @@ def _train(cfg: TrainConfig) -> dict:
                                   fused_adam=False)
     out_dir = Path(cfg.output_dir)
     last_dir, best_dir = out_dir / "checkpoint-last", out_dir / "best"
+    selection = None
+    if cfg.layer == "auto":  # the cheap ranking first (every rank alike: it is deterministic)
+        cfg, selection = resolve_auto_layer(cfg, out_dir)
+        if rank == 0:
+            choice = ("the SLM alone" if cfg.llm is None else f"layer {cfg.layer}")
+            print(f"--layer auto: {choice} ({selection['verdict']}; {cfg.layer_selection})")
     seed_everything(cfg.seed)
 
     if cfg.on_nonfinite not in ("stop", "skip"):
@@ -194,6 +201,9 @@ def _train(cfg: TrainConfig) -> dict:
                "nonfinite_steps_skipped": state.get("nonfinite_skipped", 0),
                "trainable_parameters": sum(p.numel() for p in params),
                "peak_memory_bytes": peak_memory(device)}
+    if selection is not None:
+        results["layer_selection"] = {k: selection[k] for k in ("choice", "verdict", "ranking")}
+        results["layer_selection"]["file"] = cfg.layer_selection
     if rank == 0 and cfg.test_split and best_dir.exists():
         try:
             test_rows = load_rows(cfg, cfg.test_split, cfg.limit_eval)
@@ -203,6 +213,13 @@ def _train(cfg: TrainConfig) -> dict:
             load_best(model, best_dir, device)
             results["test"] = evaluate(model, task_data, test_rows, device, precision,
                                        runner=eval_runner)
+    if rank == 0 and cfg.test_data and best_dir.exists():
+        # other datasets' test splits, through the saved best model as pifi-fast eval reads it
+        label_map = data_mod.parse_label_map(cfg.test_label_map)
+        results["cross_domain"] = {
+            name: evaluate_checkpoint(str(best_dir), name, "test", device=str(device),
+                                      label_map=label_map)
+            for name in (n.strip() for n in cfg.test_data.split(",")) if name}
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))

@@ -1,0 +1,162 @@
+"""pifi-fast select-layer and train --layer auto: the proxy's parts against plain computations,
+a deterministic ranking, one layer in memory at a time, the choice recorded with the run."""
+import gc
+import json
+import weakref
+
+import pytest
+import torch
+from helpers import tiny_llm
+
+from pifi_fast import PiFiModel, cli
+from pifi_fast.train import TrainConfig, train
+from pifi_fast.training import select_layer as sel
+
+offline = pytest.importorskip("pifi_fast.offline")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny BERT with MiniLM's tokenizer, a tiny 3-layer Llama, and a labelled data folder
+    whose label a bag of words decides."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
+
+    root = tmp_path_factory.mktemp("select-parts")
+    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
+    torch.manual_seed(0)
+    AutoModel.from_config(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
+    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "cast", "very"]
+    gen = torch.Generator().manual_seed(1)
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 60), ("dev", 24), ("test", 12)):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for _ in range(n):
+                idx = torch.randint(0, len(words), (6,), generator=gen).tolist()
+                label = int(sum(i < 3 for i in idx) >= sum(3 <= i < 6 for i in idx))
+                f.write(json.dumps({"text": " ".join(words[i] for i in idx), "label": label})
+                        + "\n")
+    return {"bert": str(root / "bert"), "llama": str(root / "llama"), "data": str(data)}
+
+
+def _cfg(parts, **kw):
+    return TrainConfig(**{"data": parts["data"], "slm": parts["bert"], "llm": parts["llama"],
+                          **kw})
+
+
+FAST = sel.SelectionOptions(steps=12, repeats=2, sample=40, batch_size=16)
+
+
+def test_classify_sentence_vectors_is_what_forward_runs_after_the_slm(parts):
+    torch.manual_seed(0)
+    model = PiFiModel.from_parts(parts["bert"], parts["llama"], layer=1, num_labels=2).eval()
+    alone = PiFiModel(model.slm, None, num_labels=2).eval()
+    batch = model.tokenizer(["good film", "a very awful plot indeed"], padding=True,
+                            return_tensors="pt")
+    with torch.no_grad():
+        want = model(**batch).logits
+        got = model.classify_sentence_vectors(alone.encode(**batch))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_cka_and_the_ridge_probe_against_plain_facts():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 6, generator=gen)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen))
+    assert sel.linear_cka(a, a) == pytest.approx(1.0)
+    assert sel.linear_cka(a, 3.0 * a @ q) == pytest.approx(1.0)  # rotation and scale invariant
+    assert sel.linear_cka(a, torch.randn(50, 6, generator=gen)) < 0.5
+    y = (a[:, 0] > 0).long()  # linearly separable: the probe finds it
+    scored = sel.ridge_probe(a[:40], y[:40], a[40:], y[40:], 2, "accuracy", penalty=1e-3)
+    assert scored["accuracy"] == 1.0 and scored["score"] == 1.0
+
+
+def test_parse_layers():
+    assert sel.parse_layers("all", 4) == [0, 1, 2, 3]
+    assert sel.parse_layers("0,-1,3", 4) == [0, 3]
+    with pytest.raises(ValueError, match="out of range"):
+        sel.parse_layers("7", 4)
+    with pytest.raises(ValueError, match="comma-separated"):
+        sel.parse_layers("last", 4)
+
+
+def test_ranking_is_deterministic_and_one_layer_is_held_at_a_time(parts, tmp_path,
+                                                                   monkeypatch):
+    held, real = [], sel.load_llm_layer
+
+    def tracked(source, index, *a, **k):
+        gc.collect()
+        alive = [ref() for ref in held if ref() is not None]
+        assert not alive, f"layer {index} loaded while {len(alive)} earlier one(s) are alive"
+        one = real(source, index, *a, **k)
+        held.append(weakref.ref(one))
+        return one
+
+    monkeypatch.setattr(sel, "load_llm_layer", tracked)
+    first = sel.select_layer(_cfg(parts), FAST, out=tmp_path / "a", progress=False)
+    assert len(held) == 3  # every layer, each read once
+    second = sel.select_layer(_cfg(parts), FAST, out=tmp_path / "b", progress=False)
+    for key in ("choice", "ranking", "verdict"):
+        assert first[key] == second[key]
+    assert [r["proxy"]["values"] for r in first["layers"]] == \
+        [r["proxy"]["values"] for r in second["layers"]]
+    assert sorted(first["ranking"], key=lambda v: -1 if v is None else v) == [None, 0, 1, 2]
+    none = next(r for r in first["layers"] if r["layer"] is None)
+    assert none["cka"] == 1.0 and len(none["proxy"]["values"]) == 2
+    for name in ("selection.json", "selection.md", "selection.png"):
+        assert (tmp_path / "a" / name).is_file()
+    assert sel.read_selection(tmp_path / "a")["ranking"] == first["ranking"]
+    other = sel.select_layer(_cfg(parts), sel.SelectionOptions(
+        steps=12, repeats=2, sample=40, batch_size=16, seed=5, layers="0,-1"), progress=False)
+    assert [r["layer"] for r in other["layers"]] == [None, 0, 2]
+
+
+def test_select_layer_refuses_what_it_cannot_rank(parts):
+    with pytest.raises(ValueError, match="classification"):
+        sel.select_layer(_cfg(parts, task="question_answering"), FAST, progress=False)
+    with pytest.raises(ValueError, match="needs an LLM"):
+        sel.select_layer(_cfg(parts, llm="none"), FAST, progress=False)
+
+
+def test_train_layer_auto_runs_the_selection_and_records_it(parts, tmp_path, monkeypatch):
+    monkeypatch.setattr(sel, "SelectionOptions", lambda: FAST)  # the default options, cheap
+    res = train(_cfg(parts, layer="auto", epochs=1, batch_size=16,
+                     output_dir=str(tmp_path / "run"), test_split=None))
+    selection = res["layer_selection"]
+    kept = tmp_path / "run" / "layer-selection" / "selection.json"
+    assert kept.is_file() and selection["file"] == str(kept)
+    saved = json.loads((tmp_path / "run" / "best" / "train_config.json").read_text())
+    assert saved["layer_selection"] == str(kept)
+    if selection["choice"] is None:
+        assert saved["llm"] is None and res["model"].llm_config is None
+    else:
+        assert saved["layer"] == selection["choice"] == res["model"].llm_index
+
+    # a given selection is used as it is: nothing is ranked again
+    def no_ranking(*a, **k):
+        raise AssertionError("ranked again")
+
+    monkeypatch.setattr(sel, "select_layer", no_ranking)
+    again = train(_cfg(parts, layer="auto", layer_selection=str(kept), epochs=1, batch_size=16,
+                       output_dir=str(tmp_path / "run2"), test_split=None))
+    assert again["layer_selection"]["choice"] == selection["choice"]
+    with pytest.raises(ValueError, match="ranks layers for"):
+        train(_cfg(parts, layer="auto", layer_selection=str(kept), slm=offline.minilm_dir(),
+                   epochs=1, output_dir=str(tmp_path / "run3")))
+
+
+def test_select_layer_command(parts, tmp_path, capsys):
+    assert cli.main(["select-layer", "--data", parts["data"], "--slm", parts["bert"], "--llm",
+                     parts["llama"], "--layers=0,-1", "--sample", "40", "--steps", "10",
+                     "--repeats", "2", "--out", str(tmp_path / "sel")]) == 0
+    out = capsys.readouterr().out
+    assert "| rank | layer |" in out and "Choice:" in out
+    selection = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert [r["layer"] for r in selection["layers"]] == [None, 0, 2]
+    assert cli.build_parser().parse_args(["train", "--layer", "auto"]).layer == "auto"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["train", "--layer", "last"])
