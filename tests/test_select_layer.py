@@ -157,6 +157,43 @@ def test_select_layer_command(parts, tmp_path, capsys):
     assert "| rank | layer |" in out and "Choice:" in out
     selection = json.loads((tmp_path / "sel" / "selection.json").read_text())
     assert [r["layer"] for r in selection["layers"]] == [None, 0, 2]
+    # compared with a sweep's records, reusing the ranking just written
+    before = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert cli.main(["select-layer", "--data", parts["data"], "--slm", parts["bert"], "--llm",
+                     parts["llama"], "--out", str(tmp_path / "sel"), "--reuse",
+                     "--against", str(tmp_path / "no-sweep")]) == 0
+    again = json.loads((tmp_path / "sel" / "selection.json").read_text())
+    assert again["ranking"] == before["ranking"]
+    assert again["validation"]["correlation"]["points"] == 0
+    assert "## Against the sweep" in (tmp_path / "sel" / "selection.md").read_text()
     assert cli.build_parser().parse_args(["train", "--layer", "auto"]).layer == "auto"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["train", "--layer", "last"])
+
+
+def test_spearman_and_the_comparison_with_a_sweep():
+    assert sel.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert sel.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert sel.spearman([3, 1, 2, 5], [2, 1, 4, 3]) == pytest.approx(0.4)  # 1 - 6*6/(4*15)
+    assert sel.spearman([1, 2], [2, 1]) is None
+    proxy = {None: 0.70, 0: 0.72, 1: 0.60, 2: 0.66}
+    selection = {"data": "t", "slm": "s", "llm": "m", "llm_layers": 3, "choice": 0,
+                 "layers": [{"layer": k, "proxy": {"mean": v}, "probe": v, "cka": 0.5 + v}
+                            for k, v in proxy.items()]}
+    dev = {None: 0.80, 0: 0.85, 1: 0.70, 2: 0.75}  # the same order as the proxy's
+    records = {}
+    for layer, mean in dev.items():
+        for seed, delta in ((1, -0.01), (2, 0.01)):
+            records[f"{layer}-{seed}"] = {
+                "task": "t", "slm": "s", "llm": None if layer is None else "m", "layer": layer,
+                "seed": seed, "metric": "accuracy", "dev": mean + delta,
+                "test": {"accuracy": mean}}
+    records["other"] = {**records["0-1"], "task": "other-task", "dev": 0.0}  # not this task
+    got = sel.compare_with_sweep(selection, records)
+    assert got["correlation"]["points"] == 4
+    assert got["correlation"]["proxy"] == pytest.approx(1.0)
+    assert got["correlation"]["cka"] == pytest.approx(1.0)
+    assert got["pick"]["layer"] == 0 and got["pick"]["dev"]["mean"] == pytest.approx(0.85)
+    assert got["sweep_best"]["layer"] == 0 and got["last"]["layer"] == 2
+    assert got["slm_alone"]["seeds"] == 2
+    assert "## Against the sweep" in "\n".join(sel.render_validation(got, "accuracy"))

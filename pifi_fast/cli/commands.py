@@ -20,7 +20,9 @@ from pifi_fast.kernels import compile_report
 from pifi_fast.model import PiFiModel
 from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
 from pifi_fast.training import sweep
-from pifi_fast.training.select_layer import SelectionOptions, render_table, select_layer
+from pifi_fast.training.select_layer import (SelectionOptions, compare_with_sweep,
+                                             read_selection, render_table, select_layer,
+                                             write_selection)
 
 
 def train_cmd(args) -> int:
@@ -82,7 +84,13 @@ def select_layer_cmd(args) -> int:
                       label_column=args.label_column, device=args.device)
     opts = SelectionOptions(layers=args.layers, sample=args.sample, steps=args.steps,
                             repeats=args.repeats, seed=args.seed)
-    selection = select_layer(cfg, opts, out=args.out)
+    if args.reuse and args.against:
+        selection = read_selection(args.out)
+    else:
+        selection = select_layer(cfg, opts, out=args.out)
+    if args.against:
+        selection["validation"] = compare_with_sweep(selection, sweep.read_records(args.against))
+        write_selection(selection, args.out)
     print(render_table(selection))
     print(f"wrote {args.out}/selection.json, selection.md, selection.png")
     return 0

@@ -263,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--out", default="runs/select-layer", help="folder for selection.json, "
                    "selection.md and selection.png (default: %(default)s)")
+    p.add_argument("--against", default=None, metavar="SWEEP_OUT", help="a sweep's --out "
+                   "folder: compare the ranking with its fine-tuned results for this data, SLM "
+                   "and LLM (Spearman, the pick against the last layer, the SLM alone and the "
+                   "sweep's best) (default: none)")
+    _add_switch(p, "--reuse", False, "with --against: compare the selection already in --out "
+                "instead of ranking again (default: %(default)s)")
     p.set_defaults(func=commands.select_layer_cmd)
     p = sub.add_parser("eval", help="metrics of a saved checkpoint on a dataset split")
     p.add_argument("checkpoint", help="a checkpoint folder written by pifi-fast train, or a "

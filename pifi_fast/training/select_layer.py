@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import random
 import statistics
 import time
@@ -320,7 +321,35 @@ def render_table(selection: dict) -> str:
     s = selection["seconds"]
     lines += ["", f"Total {s['total']:.0f} s: sentence vectors {s['vectors']:.0f} s, "
               f"{s['per_layer_mean']:.1f} s per layer.", ""]
+    if selection.get("validation"):
+        lines += render_validation(selection["validation"], metric)
     return "\n".join(lines)
+
+
+def render_validation(v: dict, metric: str) -> list[str]:
+    """The comparison with a sweep (compare_with_sweep) as Markdown lines."""
+    def cell(stat):
+        return "-" if not stat else f"{stat['mean'] * 100:.2f} ± {stat['std'] * 100:.2f}"
+
+    def rho(x):
+        return "- (fewer than 3 points)" if x is None else f"{x:+.2f}"
+
+    c = v["correlation"]
+    lines = ["## Against the sweep", "",
+             f"Spearman correlation with the sweep's dev means over {c['points']} points "
+             f"(layers {v['layers_compared']}, and no layer): proxy {rho(c['proxy'])}, probe "
+             f"{rho(c['probe'])}, CKA (layers only) {rho(c['cka'])}.", "",
+             f"| fine-tuned ({metric} x 100, mean ± std over seeds) | layer | seeds | dev | test |",
+             "|---|---|---|---|---|"]
+    for name, key in (("the selection's pick", "pick"), ("the last layer", "last"),
+                      ("the SLM alone", "slm_alone"), ("the sweep's best layer", "sweep_best")):
+        stat = v.get(key)
+        layer = "-" if not stat else ("none" if stat["layer"] is None else stat["layer"])
+        lines.append(f"| {name} | {layer} | {stat['seeds'] if stat else 0} | "
+                     f"{cell(stat and stat['dev'])} | {cell(stat and stat['test'])} |")
+    if not v["pick_in_sweep"]:
+        lines += ["", "The pick has no finished cell in the sweep: nothing to compare it with."]
+    return lines + [""]
 
 
 def plot_selection(selection: dict, path) -> None:
@@ -355,6 +384,77 @@ def plot_selection(selection: dict, path) -> None:
     plt.close(fig)
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (None below 3 points or without variation)."""
+    if len(a) != len(b) or len(a) < 3:
+        return None
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return None if var == 0 else cov / var
+
+
+def compare_with_sweep(selection: dict, records: dict) -> dict:
+    """How the selection's scores agree with a sweep's fine-tuned results (its cell records,
+    pifi_fast.training.sweep.read_records) for the same data, SLM and LLM: per score (proxy,
+    probe, CKA) the Spearman correlation with the sweep's dev means over the layers both have
+    (no layer included for the proxy and the probe), and the pick's dev and test against the
+    last layer, the SLM alone and the sweep's best layer, each mean ± std over seeds."""
+    def cells(layer):
+        llm = None if layer is None else selection["llm"]
+        return [r for r in records.values() if r["task"] == selection["data"]
+                and r["slm"] == selection["slm"] and r.get("llm") == llm
+                and (layer is None or r.get("layer") == layer)]
+
+    def summary(layer):
+        recs = cells(layer)
+        if not recs:
+            return None
+        dev = [r["dev"] for r in recs]
+        test = [(r.get("test") or {}).get(r["metric"]) for r in recs]
+        test = [t for t in test if t is not None]
+        return {"layer": layer, "seeds": len(recs), "dev": _stats(dev),
+                "test": _stats(test) if test else None}
+
+    swept = {}
+    for r in selection["layers"]:
+        got = summary(r["layer"])
+        if got is not None:
+            swept[r["layer"]] = got
+    common = [r for r in selection["layers"] if r["layer"] in swept]
+    dev_means = [swept[r["layer"]]["dev"]["mean"] for r in common]
+    layers_only = [r for r in common if r["layer"] is not None]
+    correlation = {
+        "proxy": spearman([r["proxy"]["mean"] for r in common], dev_means),
+        "probe": spearman([r["probe"] for r in common], dev_means),
+        "cka": spearman([r["cka"] for r in layers_only],
+                        [swept[r["layer"]]["dev"]["mean"] for r in layers_only]),
+        "points": len(common)}
+    in_sweep = [layer for layer in swept if layer is not None]
+    best = max(in_sweep, key=lambda k: swept[k]["dev"]["mean"]) if in_sweep else None
+    last = selection["llm_layers"] - 1
+    pick = selection["choice"]
+    return {"correlation": correlation, "pick": swept.get(pick), "last": swept.get(last),
+            "slm_alone": swept.get(None), "sweep_best": swept.get(best),
+            "layers_compared": sorted(in_sweep), "pick_in_sweep": pick in swept}
+
+
 def resolve_auto_layer(cfg: TrainConfig, run_dir, opts: SelectionOptions | None = None):
     """``train --layer auto``: (the config with the chosen layer, or llm=None where the SLM
     alone is expected to do best; the selection). The selection is cfg.layer_selection's file
@@ -384,6 +484,6 @@ def resolve_auto_layer(cfg: TrainConfig, run_dir, opts: SelectionOptions | None 
     return resolved, selection
 
 
-__all__ = ["SELECTION_NAME", "SelectionOptions", "linear_cka", "parse_layers", "read_selection",
-           "resolve_auto_layer", "ridge_probe", "select_layer", "sentence_vectors",
+__all__ = ["SELECTION_NAME", "SelectionOptions", "compare_with_sweep", "linear_cka", "parse_layers", "read_selection",
+           "resolve_auto_layer", "ridge_probe", "select_layer", "sentence_vectors", "spearman",
            "write_selection"]
