@@ -46,6 +46,6 @@ PIFI_FAST_GPU_DRY_RUN=1 ../../$PY -m pytest -q -ra -p no:cacheprovider \
   tests/test_gpu_step.py tests/test_compile.py tests/test_packed_slm.py tests/test_bench.py \
   tests/test_mixed_precision.py tests/test_model_equivalence.py \
   tests/test_training.py tests/test_compile_report.py tests/test_families.py \
-  tests/test_source_tree_imports.py -m "not slow" \
+  tests/test_source_tree_imports.py \
   --deselect "tests/test_compile.py::test_compiled_equals_eager_outputs_and_gradients[question_answering-kernels=triton,gemm=triton]" \
   --deselect "tests/test_compile.py::test_compiled_equals_eager_outputs_and_gradients[classification-kernels=triton,gemm=triton]"

@@ -11,6 +11,7 @@ from pifi_fast.bench.timing import saved_activation_bytes
 from pifi_fast.cli import main
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_bench_cli_writes_table_json_and_plots(tmp_path):
     out = tmp_path / "res"
     assert main(["bench", "--sizes", "tiny", "--workloads", "W1,W2", "--reps", "2",
@@ -241,6 +242,7 @@ def test_w4_lists_compiled_qa_cuda_graph_and_epoch_rows_per_device():
     assert ("qa train step", big, "hf_sdpa") in gpu
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_w4_compiled_qa_step_runs_the_model_under_torch_compile_with_eager_gradients():
     from pifi_fast.bench import workloads
 
@@ -431,6 +433,7 @@ def test_a_stopped_run_keeps_what_it_measured_and_marks_the_rest():
         "run stopped (SIGTERM) before this case finished"] * 2
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_bench_cli_writes_its_results_when_terminated(tmp_path):
     """`timeout` (the GPU check's time boxes) sends SIGTERM: the rows measured so far are
     written, the rest marked, instead of losing the whole run. (500 repetitions a case: the run

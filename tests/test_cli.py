@@ -88,6 +88,7 @@ def test_info_says_which_backward_path_the_fused_layer_runs_here(capsys, monkeyp
     assert "fused layer backward on cpu: attention forward re-run" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_a_users_error_is_one_line_not_a_traceback(tmp_path):
     """From the shell, a missing data file or built-in dataset ends in one line that says what
     to do (exit status 2); from Python, main(argv) raises as before."""

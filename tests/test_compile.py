@@ -55,6 +55,7 @@ def test_zero_graph_breaks(task, masked):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in
                                                                      o.items()) or "default")
 @pytest.mark.parametrize("task", ["question_answering", "classification"])
@@ -160,6 +161,7 @@ def test_compile_model_lets_dynamo_capture_the_packed_token_count(monkeypatch, c
     assert not torch._dynamo.config.capture_dynamic_output_shape_ops
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.parametrize("recompute", ["none", "mlp"])
 @pytest.mark.parametrize("llm", NEW_FUSED)
 def test_other_families_compile_to_one_graph_and_equal_eager(llm, recompute):

@@ -81,6 +81,7 @@ def test_frozen_linear_cuda_matches_cpu():
     assert torch.allclose(y_gpu.cpu(), y_cpu.detach(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_package_works_without_the_extension():
     code = ("import warnings, torch\n"
             "with warnings.catch_warnings(record=True) as rec:\n"
@@ -185,6 +186,7 @@ def test_wheel_knows_its_torch_and_runs_in_a_fresh_venv_without_a_compiler(tmp_p
     assert "undefined symbol" not in out.stderr
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_an_install_without_the_extension_says_it_was_not_built(tmp_path):
     """PIFI_FAST_NO_EXT=1 (or no compiler): `pifi-fast info` says the extension was not built and
     how to build it, not Python's "partially initialized module ... circular import"."""

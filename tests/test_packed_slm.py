@@ -252,6 +252,7 @@ def _traced_ops(classifier, ids, mask) -> tuple[int, int, bool]:
     return explanation.graph_count, explanation.graph_break_count, packs
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_compile_traces_one_graph_packed_when_dynamo_may_capture_the_token_count():
     """Plain torch.compile: the padded layout (static shapes), one graph. With Dynamo's
     capture_dynamic_output_shape_ops (what inference.compile_model turns on): packed, still one

@@ -156,6 +156,7 @@ def check_case(c):
             assert e_fused <= 2 * e_hf + 1e-6, f"{what}: fused {e_fused:.2e} vs HF {e_hf:.2e}"
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @settings(max_examples=EXAMPLES, deadline=None, print_blob=True,
           suppress_health_check=[HealthCheck.too_slow])
 @given(cases())

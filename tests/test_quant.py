@@ -176,6 +176,7 @@ def _meaning(layer, base):
     return module
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.parametrize("kernel_impl", KERNELS)
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma2", "falcon-40b"])
@@ -232,6 +233,7 @@ def test_accuracy_on_smollm2s_real_last_layer(mode):
         assert max(errs) <= BOUNDS[mode], errs
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.parametrize("mode", ["int8", "fp8", "int8-channel"])
 def test_accuracy_on_a_llama_8b_shaped_layer(mode):
     cfg = llm_config("llama-3.1-8b")
@@ -337,6 +339,7 @@ def _q8_0_gguf(path):
     return path
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_gguf_q8_0_blocks_become_the_int8_layer_without_a_round_trip(tmp_path):
     from pifi_fast.loading import load_llm_layer
 
@@ -373,6 +376,7 @@ def test_gguf_q8_0_blocks_become_the_int8_layer_without_a_round_trip(tmp_path):
     assert 0.55 < ratio < 0.57, ratio
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_q8_0_int8_model_saves_and_reloads_bit_for_bit(tmp_path):
     from pifi_fast.loading import load_llm_layer
 

@@ -30,6 +30,7 @@ def batch():
     return tok(texts, padding=True, return_tensors="pt")
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_gguf_layer_equals_transformers_own_gguf_load(smollm2_layer):
     from transformers import AutoModelForCausalLM
 

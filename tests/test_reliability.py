@@ -241,6 +241,7 @@ def uninterrupted(tiny_dirs):
     return _final(out)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @pytest.mark.parametrize("fault", ["step:8", "checkpoint_write:1", "eval:2"],
                          ids=["mid-epoch-2", "during-checkpoint-write", "during-evaluation"])
 def test_sigkilled_run_resumes_to_the_same_bits(tiny_dirs, uninterrupted, tmp_path, fault):

@@ -138,6 +138,7 @@ def test_a_planted_payload_is_refused_not_run(tiny_dirs, one_epoch, tmp_path, ki
     assert "without --resume" in message and "weights_only=False" not in message
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_the_cli_refuses_a_planted_payload_in_one_line(tiny_dirs, one_epoch, tmp_path):
     """The issue's case: `pifi-fast train --resume` on a folder with a planted payload."""
     marker = tmp_path / "payload-ran"

@@ -84,6 +84,7 @@ def test_parse_layers():
         sel.parse_layers("last", 4)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_ranking_is_deterministic_and_one_layer_is_held_at_a_time(parts, tmp_path,
                                                                    monkeypatch):
     held, real = [], sel.load_llm_layer
@@ -122,6 +123,7 @@ def test_select_layer_refuses_what_it_cannot_rank(parts):
         sel.select_layer(_cfg(parts, llm="none"), FAST, progress=False)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_train_layer_auto_runs_the_selection_and_records_it(parts, tmp_path, monkeypatch):
     monkeypatch.setattr(sel, "SelectionOptions", lambda: FAST)  # the default options, cheap
     res = train(_cfg(parts, layer="auto", epochs=1, batch_size=16,
@@ -149,6 +151,7 @@ def test_train_layer_auto_runs_the_selection_and_records_it(parts, tmp_path, mon
                    epochs=1, output_dir=str(tmp_path / "run3")))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_select_layer_command(parts, tmp_path, capsys):
     assert cli.main(["select-layer", "--data", parts["data"], "--slm", parts["bert"], "--llm",
                      parts["llama"], "--layers=0,-1", "--sample", "40", "--steps", "10",

@@ -42,6 +42,7 @@ def tiny_models(tmp_path_factory):
     return {k: str(root / k) for k in ("bert", "bart", "llama")}
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @needs_sst2
 def test_short_real_run_on_sst2(tmp_path):
     """MiniLM + SmolLM2's last layer, a few dozen steps on SST-2, evaluated on dev."""
@@ -199,6 +200,7 @@ def _ddp_worker(rank, world, port, cfg_dict, out_file):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @needs_sst2
 def test_two_process_ddp_matches_single_process(tiny_models, tmp_path):
     import dataclasses
@@ -257,6 +259,7 @@ def _trainer(model, tok, out, max_steps, seed=0):
                        data_collator=DataCollatorWithPadding(tok))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 def test_trainer_checkpoints_are_pifi_checkpoints_and_resume(tiny_models, tmp_path):
     """PiFiTrainer: checkpoint-N folders load with PiFiModel.from_pretrained, and
     resume_from_checkpoint continues to the same weights as an uninterrupted run."""
@@ -338,6 +341,7 @@ def test_metrics_against_known_values():
         pytest.approx(100.0)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @needs_sst2
 def test_batch_prediction_from_the_cli_and_python(tiny_models, tmp_path):
     """pifi-fast predict: a csv in, JSONL out in the input order, labels as the data spelled
@@ -411,6 +415,7 @@ def test_train_writes_lean_checkpoints_unless_asked_for_full_ones(tiny_models, t
     assert sizes[0] < sizes[1]
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @needs_sst2
 def test_lora_on_the_slm_trains_resumes_and_exports_merged(tiny_models, tmp_path):
     """--lora-r: peft LoRA on MiniLM (the real one); far fewer trainable parameters; a run
@@ -496,6 +501,7 @@ def test_qa_with_the_answer_in_the_last_window(tiny_models, tmp_path):
     assert cut["best_dev"] < 100.0  # the answer lies beyond the authors' 64-token cut
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @needs_sst2
 def test_compiled_sst2_epoch_recompiles_a_bounded_number_of_times(tiny_models, tmp_path,
                                                                   monkeypatch):
@@ -520,6 +526,7 @@ def test_compiled_sst2_epoch_recompiles_a_bounded_number_of_times(tiny_models, t
     torch._dynamo.reset()
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @needs_sst2
 def test_eval_compile_and_cuda_graphs_give_the_same_metrics(tiny_models, tmp_path, monkeypatch):
     """eval --compile and --cuda-graphs (on the CPU: a warning, then compiled without CUDA
@@ -706,6 +713,7 @@ def test_a_tokenizer_without_a_padding_token_pads_with_its_eos_token(tmp_path):
         load_tokenizer(tmp_path / "without")
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: not in make check
 @needs_sst2
 def test_llm_lora_baseline_trains_resumes_and_reports_its_cost(tiny_models, tmp_path,
                                                               monkeypatch):
