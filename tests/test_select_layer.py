@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from helpers import tiny_llm
+from helpers import save_tiny_run_models, write_cue_word_data
 
 from pifi_fast import PiFiModel, cli
 from pifi_fast.train import TrainConfig, train
@@ -17,30 +17,10 @@ offline = pytest.importorskip("pifi_fast.offline")
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    """A tiny BERT with MiniLM's tokenizer, a tiny 3-layer Llama, and a labelled data folder
-    whose label a bag of words decides."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
-
+    """A tiny BERT with MiniLM's tokenizer, a tiny 3-layer Llama, and a labelled data folder."""
     root = tmp_path_factory.mktemp("select-parts")
-    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
-    torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-        vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
-    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "cast", "very"]
-    gen = torch.Generator().manual_seed(1)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 60), ("dev", 24), ("test", 12)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                idx = torch.randint(0, len(words), (6,), generator=gen).tolist()
-                label = int(sum(i < 3 for i in idx) >= sum(3 <= i < 6 for i in idx))
-                f.write(json.dumps({"text": " ".join(words[i] for i in idx), "label": label})
-                        + "\n")
-    return {"bert": str(root / "bert"), "llama": str(root / "llama"), "data": str(data)}
+    return {**save_tiny_run_models(root),
+            "data": write_cue_word_data(root / "data", {"train": 60, "dev": 24, "test": 12})}
 
 
 def _cfg(parts, **kw):

@@ -3,8 +3,7 @@ records checked against the spec, the report (results.json, results.md, plots)."
 import json
 
 import pytest
-import torch
-from helpers import tiny_llm
+from helpers import save_tiny_run_models, write_cue_word_data
 
 from pifi_fast import cli
 from pifi_fast.training import loop, sweep
@@ -15,28 +14,9 @@ offline = pytest.importorskip("pifi_fast.offline")
 @pytest.fixture(scope="module")
 def grid_parts(tmp_path_factory):
     """A tiny BERT with MiniLM's tokenizer, a tiny Llama, and a small labelled data folder."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
-
     root = tmp_path_factory.mktemp("sweep-parts")
-    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
-    torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
-        vocab_size=tok.vocab_size, max_position_embeddings=128)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
-    words = ["good", "great", "fine", "bad", "awful", "poor", "film", "plot", "cast", "very"]
-    gen = torch.Generator().manual_seed(1)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 16), ("dev", 8), ("test", 8)):
-        with open(data / f"{split}.jsonl", "w") as f:
-            for _ in range(n):
-                idx = torch.randint(0, len(words), (5,), generator=gen).tolist()
-                text = " ".join(words[i] for i in idx)
-                label = int(sum(i < 3 for i in idx) >= sum(3 <= i < 6 for i in idx))
-                f.write(json.dumps({"text": text, "label": label}) + "\n")
-    return {"bert": str(root / "bert"), "llama": str(root / "llama"), "data": str(data)}
+    return {**save_tiny_run_models(root),
+            "data": write_cue_word_data(root / "data", {"train": 16, "dev": 8, "test": 8})}
 
 
 def _spec(parts, **train):

@@ -248,8 +248,8 @@ def test_carved_splits_are_the_fixed_seed_rule_of_pifi_fast_data(hub):
                   + tasks.load_preset("ag_news", "dev")]
     whole = sorted(everything, key=lambda t: int(t[len("train"):]))
     assert len(whole) == 16
-    assert _texts(tasks.load_preset("ag_news", "dev")) == data_mod._dev_from_train(whole, "dev")
-    assert _texts(tasks.load_preset("ag_news", "train")) == data_mod._dev_from_train(whole,
+    assert _texts(tasks.load_preset("ag_news", "dev")) == tasks.dev_from_train(whole, "dev")
+    assert _texts(tasks.load_preset("ag_news", "train")) == tasks.dev_from_train(whole,
                                                                                      "train")
     assert _texts(tasks.load_preset("trec", "test")) == [f"test{i}" for i in range(5)]
     assert [r["label"] for r in tasks.load_preset("trec", "test")] == [0, 1, 2, 3, 4, 5][:5]
@@ -259,8 +259,8 @@ def test_cola_test_is_glue_validation_and_train_dev_the_seeded_cut(hub):
     train, dev, test = (data_mod.load_split("cola", s) for s in ("train", "dev", "test"))
     assert _texts(test) == [f"v{i}" for i in range(9)]  # GLUE's validation, not its -1 test
     all_train = [f"s{i}" for i in range(30)]
-    assert _texts(dev) == data_mod._dev_from_train(all_train, "dev") and len(dev) == 6
-    assert _texts(train) == data_mod._dev_from_train(all_train, "train") and len(train) == 24
+    assert _texts(dev) == tasks.dev_from_train(all_train, "dev") and len(dev) == 6
+    assert _texts(train) == tasks.dev_from_train(all_train, "train") and len(train) == 24
 
 
 @pytest.mark.skipif(not data_mod.builtin_found("cola"), reason="no built-in CoLA files")
