@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import ragged_batch, tiny_llm, tiny_slm
+from helpers import ragged_batch, save_tiny_run_models, tiny_llm, tiny_slm
 
 from pifi_fast import PiFiModel
 from pifi_fast import data as data_mod
@@ -87,16 +87,8 @@ TEXTS = ["a warm and funny film", "dull, long and cold", "one of the best of the
 @pytest.fixture(scope="module")
 def tiny_dirs(tmp_path_factory):
     """A tiny BERT (with the real MiniLM tokenizer), a tiny Llama and a small csv dataset."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
-
     root = tmp_path_factory.mktemp("rel")
-    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
-    torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=48, vocab_size=tok.vocab_size,
-                                     max_position_embeddings=128)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
+    save_tiny_run_models(root)
     train_rows = [(t, i % 2) for i, t in enumerate(TEXTS * 5)]
     _write_csv(root / "data", {"train": train_rows, "dev": train_rows[:16],
                                "test": train_rows[:8]})

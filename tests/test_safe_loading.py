@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llm
+from helpers import save_tiny_run_models
 
 from pifi_fast.train import TrainConfig, train
 from pifi_fast.training.checkpoints import (TRAINER_STATE, TrainerStateError, _plain,
@@ -31,16 +31,8 @@ TEXTS = ["a warm and funny film", "dull, long and cold", "one of the best of the
 def tiny_dirs(tmp_path_factory):
     """A tiny BERT (with the real MiniLM tokenizer; dropout on, so the RNG matters), a tiny
     Llama and a small csv dataset."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, BertConfig
-
     root = tmp_path_factory.mktemp("safe")
-    tok = AutoTokenizer.from_pretrained(offline.minilm_dir())
-    torch.manual_seed(0)
-    AutoModel.from_config(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=48, vocab_size=tok.vocab_size,
-                                     max_position_embeddings=128)).save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    AutoModelForCausalLM.from_config(tiny_llm("llama")).save_pretrained(root / "llama")
+    save_tiny_run_models(root)
     data = root / "data"
     data.mkdir()
     rows = [(t, i % 2) for i, t in enumerate(TEXTS * 4)]
