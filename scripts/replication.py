@@ -441,7 +441,16 @@ def render_markdown(report: dict) -> str:
               "- The sweep ran while the fused layer was being rebuilt (2026-11-29): the SST-2, "
               "CoLA and RTE main runs and the epoch time used its plain PyTorch version, the "
               "ablations the packed Triton/twin version. In classification the layer takes the "
-              "exact one-token path in both, so they differ at rounding level only.", ""]
+              "exact one-token path in both, so they differ at rounding level only.",
+              "- **CoLA's splits changed on 2026-12-07** (docs/training.md): `cola` now means "
+              "the authors' (and GLUE's) splits, test = GLUE's validation (in-domain + "
+              "out-of-domain dev, 1,043 rows), dev = a fixed-seed 20 % of the training "
+              "sentences. The CoLA rows on this page were run before, with dev = the in-domain "
+              "dev set and test = the out-of-domain one, on all 8,551 training sentences: they "
+              "are not comparable with runs made since. The layer sweep "
+              "(`benchmarks/sweeps/layers.toml`, in progress: "
+              "`benchmarks/results/sweep-layers/results.md`) reruns CoLA under the new splits.",
+              ""]
     return "\n".join(lines)
 
 
