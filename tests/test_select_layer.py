@@ -180,3 +180,18 @@ def test_spearman_and_the_comparison_with_a_sweep():
     assert got["sweep_best"]["layer"] == 0 and got["last"]["layer"] == 2
     assert got["slm_alone"]["seeds"] == 2
     assert "## Against the sweep" in "\n".join(sel.render_validation(got, "accuracy"))
+
+
+def test_the_choice_is_a_layer_only_when_it_beats_no_layer_by_more_than_the_spread():
+    def row(layer, mean, std, loss=0.5):
+        return {"layer": layer, "proxy": {"mean": mean, "std": std},
+                "proxy_loss": {"mean": loss}}
+
+    close = sel.decide([row(None, 0.70, 0.02), row(0, 0.71, 0.01), row(5, 0.65, 0.01)])
+    assert close["ranking"] == [0, None, 5] and close["best_layer"] == 0
+    assert close["choice"] is None and close["verdict"].startswith("no layer")
+    clear = sel.decide([row(None, 0.70, 0.01), row(0, 0.75, 0.01), row(5, 0.75, 0.01, 0.4)])
+    assert clear["ranking"] == [5, 0, None]  # a tie broken by the lower dev loss
+    assert clear["choice"] == 5 and clear["verdict"].startswith("layer 5 is expected")
+    below = sel.decide([row(None, 0.70, 0.0), row(3, 0.60, 0.0)])
+    assert below["choice"] is None and below["best_layer"] == 3

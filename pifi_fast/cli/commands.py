@@ -20,7 +20,7 @@ from pifi_fast.kernels import compile_report
 from pifi_fast.model import PiFiModel
 from pifi_fast.train import TrainConfig, evaluate_checkpoint, train
 from pifi_fast.training import sweep
-from pifi_fast.training.select_layer import (SelectionOptions, compare_with_sweep,
+from pifi_fast.training.select_layer import (SelectionOptions, compare_with_sweep, decide,
                                              read_selection, render_table, select_layer,
                                              write_selection)
 
@@ -84,8 +84,9 @@ def select_layer_cmd(args) -> int:
                       label_column=args.label_column, device=args.device)
     opts = SelectionOptions(layers=args.layers, sample=args.sample, steps=args.steps,
                             repeats=args.repeats, seed=args.seed)
-    if args.reuse and args.against:
+    if args.reuse and args.against:  # its stored scores, decided by today's rule
         selection = read_selection(args.out)
+        selection.update(decide(selection["layers"]))
     else:
         selection = select_layer(cfg, opts, out=args.out)
     if args.against:

@@ -242,23 +242,11 @@ def select_layer(cfg: TrainConfig, opts: SelectionOptions | None = None, out=Non
             "score_seconds": time.perf_counter() - t0})
         del model
         gc.collect()
-    ranking = sorted(results, key=lambda r: (-r["proxy"]["mean"], r["proxy_loss"]["mean"]))
-    best = ranking[0]
-    none = next(r for r in results if r["layer"] is None)
-    best_layer = next(r for r in ranking if r["layer"] is not None)
-    margin = best_layer["proxy"]["mean"] - none["proxy"]["mean"]
-    spread = max(best_layer["proxy"]["std"], none["proxy"]["std"])
-    verdict = ("no layer is expected to help: the best layer's proxy score is within the seed "
-               "spread of the SLM alone's, or below it" if margin <= spread else
-               f"layer {best_layer['layer']} is expected to help: its proxy score is "
-               f"{margin * 100:.2f} points above the SLM alone's (spread {spread * 100:.2f})")
     selection = {
         "data": cfg.data, "slm": cfg.slm, "llm": cfg.llm, "llm_layers":
         config.num_hidden_layers, "metric": metric, "eval_split": cfg.eval_split,
         "options": dataclasses.asdict(opts), "train_examples": len(sample),
-        "dev_examples": len(dev_rows), "choice": best["layer"],
-        "best_layer": best_layer["layer"], "verdict": verdict,
-        "ranking": [r["layer"] for r in ranking], "layers": results,
+        "dev_examples": len(dev_rows), **decide(results), "layers": results,
         "seconds": {"total": time.perf_counter() - t_start, "vectors": vectors_seconds,
                     "per_layer_mean": statistics.fmean(
                         r["load_seconds"] + r["score_seconds"] for r in results
@@ -266,6 +254,25 @@ def select_layer(cfg: TrainConfig, opts: SelectionOptions | None = None, out=Non
     if out is not None:
         write_selection(selection, out)
     return selection
+
+
+def decide(results: list[dict]) -> dict:
+    """The ranking (by proxy score, its dev loss breaking ties), the best layer, and the choice:
+    that layer when its proxy score beats no layer's by more than the larger seed spread, else
+    None (the SLM alone), with the verdict in words."""
+    ranking = sorted(results, key=lambda r: (-r["proxy"]["mean"], r["proxy_loss"]["mean"]))
+    none = next(r for r in results if r["layer"] is None)
+    best = next(r for r in ranking if r["layer"] is not None)
+    margin = best["proxy"]["mean"] - none["proxy"]["mean"]
+    spread = max(best["proxy"]["std"], none["proxy"]["std"])
+    helps = margin > spread
+    verdict = (f"layer {best['layer']} is expected to help: its proxy score is "
+               f"{margin * 100:.2f} points above the SLM alone's (spread {spread * 100:.2f})"
+               if helps else
+               f"no layer is expected to help: the best, layer {best['layer']}, scores "
+               f"{margin * 100:+.2f} points against the SLM alone (spread {spread * 100:.2f})")
+    return {"ranking": [r["layer"] for r in ranking], "best_layer": best["layer"],
+            "choice": best["layer"] if helps else None, "verdict": verdict}
 
 
 def _layer_output(model, vectors: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -484,6 +491,6 @@ def resolve_auto_layer(cfg: TrainConfig, run_dir, opts: SelectionOptions | None 
     return resolved, selection
 
 
-__all__ = ["SELECTION_NAME", "SelectionOptions", "compare_with_sweep", "linear_cka", "parse_layers", "read_selection",
+__all__ = ["SELECTION_NAME", "SelectionOptions", "compare_with_sweep", "decide", "linear_cka", "parse_layers", "read_selection",
            "resolve_auto_layer", "ridge_probe", "select_layer", "sentence_vectors", "spearman",
            "write_selection"]
