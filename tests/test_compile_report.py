@@ -137,10 +137,10 @@ def test_prune_keeps_the_devices_tiles(monkeypatch):
              for bm, bn, bk, st, w in gemm.tiles(arch, e, "bf16")]
     monkeypatch.setattr(gemm, "device_arch", lambda device: 86)
     a = torch.empty(4, 4, dtype=torch.bfloat16)
-    kept = gemm._prune(every, {"A": a}, EPILOGUE=gemm.EPILOGUES.index("swiglu"))
+    kept = gemm._prune(every, {"A": a}, **gemm.SPECS["swiglu"].constexprs)
     assert [gemm._tile_of(c) for c in kept] == gemm.tiles(86, "swiglu", "bf16")
     monkeypatch.setenv("PIFI_FAST_GEMM_TUNE", "0")
-    kept = gemm._prune(every, {"A": a}, EPILOGUE=0)
+    kept = gemm._prune(every, {"A": a}, **gemm.SPECS["none"].constexprs)
     assert [gemm._tile_of(c) for c in kept] == gemm.tiles(86, "none", "bf16")[:1]
 
 
