@@ -71,8 +71,11 @@ def enable_activation_checkpointing(model) -> None:
     if not getattr(model.slm, "supports_gradient_checkpointing", False):
         raise ValueError(f"--activation-checkpointing: the SLM ({type(model.slm).__name__}) "
                          "does not support gradient checkpointing")
-    model.slm.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model.slm, "activation_checkpointing_enable"):  # its name from Transformers 5.25
+        model.slm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.slm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def train(cfg: TrainConfig) -> dict:

@@ -142,12 +142,15 @@ def local_bytes(tensors) -> int:
 
 
 def rank_memory(model: nn.Module, optimizer) -> dict:
-    """This rank's parameter and optimizer-state bytes (gradients are the trained parameters'
-    size again, dropped after each step)."""
+    """This rank's bytes of the trained parameters, of the frozen layer, of other untrained
+    parameters (an SLM's unused pooler) and of the optimizer state (gradients are the trained
+    parameters' size again, freed after each step)."""
     states = [v for s in optimizer.state.values() for v in s.values()
               if torch.is_tensor(v) and v.dim() > 0]
-    trained = [p for p in model.parameters() if p.requires_grad]
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    return {"trained_parameter_bytes": local_bytes(trained),
-            "frozen_parameter_bytes": local_bytes(frozen),
+    layer = frozen_parameters(model)
+    return {"trained_parameter_bytes": local_bytes(p for p in model.parameters()
+                                                   if p.requires_grad),
+            "frozen_layer_bytes": local_bytes(layer),
+            "other_parameter_bytes": local_bytes(p for p in model.parameters()
+                                                 if not p.requires_grad and p not in layer),
             "optimizer_state_bytes": local_bytes(states)}
