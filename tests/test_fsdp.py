@@ -253,3 +253,61 @@ def test_the_slm_blocks_are_the_units_and_checkpointing_recomputes_them(setup):
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.slow),  # over 2 s on 2 cores: not in make check
+    pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_sharded_model_steps_as_the_plain_one_in_one_process(setup, device):
+    """The FSDP path in one process (what benchmarks/gpu_check.sh runs on a GPU): the fused
+    layer inside a sharded model, bf16 parameters with fp32 reduction on CUDA; three Adam
+    steps give the plain model's losses, the frozen layer gets no gradient, and the gathered
+    full state loads into a plain model."""
+    import torch.distributed as dist
+
+    from pifi_fast import PiFiModel
+    from pifi_fast.train import make_optimizer
+
+    _, cfg = setup
+    cuda = device == "cuda"
+    precision = "bf16" if cuda else "fp32"
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    try:
+        built = PiFiModel.from_parts(cfg.slm, cfg.llm, num_labels=2, packed_slm=False,
+                                     head_dropout=0.0,
+                                     llm_dtype=torch.bfloat16 if cuda else None).to(device)
+        for m in built.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        assert built.fused
+        plain, sharded = copy.deepcopy(built), copy.deepcopy(built)
+        sharding.shard_model(sharded, precision)
+        ids = torch.randint(1000, 2000, (4, 11), device=device)
+        batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                     labels=torch.tensor([0, 1, 1, 0], device=device))
+        losses = []
+        for model in (plain, sharded):
+            opt = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-3)
+            run = []
+            for _ in range(3):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                    loss = model(**batch).loss
+                loss.backward()
+                assert all(p.grad is None for p in model.llm_layer.parameters())
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                run.append(loss.item())
+            losses.append(run)
+        # fp32: rounding only; bf16: the sharded model computes with bf16 weights everywhere
+        # (LayerNorm included) where autocast keeps some ops in fp32
+        tol = 2e-2 if cuda else 1e-6
+        assert losses[1] == pytest.approx(losses[0], abs=tol), losses
+        full = sharding.full_model_state(sharded)
+        fresh = copy.deepcopy(built)
+        fresh.load_state_dict(full)
+        for k, v in sharded.state_dict().items():
+            torch.testing.assert_close(fresh.state_dict()[k], v.full_tensor().to(
+                fresh.state_dict()[k].device) if hasattr(v, "full_tensor") else v)
+    finally:
+        dist.destroy_process_group()
