@@ -9,7 +9,7 @@ The frozen layer's parameters are ``ignored_params`` of the root: every rank hol
 they never get a gradient and never enter the optimizer. Sharding them would save only their
 own bytes (no gradient, no Adam moments) and cost an all-gather of the whole layer in every
 forward and again in every backward (the fused op's input gradient reads the weights);
-docs/training.md has the measurement behind this choice.
+docs/training.md has the measurement and the reasoning behind this choice.
 """
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def load_full_model_state(model: nn.Module, state: dict, strict: bool = True):
     for key, value in state.items():
         target = own.get(key)
         if isinstance(target, DTensor):
-            value = distribute_tensor(value.to(target.dtype), target.device_mesh,
+            value = distribute_tensor(value.to(target.device, target.dtype), target.device_mesh,
                                       target.placements, src_data_rank=None)
         local[key] = value
     return model.load_state_dict(local, strict=strict)
