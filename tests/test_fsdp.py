@@ -311,3 +311,52 @@ def test_a_sharded_model_steps_as_the_plain_one_in_one_process(setup, device):
                 fresh.state_dict()[k].device) if hasattr(v, "full_tensor") else v)
     finally:
         dist.destroy_process_group()
+
+
+def _accelerate(script_args, out_dir, fsdp_on_cpu):
+    """docs/examples/trainer_fsdp.py under `accelerate launch` with the example's config file,
+    two CPU processes; with fsdp_on_cpu through tests/accelerate_fsdp_on_cpu.py."""
+    wrapper = [str(ROOT / "tests" / "accelerate_fsdp_on_cpu.py")] if fsdp_on_cpu else []
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "docs" / "examples" / "accelerate_fsdp2.yaml"),
+           "--main_process_port", str(_free_port()), *wrapper,
+           str(ROOT / "docs" / "examples" / "trainer_fsdp.py"), "--output-dir", str(out_dir),
+           *script_args]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow  # four launches, about a minute on 2 cores: not in make check
+def test_the_accelerate_example_runs_and_pifitrainer_resumes_under_fsdp2(setup):
+    """The example as written (on the CPU Accelerate runs it as DDP, and it says so); then with
+    the FSDP2 plugin applied on the CPU as Accelerate applies it on GPUs: the model is sharded,
+    every checkpoint loads with PiFiModel.from_pretrained in one process, and 4 steps resumed
+    to 6 give the weights of 6 uninterrupted steps bit for bit."""
+    from pifi_fast import PiFiModel
+
+    root, _ = setup
+    models = {"--slm": str(root / "models" / "bert"), "--llm": str(root / "models" / "llama")}
+    flags = [x for kv in models.items() for x in kv]
+    out = _accelerate([*flags, "--max-steps", "2"], root / "acc-ddp", fsdp_on_cpu=False)
+    assert "2 processes, the model replicated (not FSDP)" in out, out
+
+    out = _accelerate([*flags, "--max-steps", "4"], root / "acc-resumed", fsdp_on_cpu=True)
+    assert "2 processes, the model sharded with FSDP2" in out, out
+    assert sorted(p.name for p in (root / "acc-resumed").iterdir()) == [
+        "checkpoint-2", "checkpoint-4"]
+    _accelerate([*flags, "--max-steps", "6", "--resume"], root / "acc-resumed", fsdp_on_cpu=True)
+    _accelerate([*flags, "--max-steps", "6"], root / "acc-straight", fsdp_on_cpu=True)
+
+    a = load_file(str(root / "acc-resumed" / "checkpoint-6" / "model.safetensors"))
+    b = load_file(str(root / "acc-straight" / "checkpoint-6" / "model.safetensors"))
+    c = load_file(str(root / "acc-straight" / "checkpoint-4" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(b[k], c[k]) for k in b)  # steps 5 and 6 did train
+    model = PiFiModel.from_pretrained(str(root / "acc-resumed" / "checkpoint-6"))
+    loaded = model.state_dict()
+    assert loaded.keys() == a.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in a.items())
