@@ -17,8 +17,9 @@ rounds f(g) to the storage dtype before the product, as ``F.silu(g) * u`` does i
 the backward writes [dg | du] into one buffer of gu's shape, so the gate/up input-gradient GEMM
 consumes it in one call; plain, m = f(u) and du. Offsets are 64-bit (T * 2I may exceed 2^31).
 
-Adding an activation: a member of modes.Activation, its pair of Triton functions below with a
-branch in activation() and activation_bwd(), and its PyTorch pair in _TWINS (docs/development.md).
+Adding an activation: a member of modes.Activation, its pair of Triton functions below (with
+its branch in activation() and activation_bwd(): Triton resolves those at compile time) and its
+PyTorch pair in _TWINS; the GEMM's epilogues follow from the enum (docs/fused-layer.md).
 """
 from __future__ import annotations
 

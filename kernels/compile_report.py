@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 # (importing pifi_fast.kernels has imported pifi_fast, which loads these kernel modules anyway)
-from . import activations, gemm, norm, quant, rope
+from . import _tiles, activations, gemm, norm, quant, rope
 from ._spec import triton_signature
 
 
@@ -411,7 +411,7 @@ def autotuner_picks(device="cuda", dtype=None, rows=(32, 4096)) -> list[dict]:
     arch = gemm.device_arch(device)
     out = []
     for name, orientation, epilogue, bias, res in gemm.LAYER_LAUNCHES:
-        table = gemm.tiles(arch, epilogue, gemm._DTYPE_NAME[dtype]) if arch else []
+        table = gemm.tiles(arch, epilogue, _tiles.DTYPE_NAME[dtype]) if arch else []
         if not table:
             out.append({"launch": name, "pick": None, "note": "no tiles: cuBLAS"})
             continue

@@ -43,8 +43,8 @@ from .modes import Activation, Epilogue
 
 
 class EpilogueSpec(NamedTuple):
-    """An epilogue's compile-time constants: what follows the dot, the activation (0 for
-    none) and whether B holds [gate | up]."""
+    """An epilogue's compile-time constants: what follows the dot, the activation (NO_ACT,
+    which the kernel never reads, for the plain epilogue) and whether B holds [gate | up]."""
 
     epilogue: Epilogue
     act: int
@@ -55,8 +55,11 @@ class EpilogueSpec(NamedTuple):
         return dict(EPILOGUE=int(self.epilogue), ACT=int(self.act), GATED=self.gated)
 
 
+NO_ACT = 0  # the ACT constant of the plain epilogue: no member of Activation
+
+
 def _epilogues() -> dict[str, EpilogueSpec]:
-    out = {"none": EpilogueSpec(Epilogue.NONE, 0, False)}
+    out = {"none": EpilogueSpec(Epilogue.NONE, NO_ACT, False)}
     for act in Activation:
         for gated in (True, False):
             name = _act.launch_name(act, gated)
@@ -113,8 +116,6 @@ def configs(arch: int, epilogue: str, dtype: str) -> list:
     return [_tiles.config_of(t) for t in tiles(arch, epilogue, dtype)]
 
 
-_DTYPE_NAME = _tiles.DTYPE_NAME
-_tile_of = _tiles.tile_of
 # (EPILOGUE, ACT, GATED) -> name, for the autotuner's prune hook
 _NAME_OF = {tuple(spec.constexprs.values()): name for name, spec in SPECS.items()}
 
@@ -127,19 +128,19 @@ def supported(a: torch.Tensor, epilogue: str = "none") -> bool:
     if not (HAS_TRITON and a.is_cuda):
         return False
     arch = device_arch(a.device)
-    return arch is not None and bool(tiles(arch, epilogue, _DTYPE_NAME.get(a.dtype, "")))
+    return arch is not None and bool(tiles(arch, epilogue, _tiles.DTYPE_NAME.get(a.dtype, "")))
 
 
-def _prune(all_configs, named_args, **kwargs):
+def prune_configs(all_configs, named_args, **kwargs):
     """Autotuner hook: keep the launching device's tiles for this epilogue and dtype."""
     a = named_args["A"]
     arch = device_arch(a.device)
     name = _NAME_OF[(kwargs["EPILOGUE"], kwargs["ACT"], kwargs["GATED"])]
     return _tiles.prune(all_configs,
-                        tiles(arch, name, _DTYPE_NAME[a.dtype]) if arch else [])
+                        tiles(arch, name, _tiles.DTYPE_NAME[a.dtype]) if arch else [])
 
 
-def _all_configs():
+def all_configs():
     """Every tile of every target and epilogue, or the interpreter's one small tile."""
     return _tiles.pool((tiles(arch, e, "fp16") for arch in GPU_ARCHS for e in EPILOGUES),
                        interpreting())
@@ -156,9 +157,9 @@ if HAS_TRITON:
 
     # Tuned once per (rounded-up M, N, K, epilogue, dtypes): packed batches change M with every
     # batch, and re-tuning for each exact M would cost more than it gains.
-    @triton.autotune(configs=_all_configs(),
+    @triton.autotune(configs=all_configs(),
                      key=["M_BUCKET", "N", "K", "EPILOGUE", "ACT", "GATED", "IEEE"],
-                     prune_configs_by={"early_config_prune": _prune})
+                     prune_configs_by={"early_config_prune": prune_configs})
     @triton.jit
     def _gemm_kernel(A, B, C, BIAS, R, AUX, M, M_BUCKET, N, K,
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_rm, stride_auxm,

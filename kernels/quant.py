@@ -98,8 +98,6 @@ def dequant_gemm_ref(a, q, scale, transposed: bool, bias=None, residual=None):
 
 # -- tile configurations per target (kernels/_tiles.py) ------------------------------------------
 TILES = _tiles.DQ_TILES
-_FINE_SPILLS = _tiles.DQ_FINE_SPILLS
-_FINE_ONLY = _tiles.DQ_FINE_ONLY
 GPU_ARCHS = _tiles.GPU_ARCHS
 FP8_MIN_ARCH = 89  # e4m3 storage is a Hopper/Ada format; older GPUs use int8
 
@@ -118,12 +116,10 @@ def tiles(arch: int, storage: str, dtype: str,
     table = TILES.get(arch, {}).get(storage, [])
     if not fine:
         return list(table)
-    kept = [t for t in table if t not in _FINE_SPILLS.get(arch, ())]
-    return kept + (_FINE_ONLY.get(arch, []) if storage == "int8" else [])
+    kept = [t for t in table if t not in _tiles.DQ_FINE_SPILLS.get(arch, ())]
+    return kept + (_tiles.DQ_FINE_ONLY.get(arch, []) if storage == "int8" else [])
 
 
-_tile_of = _tiles.tile_of
-_DTYPE_NAME = _tiles.DTYPE_NAME
 
 
 def supported(a: torch.Tensor, storage: str) -> bool:
@@ -134,19 +130,19 @@ def supported(a: torch.Tensor, storage: str) -> bool:
     if not (HAS_TRITON and a.is_cuda):
         return False
     arch = _tiles.device_arch(a.device)
-    return arch is not None and bool(tiles(arch, storage, _DTYPE_NAME.get(a.dtype, "")))
+    return arch is not None and bool(tiles(arch, storage, _tiles.DTYPE_NAME.get(a.dtype, "")))
 
 
-def _prune(all_configs, named_args, **kwargs):
+def prune_configs(all_configs, named_args, **kwargs):
     """Autotuner hook: keep the launching device's tiles for this storage and dtype."""
     a = named_args["A"]
     arch = _tiles.device_arch(a.device)
     storage = "fp8" if kwargs["FP8"] else "int8"
-    wanted = tiles(arch, storage, _DTYPE_NAME[a.dtype], kwargs["FINE"]) if arch else []
+    wanted = tiles(arch, storage, _tiles.DTYPE_NAME[a.dtype], kwargs["FINE"]) if arch else []
     return _tiles.prune(all_configs, wanted)
 
 
-def _all_configs():
+def all_configs():
     """Every tile of every target, storage and group kind, or the interpreter's one tile."""
     return _tiles.pool((tiles(arch, storage, "fp16", fine) for arch in GPU_ARCHS
                         for storage, fine in itertools.product(MODES, (False, True))),
@@ -161,9 +157,9 @@ if HAS_TRITON:
     from ._round import to_dtype
     from ._tiles import grouped_tile
 
-    @triton.autotune(configs=_all_configs(),
+    @triton.autotune(configs=all_configs(),
                      key=["M_BUCKET", "N", "K", "TRANSPOSED", "FP8", "FINE"],
-                     prune_configs_by={"early_config_prune": _prune})
+                     prune_configs_by={"early_config_prune": prune_configs})
     @triton.jit
     def _dequant_gemm_kernel(A, Q, S, C, BIAS, R, M, M_BUCKET, N, K, stride_am, stride_qr,
                              stride_sr, stride_cm, stride_rm, G,

@@ -39,7 +39,10 @@ def test_prune_keeps_the_wanted_tiles_in_their_order(monkeypatch):
 def test_both_gemms_read_the_shared_tables():
     assert gemm.TILES is T.GEMM_TILES and quant.TILES is T.DQ_TILES
     assert gemm.GPU_ARCHS == quant.GPU_ARCHS == T.GPU_ARCHS
-    assert quant._FINE_ONLY is T.DQ_FINE_ONLY and quant._FINE_SPILLS is T.DQ_FINE_SPILLS
+    for arch in (80, 86, 89):  # the forward with fine groups: the spill-free subset
+        fine = quant.tiles(arch, "int8", "bf16", fine=True)
+        assert not set(fine) & T.DQ_FINE_SPILLS.get(arch, set())
+        assert set(T.DQ_FINE_ONLY.get(arch, [])) <= set(fine)
 
 
 def test_epilogue_tiles_follow_their_accumulators():
@@ -62,7 +65,8 @@ def test_epilogues_are_named_from_the_activations():
     for act in Activation:
         assert gemm.SPECS[act.glu] == (Epilogue.ACT, act, True)
         assert gemm.SPECS[act.label + "_bwd"] == (Epilogue.ACT_GRAD, act, False)
-    assert gemm.SPECS["swiglu"].constexprs == dict(EPILOGUE=1, ACT=int(Activation.SILU),
+    assert gemm.SPECS["swiglu"].constexprs == dict(EPILOGUE=int(Epilogue.ACT),
+                                                   ACT=int(Activation.SILU),
                                                    GATED=True)
     assert set(gemm.GATED) == {a.glu for a in Activation}
 
