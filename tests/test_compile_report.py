@@ -61,9 +61,9 @@ def test_the_check_fails_on_a_spilling_or_oversized_configuration():
     """A test must be able to fail: two tiles we know are bad are flagged."""
     from pifi_fast.kernels import compile_report
 
-    # 128x128 tiles hold g, u and the accumulator of the SwiGLU-backward epilogue: they spill
+    # a 128x256 tile holds g, u and the accumulator of the SwiGLU-backward epilogue: it spills
     (row,) = compile_report.run(["sm_80"], ["bf16"], only="gemm_igrad+swiglu_bwd", jobs=1,
-                                gemm_tiles=[(128, 128, 64, 3, 8)])
+                                gemm_tiles=[(128, 256, 32, 3, 8)])
     assert not row["ok"] and "spills" in row["problem"], row
     # 128x256x64 at 3 stages with two B tiles (SwiGLU) needs 245,760 B > sm_90a's 232,448 B
     (row,) = compile_report.run(["sm_90a"], ["bf16"], only="gemm_fwd+swiglu+bias", jobs=1,
