@@ -146,7 +146,7 @@ if HAS_TRITON:
                 s32 = tl.where(m, s32 - tl.sum(s32, axis=0) / N, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(s32 * s32, axis=0) / N + eps)
             y = _scale(s32 * rstd, W, B, cols, m, s.dtype, NORM)
-            tl.store(Y + ry + cols, to_dtype(y, Y.dtype.element_ty), mask=m)
+            tl.store(Y + row * stride_y + cols, to_dtype(y, Y.dtype.element_ty), mask=m)
         else:  # one pass per statistic: the mean (LayerNorm), the squares, then the output
             mean = 0.0
             if NORM == modes.Norm.LAYER:
