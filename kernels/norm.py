@@ -24,8 +24,7 @@ One program handles one row. Rows up to MAX_BLOCK_BYTES wide are held in registe
 one pass per statistic (the mean first, then what depends on it, so LayerNorm never forms
 E[x^2] - E[x]^2), recomputing the residual add from x and r instead of reading back what the
 first pass stored. Row offsets are 64-bit: tensors of more than 2^31 elements are addressed
-correctly. Each mode keeps its own arithmetic order, so the three give the same bits as the
-three kernels they replace.
+correctly. Each mode keeps its own arithmetic order, the order of its twin's formula above.
 """
 from __future__ import annotations
 
