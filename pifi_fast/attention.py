@@ -27,7 +27,7 @@ Soft-capped scores (Gemma-2: ``softcap`` c, scores tanh(s / c) * c before the so
 flash_attn computes them (its softcap argument); elsewhere the ``math`` path does, the plain
 scores-softmax-values product on the dense layout, as Hugging Face's eager attention computes it
 (memory grows with S^2; said once in the log). All backends are differentiable through
-autograd; pifi_fast.ops differentiates them by recomputing the forward in backward, so no
+autograd; pifi_fast.frozen differentiates them by recomputing the forward in backward, so no
 attention output or log-sum-exp is kept between forward and backward.
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -136,9 +135,9 @@ def available_backends(device_type: str = "cuda", capability: tuple | None = Non
 
 
 def select_backend(q: torch.Tensor, requested: str | None = None) -> str:
-    """The backend for these inputs: ``requested`` (or $PIFI_FAST_ATTENTION) if given and
-    usable, else the best usable one."""
-    requested = requested or os.environ.get("PIFI_FAST_ATTENTION") or "auto"
+    """The backend for these inputs: ``requested`` if given and usable, else the best usable
+    one. (The layer's $PIFI_FAST_ATTENTION is applied by pifi_fast.frozen.options before.)"""
+    requested = requested or "auto"
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"unknown attention backend {requested!r}; choose from {BACKENDS}")
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -300,7 +299,7 @@ def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
         return _sdpa(q, k, v, seg, scale, causal, window)
     call = (functools.partial(_flash_attn_call, softcap=softcap) if name == "flash_attn"
             else _torch_varlen_call)
-    if backend or os.environ.get("PIFI_FAST_ATTENTION"):
+    if backend:
         # asked for by name: its errors are the user's
         return call(q, k, v, seg, scale, causal, window)
     try:

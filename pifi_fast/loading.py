@@ -8,7 +8,8 @@ load_llm_layer(source, layer=-1) reads only the tensors of that layer:
   * a GGUF file: only that block's tensors are dequantized, named through gguf-py's table of
     llama.cpp's tensor names, with what llama.cpp rewrites on conversion undone (Llama's q/k
     row permutation, Gemma's +1 on norms, Falcon's q/k/v regrouping) and what Transformers'
-    GGUF parser leaves at its defaults read from the file (_fix_gguf_config); Q8_0 projections
+    GGUF parser leaves at its defaults read from the file (both per family in
+    pifi_fast.frozen.checkpoint); Q8_0 projections
     are also kept as their int8 blocks and scales (LLMLayer.quantized), which an int8 layer
     stores without requantizing.
 Checkpoint keys are converted the way Transformers converts them on load (its conversion
@@ -45,6 +46,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from pifi_fast import families
+from pifi_fast.frozen.checkpoint import fix_gguf_config, gguf_rewrite
 from pifi_fast.gguf_file import GGUFFormatError, read_header, tensor_bytes
 from pifi_fast.offline import cache_root
 
@@ -422,12 +424,7 @@ def ensure_hub_reachable(timeout: float = 3.0) -> None:
 # gguf-py's tensor-name table (llama.cpp's own) for a tensor's GGUF name.
 _HF_BLOCK_PREFIXES = ("model.layers.{i}.", "transformer.h.{i}.", "gpt_neox.layers.{i}.",
                       "model.decoder.layers.{i}.", "transformer.blocks.{i}.")
-# GGUF architectures whose tensors llama.cpp rewrites on conversion, and what it does
-# (Transformers' GGUF loader undoes the same; Falcon's q/k/v regrouping it does not, see
-# _regroup_falcon_qkv):
-#   llama (Llama and Mistral)  q and k rows permuted per head (rotary halves interleaved)
-#   gemma2, gemma3             every norm weight stored with the +1 of Gemma's (1 + w) added
-#   falcon                     query_key_value's kv groups rearranged into [q | k | v]
+# (what llama.cpp rewrites per architecture: pifi_fast.frozen.checkpoint.gguf_rewrite)
 
 
 def _gguf_names(config, index: int, module_keys) -> dict[str, str]:
@@ -455,57 +452,6 @@ def _gguf_arch(config) -> str:
     renamed = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe",
                "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "mixtral": "llama"}
     return renamed.get(config.model_type, config.model_type)
-
-
-def _fix_gguf_config(config, header):
-    """Fill in what Transformers' GGUF parser leaves at its defaults for the families whose
-    layer we read (checked on Transformers 5.24): Gemma-2/3's attention soft-capping (llama.cpp
-    writes it) and query scale (llama.cpp derives it: hidden / heads for Gemma-2-27B, the 46-layer
-    model, the key length otherwise); Falcon's MLP width, KV heads, q/k/v bias and the 40B-style
-    block (llama.cpp tells it apart by a second attention norm)."""
-    fields, arch = header.fields, header.fields.get("general.architecture")
-    if config.model_type in ("gemma2", "gemma3_text"):
-        cap = fields.get(f"{arch}.attn_logit_softcapping")
-        if cap is not None:
-            config.attn_logit_softcapping = float(cap)
-        if config.model_type == "gemma2":
-            config.query_pre_attn_scalar = (
-                config.hidden_size // config.num_attention_heads
-                if config.num_hidden_layers == 46 else config.head_dim)
-    if config.model_type == "falcon":
-        names = {t.name for t in header.tensors}
-        config.ffn_hidden_size = int(fields.get("falcon.feed_forward_length",
-                                                4 * config.hidden_size))
-        kv = int(fields.get("falcon.attention.head_count_kv", 1))
-        config.new_decoder_architecture = any(n.endswith(".attn_norm_2.weight") for n in names)
-        config.num_kv_heads = kv
-        config.multi_query = kv == 1 and not config.new_decoder_architecture
-        config.num_ln_in_parallel_attn = 2 if config.new_decoder_architecture else None
-        config.bias = any(n.endswith(".attn_qkv.bias") for n in names)
-        config.parallel_attn = True  # llama.cpp's Falcon graph has only the parallel block
-    return config
-
-
-def _regroup_falcon_qkv(w: torch.Tensor, config) -> torch.Tensor:
-    """Undo llama.cpp's Falcon q/k/v rearrangement: it stores [all q heads | all k | all v]; the
-    Hugging Face layer (40B style) wants each KV group's query heads followed by its k and v.
-    For multi-query Falcon-7B the two layouts are the same."""
-    if not config.new_decoder_architecture:
-        return w
-    heads, kv = config.num_attention_heads, config.num_kv_heads
-    d = config.hidden_size // heads
-    q, k, v = w.split([heads * d, kv * d, kv * d], 0)
-    q = q.reshape(kv, heads // kv, d, *w.shape[1:])
-    k, v = (t.reshape(kv, 1, d, *w.shape[1:]) for t in (k, v))
-    return torch.cat((q, k, v), 1).reshape(w.shape)
-
-
-def unpermute_gguf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation. Per head, llama.cpp interleaves the two rotary
-    halves (rows r and r + D/2 become rows 2r and 2r+1); this puts them back in halves."""
-    rows = w.shape[0]
-    half = rows // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _gguf_header(path: Path):
@@ -557,7 +503,7 @@ def _gguf_config(path: Path):
 
 def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
     header = _gguf_header(path)  # first: Transformers' parser fails unclearly on a cut file
-    config = _fix_gguf_config(_gguf_config(path), header)
+    config = fix_gguf_config(_gguf_config(path), header)
     index = resolve_index(config, layer)
     why = families.unsupported(config, index)
     if why:
@@ -585,17 +531,11 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
         w = w.reshape(shape[0], -1) if len(shape) == 2 else w.reshape(shape)
         pair = (_q8_0_blocks(data, shape) if t.ggml_type == GGMLQuantizationType.Q8_0
                 and local.endswith("proj.weight") else None)
-        if arch == "llama" and local in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-            heads = config.num_attention_heads if "q_proj" in local else config.num_key_value_heads
-            w = unpermute_gguf_rows(w, heads)
+        undo = gguf_rewrite(arch, local, config)  # llama.cpp's per-architecture rewrite
+        if undo is not None:
+            w = undo(w)
             if pair is not None:  # rows move with their scales
-                pair = tuple(unpermute_gguf_rows(p, heads) for p in pair)
-        elif arch in ("gemma2", "gemma3") and local.endswith("norm.weight"):
-            w = w - 1
-        elif arch == "falcon" and local == "self_attention.query_key_value.weight":
-            w = _regroup_falcon_qkv(w, config)
-            if pair is not None:
-                pair = tuple(_regroup_falcon_qkv(p, config) for p in pair)
+                pair = tuple(undo(p) for p in pair)
         tensors[local] = w
         if pair is not None:
             quantized[local] = pair

@@ -491,8 +491,8 @@ def test_w3_rows_of_the_other_families_run_their_norm_activation_and_epilogues(s
     produces (gated GeGLU: [g | u] in, [dg | du] out; Falcon's GELU: one half)."""
     import copy
 
-    from pifi_fast import ops
     from pifi_fast.bench import workloads as W
+    from pifi_fast.frozen.elementwise import ACT_EPILOGUE
 
     kind, kw = W.LLM_SHAPES[shape]
     kw = dict(copy.deepcopy(kw), hidden_size=64, num_attention_heads=4)
@@ -504,7 +504,7 @@ def test_w3_rows_of_the_other_families_run_their_norm_activation_and_epilogues(s
         cases = W._w3_cases({"shapes": [shape], "kernel_tokens": [40]}, torch.device("cpu"),
                             torch.float32)
         norm, act, epilogue = W.FAMILY_OP_SHAPES[shape]
-        assert ops.ACT_EPILOGUE[act] == epilogue
+        assert ACT_EPILOGUE[act] == epilogue
         gated = 2 if act == "gelu_tanh" else 1
         want = {f"{norm}_norm": (40, 64), f"{norm}_norm_bwd": (40, 64), act: (40, 96),
                 f"{act}_bwd": (40, 96 * gated), "attention": None,

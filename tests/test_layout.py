@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,22 +121,24 @@ def test_the_checker_finds_a_cycle_and_resolves_names():
 
 def test_no_import_cycle_among_the_package_modules():
     graph = import_graph()
-    assert graph["pifi_fast.model"] >= {"pifi_fast.pifi_base", "pifi_fast.layer"}  # it reads
+    assert graph["pifi_fast.model"] >= {"pifi_fast.pifi_base", "pifi_fast.frozen.module"}
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_data_flows_one_way():
-    """Lower layers never import upper ones: kernels -> ops -> layer -> model -> training ->
-    cli (the benchmarks sit beside the CLI)."""
+    """Lower layers never import upper ones: kernels -> frozen -> model -> training -> cli (the
+    benchmarks sit beside the CLI; pifi_fast.ops and pifi_fast.layer, the old names' re-exports,
+    rank with the frozen package)."""
     graph = import_graph()
-    order = ["pifi_fast.kernels", "pifi_fast.ops", "pifi_fast.layer", "pifi_fast.model",
-             "pifi_fast.training", "pifi_fast.cli"]
+    order = ["pifi_fast.kernels", ("pifi_fast.frozen", "pifi_fast.ops", "pifi_fast.layer"),
+             "pifi_fast.model", "pifi_fast.training", "pifi_fast.cli"]
 
     def rank(module):
-        for i, prefix in reversed(list(enumerate(order))):
-            if module == prefix or module.startswith(prefix + "."):
-                return i
+        for i, prefixes in reversed(list(enumerate(order))):
+            for prefix in (prefixes,) if isinstance(prefixes, str) else prefixes:
+                if module == prefix or module.startswith(prefix + "."):
+                    return i
         return None
 
     upward = [(a, b) for a, targets in graph.items() for b in targets
@@ -188,3 +192,28 @@ def test_the_layout_page_names_every_module():
         if not {rel, inside} & named:
             missing.append(rel)
     assert not missing, f"docs/layout.md does not name: {missing}"
+
+
+def test_the_frozen_package_never_reaches_the_model():
+    """Neither in its source (every module it reaches is below the model) nor at import time:
+    importing the frozen layer or the kernels, in a fresh process, loads no pifi_fast.model,
+    training or CLI module (the package's face exports its names lazily)."""
+    graph = import_graph()
+    reach, todo = set(), [m for m in MODULES if m.startswith("pifi_fast.frozen")]
+    while todo:
+        module = todo.pop()
+        # (the package's face imports its names only for type checkers: not followed here;
+        # the subprocess below checks what importing it loads)
+        for nxt in graph[module] - reach - {"pifi_fast"}:
+            reach.add(nxt)
+            todo.append(nxt)
+    upper = ("pifi_fast.model", "pifi_fast.pifi_base", "pifi_fast.training", "pifi_fast.cli",
+             "pifi_fast.loading", "pifi_fast.hf_layer")
+    assert not {m for m in reach if m.startswith(upper)}, sorted(reach)
+    for target in ("pifi_fast.frozen.module", "pifi_fast.kernels.gemm", "pifi_fast.frozen"):
+        code = (f"import sys, {target}; "
+                "print(sorted(m for m in sys.modules if m.startswith(('pifi_fast.model', "
+                "'pifi_fast.training', 'pifi_fast.cli', 'pifi_fast.pifi_base'))))")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        assert out == "[]", f"importing {target} loaded {out}"

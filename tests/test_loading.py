@@ -8,7 +8,8 @@ from helpers import tiny_llm
 from transformers import AutoModelForCausalLM
 
 from pifi_fast import PiFiModel, load_llm_layer
-from pifi_fast.loading import CheckpointError, unpermute_gguf_rows
+from pifi_fast.frozen.checkpoint import unpermute_gguf_rows
+from pifi_fast.loading import CheckpointError
 
 
 def _save_full(tmp_path: Path, kind="llama", shard="60KB"):

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig
 from pifi_fast import PiFiModel, offline, reference
 from pifi_fast.families import needs_eager_attention
 from pifi_fast.hf_layer import run_hf_layer
-from pifi_fast.layer import FrozenLlamaLayer
+from pifi_fast.frozen.module import FrozenLlamaLayer
 from pifi_fast.loading import build_layer, load_llm_layer, random_layer
 
 # Token lengths of SST-2 dev sentences under the all-MiniLM-L6-v2 tokenizer ([CLS]/[SEP]

@@ -10,7 +10,7 @@ import functools
 import torch
 
 from pifi_fast import attention as attn
-from pifi_fast import ops
+from pifi_fast.frozen.elementwise import elementwise_impl
 from pifi_fast.bench.common import (AUTHORS_MAX_LENGTH, Case, _layer_fn, layers_for,
                                     llm_config, sst2_lengths)
 from pifi_fast.bench.timing import saved_activation_bytes
@@ -50,7 +50,7 @@ def _padded_batch(lengths, hidden, device, dtype, pad_to=None, gen_seed=0):
 
 def _fused_path(layer, x) -> str:
     """Which kernels and attention backend the fused layer runs on x, for the result row."""
-    kernels = ops.elementwise_impl(x, layer.kernels).name
+    kernels = elementwise_impl(x, layer.kernels).name
     backend = attn.select_backend(x.new_empty(1), layer.attention)
     return (f"kernels={kernels}, attention={backend}, recompute={layer.recompute}, "
             f"weights={layer.weights}")
