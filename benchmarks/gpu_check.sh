@@ -18,8 +18,8 @@
 #   summary.txt, logs.txt  as above
 #   bench.json/.md         the W4 rows of the quick suite (the targets' rows first)
 #   breakdown.md/.json/.png  where a training step's time goes on this GPU
-# Steps: wheels -> build -> the step's GPU tests (tests/test_gpu_step.py and the compiled /
-# CUDA-graph model tests) -> W4 bench -> step breakdown; no compile report, autotuner or CPU tests.
+# Steps: wheels -> build -> the step's GPU tests (tests/test_gpu_step.py, the compiled /
+# CUDA-graph model tests and FSDP's one-process bf16 step) -> W4 bench -> step breakdown; no compile report, autotuner or CPU tests.
 #
 #   bash benchmarks/gpu_check.sh --prepare   on the CPU machine: the Python 3.12 wheels the GPU
 #                                            image lacks (liger-kernel) into .whl/ (git-ignored
@@ -113,7 +113,8 @@ if [ "$FOCUS" = step ]; then
   step "step tests (gpu)" "$(cap 150 300)" env PIFI_FAST_GEMM_TUNE=0 \
     $PY -m pytest -q -ra -p no:cacheprovider tests/test_gpu_step.py \
     "tests/test_fused_layer.py::test_torch_compile_of_a_pifi_model_on_gpu" \
-    "tests/test_fused_layer.py::test_cuda_graph_inference_replays_eager_outputs_on_gpu"
+    "tests/test_fused_layer.py::test_cuda_graph_inference_replays_eager_outputs_on_gpu" \
+    "tests/test_fsdp.py::test_a_sharded_model_steps_as_the_plain_one_in_one_process"
 
   SIZES=--quick
   [ "$DRY" = 1 ] && SIZES="--sizes tiny"

@@ -57,7 +57,8 @@ class PersistenceMixin:
         return None
 
     def save_pretrained(self, directory, extra_files: dict | None = None,
-                        into_existing: bool = False, frozen_layer: str = "full") -> Path:
+                        into_existing: bool = False, frozen_layer: str = "full",
+                        state_dict: dict | None = None) -> Path:
         """One folder: pifi_config.json + model.safetensors (the single LLM layer stored once).
 
         frozen_layer="reference" writes a lean checkpoint: the trainable weights only, and a
@@ -73,6 +74,8 @@ class PersistenceMixin:
         into_existing=True keeps whatever else the folder holds (a Trainer's output folder with
         its checkpoints) and moves only our files in, the weights last: a folder with the new
         config but old weights can exist for an instant, never one without weights.
+        state_dict: the weights to write instead of self.state_dict() (a sharded model's,
+        gathered by pifi_fast.training.sharding.full_model_state).
         """
         target = Path(directory).resolve()
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,8 @@ class PersistenceMixin:
                              "weights": self._options.get("weights", "auto"),
                              "sha256": self.frozen_layer_sha256()}
             state = {k: v.detach().to("cpu").contiguous().clone()
-                     for k, v in self.state_dict().items()
+                     for k, v in (self.state_dict() if state_dict is None
+                                  else state_dict).items()
                      if reference is None or not k.startswith("llm_layer.")}
             safetensors.torch.save_file(state, str(tmp / WEIGHTS_NAME),
                                         metadata={"format": "pt"})

