@@ -112,7 +112,7 @@ _announced: set[str] = set()
 backend_used: str | None = None  # the backend of the most recent call
 
 
-_failed: dict[str, str] = {}  # backends that raised when chosen automatically, and why
+failed_backends: dict[str, str] = {}  # backends that raised when chosen automatically, and why
 
 
 # FlashAttention 2 (and PyTorch's varlen kernels built on it) need Ampere or newer
@@ -131,7 +131,7 @@ def available_backends(device_type: str = "cuda", capability: tuple | None = Non
                 found.append("flash_attn")
             if _VARLEN is not None:
                 found.append("torch_varlen")
-    return [b for b in found if b not in _failed] + ["sdpa"]
+    return [b for b in found if b not in failed_backends] + ["sdpa"]
 
 
 def select_backend(q: torch.Tensor, requested: str | None = None) -> str:
@@ -307,7 +307,7 @@ def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         # An automatically chosen backend that cannot run these inputs (an older signature, an
         # unsupported head size, ...): say so once and use the next one from now on.
-        _failed[name] = f"{type(exc).__name__}: {exc}"
+        failed_backends[name] = f"{type(exc).__name__}: {exc}"
         log.warning("pifi_fast attention backend %s failed (%s); falling back", name,
-                    _failed[name])
+                    failed_backends[name])
         return attention(q, k, v, seg, scale, causal, window=window, softcap=softcap)

@@ -46,7 +46,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from pifi_fast import families
-from pifi_fast.frozen.checkpoint import fix_gguf_config, gguf_rewrite
+from pifi_fast.frozen.checkpoint import (HF_BLOCK_PREFIXES, fix_gguf_config, gguf_arch,
+                                         gguf_rewrite)
 from pifi_fast.gguf_file import GGUFFormatError, read_header, tensor_bytes
 from pifi_fast.offline import cache_root
 
@@ -212,7 +213,7 @@ def resolve_index(config, layer: int) -> int:
     return layer % n
 
 
-def _load_config(path_or_dir, **kw):
+def load_config(path_or_dir, **kw):
     try:
         return AutoConfig.from_pretrained(path_or_dir, trust_remote_code=False, **kw)
     except ValueError as exc:
@@ -358,7 +359,7 @@ def _load_from_files(config, index, source, fetch, allow_pickle, dtype):
 
 
 def _load_local_folder(folder: Path, layer: int, dtype, allow_pickle: bool) -> LLMLayer:
-    config = _load_config(str(folder))
+    config = load_config(str(folder))
     index = resolve_index(config, layer)
 
     def fetch(name):
@@ -387,7 +388,7 @@ def _load_hub(repo_id: str, layer: int, dtype, allow_pickle: bool, revision=None
         where = ("is not in the local Hub cache (HF_HUB_OFFLINE=1)" if hub_offline()
                  else "has no config.json")
         raise CheckpointError(f"{repo_id}: the repository {where}")
-    config = _load_config(str(Path(config_path).parent))
+    config = load_config(str(Path(config_path).parent))
     index = resolve_index(config, layer)
     return _load_from_files(config, index, repo_id, fetch, allow_pickle, dtype)
 
@@ -420,17 +421,14 @@ def ensure_hub_reachable(timeout: float = 3.0) -> None:
 
 
 # -- GGUF -----------------------------------------------------------------------------------------
-# Module names a family's blocks have in its Hugging Face checkpoint, tried in turn when asking
-# gguf-py's tensor-name table (llama.cpp's own) for a tensor's GGUF name.
-_HF_BLOCK_PREFIXES = ("model.layers.{i}.", "transformer.h.{i}.", "gpt_neox.layers.{i}.",
-                      "model.decoder.layers.{i}.", "transformer.blocks.{i}.")
-# (what llama.cpp rewrites per architecture: pifi_fast.frozen.checkpoint.gguf_rewrite)
+# (the per-family names: HF_BLOCK_PREFIXES, gguf_arch and gguf_rewrite, in
+# pifi_fast.frozen.checkpoint)
 
 
 def _gguf_names(config, index: int, module_keys) -> dict[str, str]:
     """GGUF tensor name (blk.<i>.<name>[.weight|.bias]) -> the module's layer-local key, from
     gguf-py's table of llama.cpp's names for the architecture."""
-    wanted = _gguf_arch(config)
+    wanted = gguf_arch(config.model_type)
     arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == wanted), None)
     if arch is None:
         raise CheckpointError(f"llama.cpp's GGUF has no architecture {wanted!r} (gguf-py "
@@ -439,19 +437,12 @@ def _gguf_names(config, index: int, module_keys) -> dict[str, str]:
     names = {}
     for key in module_keys:
         base, suffix = (key.rsplit(".", 1) if key.endswith((".weight", ".bias")) else (key, ""))
-        for prefix in _HF_BLOCK_PREFIXES:
+        for prefix in HF_BLOCK_PREFIXES:
             gguf_name = table.get_name(prefix.format(i=index) + base)
             if gguf_name is not None:
                 names[gguf_name + ("." + suffix if suffix else "")] = key
                 break
     return names
-
-
-def _gguf_arch(config) -> str:
-    """llama.cpp's architecture name of a Transformers model_type."""
-    renamed = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe",
-               "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "mixtral": "llama"}
-    return renamed.get(config.model_type, config.model_type)
 
 
 def _gguf_header(path: Path):
@@ -470,7 +461,7 @@ def _gguf_header(path: Path):
     return header
 
 
-def _gguf_config(path: Path):
+def gguf_config(path: Path):
     """Transformers' config of a GGUF file. Its parser is the authority on how GGUF keys map to
     config fields, but it decodes the whole header, tokenizer included (~5 s for SmolLM2 on 2
     CPU cores), so its result is cached on disk under pifi_fast's cache folder, keyed by the
@@ -481,12 +472,12 @@ def _gguf_config(path: Path):
     folder = cache_root() / "gguf-configs" / hashlib.sha256(identity.encode()).hexdigest()[:32]
     if (folder / "config.json").is_file():
         try:
-            config = _load_config(str(folder))
+            config = load_config(str(folder))
             config.name_or_path = str(path.parent)  # as Transformers' parser names it
             return config
         except (OSError, ValueError):
             shutil.rmtree(folder, ignore_errors=True)  # damaged: parse and write it again
-    config = _load_config(str(path.parent), gguf_file=path.name)
+    config = load_config(str(path.parent), gguf_file=path.name)
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -503,7 +494,7 @@ def _gguf_config(path: Path):
 
 def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
     header = _gguf_header(path)  # first: Transformers' parser fails unclearly on a cut file
-    config = fix_gguf_config(_gguf_config(path), header)
+    config = fix_gguf_config(gguf_config(path), header)
     index = resolve_index(config, layer)
     why = families.unsupported(config, index)
     if why:
@@ -565,14 +556,14 @@ def load_llm_config(source):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         _gguf_header(path)
-        return _gguf_config(path)
+        return gguf_config(path)
     if path.is_dir():
-        return _load_config(str(path))
+        return load_config(str(path))
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"{source}: not a checkpoint folder, GGUF file or Hub repo id")
     ensure_hub_reachable()
     config_file = huggingface_hub.hf_hub_download(str(source), "config.json")
-    return _load_config(str(Path(config_file).parent))
+    return load_config(str(Path(config_file).parent))
 
 
 def load_llm_layer(source, layer: int = -1, dtype: torch.dtype | None = None, *,

@@ -370,14 +370,14 @@ def test_attention_falls_back_when_an_automatic_backend_fails(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("no kernel for this head size")
 
-    monkeypatch.setattr(attn, "_failed", {})
+    monkeypatch.setattr(attn, "failed_backends", {})
     monkeypatch.setattr(attn, "_VARLEN", boom)
     monkeypatch.setattr(attn, "available_backends", lambda device_type="cuda", capability=None: [
-        b for b in ("torch_varlen",) if b not in attn._failed] + ["sdpa"])
+        b for b in ("torch_varlen",) if b not in attn.failed_backends] + ["sdpa"])
     q, k, v = (torch.randn(10, h, 16, dtype=torch.bfloat16) for h in (4, 2, 2))
     seg = attn.Segments.from_mask(torch.tensor([[True] * 6, [True] * 4 + [False] * 2]))
     out = attn.attention(q, k, v, seg, 0.25)
-    assert "torch_varlen" in attn._failed and attn.backend_used == "sdpa"
+    assert "torch_varlen" in attn.failed_backends and attn.backend_used == "sdpa"
     assert torch.equal(out, attn.attention(q, k, v, seg, 0.25, backend="sdpa"))
     with pytest.raises(ValueError, match="cannot run"):  # asked for by name: no silent fallback
         attn.attention(q, k, v, seg, 0.25, backend="torch_varlen")
@@ -388,7 +388,7 @@ def test_turing_gets_only_sdpa(monkeypatch):
     falls to SDPA (its memory-efficient kernel runs fp16 there)."""
     from pifi_fast import attention as attn
 
-    monkeypatch.setattr(attn, "_failed", {})
+    monkeypatch.setattr(attn, "failed_backends", {})
     monkeypatch.setattr(attn, "_FLASH", object())
     monkeypatch.setattr(attn, "_VARLEN", object())
     assert attn.available_backends("cuda", (8, 0)) == ["flash_attn", "torch_varlen", "sdpa"]

@@ -11,7 +11,7 @@ import torch
 
 from pifi_fast import attention as attn
 from pifi_fast.frozen.elementwise import elementwise_impl
-from pifi_fast.bench.common import (AUTHORS_MAX_LENGTH, Case, _layer_fn, layers_for,
+from pifi_fast.bench.common import (AUTHORS_MAX_LENGTH, Case, layer_fn, layers_for,
                                     llm_config, sst2_lengths)
 from pifi_fast.bench.timing import saved_activation_bytes
 
@@ -73,7 +73,7 @@ def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
                                 device, dtype)
         mask = None
         tokens = x.shape[0] * x.shape[1]
-    fn, forward = _layer_fn(layers, impl, x, mask, backward)
+    fn, forward = layer_fn(layers, impl, x, mask, backward)
     weights = list(layers[impl if impl.startswith("pifi_fast") or impl == "authors" else "hf"]
                    .parameters())
     out = {"fn": fn, "tokens": tokens, "padded_tokens": x.shape[0] * x.shape[1],

@@ -15,7 +15,7 @@ from pifi_fast import attention as attn
 from pifi_fast.frozen.linear import LinearPath, project_input_grad, quant_linear
 from pifi_fast.kernels import common as kernels
 from pifi_fast._ext import frozen_linear
-from pifi_fast.bench.common import FAMILY_OP_SHAPES, LLAMA_KIND_SHAPES, Case, _layers
+from pifi_fast.bench.common import FAMILY_OP_SHAPES, LLAMA_KIND_SHAPES, Case, bench_layers
 # (gemm imports without triton, as pifi_fast.frozen.linear imports it: only the GPU rows call it)
 from pifi_fast.kernels.gemm import gemm
 from pifi_fast.frozen.elementwise import ACT_EPILOGUE, elementwise_impl
@@ -54,7 +54,7 @@ def cases(sizes, device, dtype) -> list[Case]:
 def _build_w3(shape, tokens, op, device, dtype):
     """One op of the layer as the layer runs it: Triton kernels on CUDA, their PyTorch twins
     elsewhere (pifi_fast.frozen.elementwise.elementwise_impl decides, as in the layer)."""
-    layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))["pifi_fast"]
+    layer = bench_layers(shape, str(device), str(dtype).replace("torch.", ""))["pifi_fast"]
     es = torch.empty((), dtype=dtype).element_size()
     h, inter = layer.hidden_size, layer.down_weight.shape[1]
     seq = min(tokens, 512)
@@ -120,7 +120,7 @@ def _build_w3(shape, tokens, op, device, dtype):
     if "cublas" in op or "triton" in op:
         return _gemm_choice_case(layer, op, impl, rand, t, h)
     if op.endswith(("int8", "fp8")):
-        q_layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))[
+        q_layer = bench_layers(shape, str(device), str(dtype).replace("torch.", ""))[
             "pifi_fast_" + op.rsplit(" ", 1)[1]]
         w = q_layer.weight("gate_up")
         flops = 2 * t * w.q.shape[0] * w.q.shape[1]

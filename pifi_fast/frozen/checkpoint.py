@@ -1,7 +1,8 @@
 """The frozen layer's checkpoint layout, per family: which Hugging Face keys each merged or
 single parameter reads and writes (key_layout), Falcon's q/k/v row order (falcon_qkv_rows), and
 what llama.cpp's GGUF conversion rewrites per architecture and how to undo it (gguf_rewrite,
-fix_gguf_config). The layer's state dict and pifi_fast.loading both read it from here.
+fix_gguf_config), with llama.cpp's names for the architectures and blocks (gguf_arch,
+HF_BLOCK_PREFIXES). The layer's state dict and pifi_fast.loading both read it from here.
 """
 from __future__ import annotations
 
@@ -54,8 +55,23 @@ def falcon_qkv_rows(spec) -> torch.Tensor | None:
     return None
 
 
-# -- GGUF: what llama.cpp rewrites on conversion ----------------------------------------------
-# (Transformers' GGUF loader undoes the same; Falcon's q/k/v regrouping it does not):
+# -- GGUF: llama.cpp's names, and what it rewrites on conversion --------------------------------
+# Module names a family's blocks have in its Hugging Face checkpoint, tried in turn when asking
+# gguf-py's tensor-name table (llama.cpp's own) for a tensor's GGUF name.
+HF_BLOCK_PREFIXES = ("model.layers.{i}.", "transformer.h.{i}.", "gpt_neox.layers.{i}.",
+                     "model.decoder.layers.{i}.", "transformer.blocks.{i}.")
+# Transformers model_type -> llama.cpp's architecture name, where the two differ
+GGUF_ARCH = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe",
+             "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "mixtral": "llama"}
+
+
+def gguf_arch(model_type: str) -> str:
+    """llama.cpp's architecture name of a Transformers model_type."""
+    return GGUF_ARCH.get(model_type, model_type)
+
+
+# What llama.cpp rewrites on conversion (Transformers' GGUF loader undoes the same; Falcon's
+# q/k/v regrouping it does not):
 #   llama (Llama and Mistral)  q and k rows permuted per head (rotary halves interleaved)
 #   gemma2, gemma3             every norm weight stored with the +1 of Gemma's (1 + w) added
 #   falcon                     query_key_value's kv groups rearranged into [q | k | v]
