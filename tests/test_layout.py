@@ -147,7 +147,7 @@ def test_data_flows_one_way():
     below_training = [m for m in MODULES if not m.startswith(("pifi_fast.training",
                                                               "pifi_fast.cli",
                                                               "pifi_fast.bench"))
-                      and m not in ("pifi_fast.train", "pifi_fast.demo",
+                      and m not in ("pifi_fast.train", "pifi_fast.trainer", "pifi_fast.demo",
                                     "pifi_fast.batch_predict", "pifi_fast.environment")]
     for module in below_training:
         reach = graph[module]
