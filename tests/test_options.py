@@ -74,3 +74,18 @@ def test_the_docs_table_lists_every_variable():
     page = (ROOT / "docs" / "development.md").read_text()
     for var in O.ENVIRONMENT:
         assert f"`{var}`" in page, var
+
+
+def test_the_docs_table_lists_every_variable_the_repository_reads():
+    """Every PIFI_FAST_* variable some Python file reads from the environment (the package,
+    the kernels, the tests, setup.py) has its row in docs/development.md."""
+    page = (ROOT / "docs" / "development.md").read_text()
+    rows = set(re.findall(r"^\| `(PIFI_FAST_[A-Z_]+)` \|", page, re.M))
+    read = set()
+    for path in [ROOT / "setup.py", ROOT / "conftest.py", *(ROOT / "pifi_fast").rglob("*.py"),
+                 *(ROOT / "kernels").glob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        text = path.read_text()
+        read.update(re.findall(r"(?:environ\.get\(|getenv\(|environ\[)\s*[\"'](PIFI_FAST_[A-Z_]+)",
+                               text))
+    assert read >= set(O.ENVIRONMENT)
+    assert not read - rows, f"not in docs/development.md's table: {sorted(read - rows)}"
