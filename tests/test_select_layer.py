@@ -190,8 +190,52 @@ def test_the_choice_is_a_layer_only_when_it_beats_no_layer_by_more_than_the_spre
     close = sel.decide([row(None, 0.70, 0.02), row(0, 0.71, 0.01), row(5, 0.65, 0.01)])
     assert close["ranking"] == [0, None, 5] and close["best_layer"] == 0
     assert close["choice"] is None and close["verdict"].startswith("no layer")
-    clear = sel.decide([row(None, 0.70, 0.01), row(0, 0.75, 0.01), row(5, 0.75, 0.01, 0.4)])
+    rows = [row(None, 0.70, 0.01), row(0, 0.75, 0.01), row(5, 0.75, 0.01, 0.4)]
+    clear = sel.decide(rows)
     assert clear["ranking"] == [5, 0, None]  # a tie broken by the lower dev loss
-    assert clear["choice"] == 5 and clear["verdict"].startswith("layer 5 is expected")
+    assert clear["choice"] == 5 and clear["confirmed"] is False
+    assert clear["verdict"] == ("layer 5 leads the ranking by 5.00 points over the SLM alone "
+                                "(spread 1.00); not confirmed with fresh seeds")
     below = sel.decide([row(None, 0.70, 0.0), row(3, 0.60, 0.0)])
-    assert below["choice"] is None and below["best_layer"] == 3
+    assert below["choice"] is None and below["best_layer"] == 3 and below["confirmed"] is None
+
+    # the leader is chosen only when fresh seeds show the lead again
+    kept = sel.decide(rows, {"layer": 5, "seeds": [3, 4, 5],
+                             "rows": [row(None, 0.70, 0.01), row(5, 0.73, 0.02)]})
+    assert kept["choice"] == 5 and kept["confirmed"] is True
+    assert kept["verdict"].startswith("layer 5 is expected to help: it leads the ranking by 5.00")
+    assert kept["verdict"].endswith("with 3 fresh seeds it scores +3.00 points (spread 2.00)")
+    lost = sel.decide(rows, {"layer": 5, "seeds": [3, 4, 5],
+                             "rows": [row(None, 0.70, 0.01), row(5, 0.71, 0.02)]})
+    assert lost["choice"] is None and lost["confirmed"] is True
+    assert lost["verdict"].startswith("no layer is expected to help: layer 5 leads")
+    assert "+1.00 points (spread 2.00)" in lost["verdict"]
+    other = sel.decide(rows, {"layer": 0, "seeds": [3], "rows": [row(None, 0.7, 0), row(0, 1, 0)]})
+    assert other["choice"] == 5 and other["confirmed"] is False  # not the leader's
+
+
+def test_a_leading_layer_is_scored_again_with_fresh_seeds(parts, tmp_path, monkeypatch):
+    """Every layer leads no layer in the ranking (seeds 0 and 1) and ties with it under fresh
+    seeds (2 and 3): the leader is read once more, alone, and the choice is no layer."""
+    seen, loads, real = [], [], sel.load_llm_layer
+
+    def proxy(model, *args):
+        seed = args[5]
+        plugged = getattr(model, "llm_layer", None) is not None  # no layer: no such module
+        seen.append((plugged, seed))
+        high = plugged and seed < FAST.repeats
+        return {"score": 0.9 if high else 0.5, "loss": 0.3}
+
+    def load(source, index, *a, **k):
+        loads.append(index)
+        return real(source, index, *a, **k)
+
+    monkeypatch.setattr(sel, "train_proxy", proxy)
+    monkeypatch.setattr(sel, "load_llm_layer", load)
+    got = sel.select_layer(_cfg(parts), FAST, out=tmp_path, progress=False)
+    assert loads == [0, 1, 2, 0]  # the ranking, then the leader (layer 0: ties keep the order)
+    assert seen[-4:] == [(False, 2), (False, 3), (True, 2), (True, 3)]
+    assert got["confirmation"]["layer"] == 0 and got["confirmation"]["seeds"] == [2, 3]
+    assert got["choice"] is None and got["confirmed"] is True and got["best_layer"] == 0
+    assert "Confirmation with fresh seeds [2, 3]" in (tmp_path / "selection.md").read_text()
+    assert sel.read_selection(tmp_path)["confirmation"] == got["confirmation"]

@@ -90,7 +90,11 @@ def select_layer_cmd(args) -> int:
                             repeats=args.repeats, seed=args.seed)
     if args.reuse and args.against:  # its stored scores, decided by today's rule
         selection = read_selection(args.out)
-        selection.update(decide(selection["layers"]))
+        selection.update(decide(selection["layers"], selection.get("confirmation")))
+        if selection["confirmed"] is False:
+            raise ValueError(f"{args.out}: layer {selection['choice']} leads its ranking but was "
+                             "never scored with fresh seeds (a selection written before "
+                             "pifi_fast confirmed its leader): run it again without --reuse")
     else:
         selection = select_layer(cfg, opts, out=args.out)
     if args.against:

@@ -14,6 +14,11 @@ layer read from the checkpoint at a time (never the whole LLM in memory), three 
   cka     representation only: linear CKA between the SLM's dev vectors and that output (how
           much of their geometry the layer keeps).
 
+The choice is a layer only when it beats "no layer" by more than the seed spread twice: in the
+ranking, and again when the leading layer and "no layer" are trained with fresh seeds. The
+leader of many noisy scores is the one whose noise fell highest (the winner's curse), so its
+lead in the ranking overstates it; the fresh seeds measure it without that bias.
+
 Which score predicts the fine-tuned result is measured against a sweep, not assumed
 (docs/research.md). The ranking is deterministic for a seed.
 
@@ -212,11 +217,9 @@ def select_layer(cfg: TrainConfig, opts: SelectionOptions | None = None, out=Non
     train_v, dev_v = train_v.to(device), dev_v.to(device)
     train_y, dev_y = train_y.to(device), dev_y.to(device)
 
-    candidates = [None] + layers
-    results = []
-    bar = tqdm(candidates, desc="select-layer", unit="layer", disable=not progress)
-    for index in bar:
-        bar.set_postfix(layer="none" if index is None else index)
+    def score(index, seeds, representation: bool) -> dict:
+        """One candidate (a layer index, or None for no layer), read from the checkpoint now
+        and dropped after: the proxy for each seed, and the representation scores."""
         t0 = time.perf_counter()
         one = None if index is None else load_llm_layer(llm, index)
         load_seconds = time.perf_counter() - t0
@@ -226,27 +229,46 @@ def select_layer(cfg: TrainConfig, opts: SelectionOptions | None = None, out=Non
                           label_smoothing=cfg.label_smoothing,
                           head_dropout=cfg.head_dropout).to(device)
         del one  # the model holds the layer now (one in memory at a time)
-        with torch.no_grad():  # the representation scores: L_in at its random initialisation
-            model.eval()
-            out_train = train_v if index is None else _layer_output(model, train_v)
-            out_dev = dev_v if index is None else _layer_output(model, dev_v)
-        probe = ridge_probe(out_train.cpu(), train_y.cpu(), out_dev.cpu(), dev_y.cpu(),
-                            n_classes, metric, opts.ridge)
-        cka = 1.0 if index is None else linear_cka(dev_v.cpu(), out_dev.cpu())
-        runs = [train_proxy(model, train_v, train_y, dev_v, dev_y, opts, opts.seed + r, metric,
-                            cfg.label_smoothing) for r in range(opts.repeats)]
-        results.append({
-            "layer": index, "proxy": _stats([r["score"] for r in runs]),
-            "proxy_loss": _stats([r["loss"] for r in runs]),
-            "probe": probe["score"], "cka": cka, "load_seconds": load_seconds,
-            "score_seconds": time.perf_counter() - t0})
+        row = {"layer": index}
+        if representation:  # the representation scores: L_in at its random initialisation
+            with torch.no_grad():
+                model.eval()
+                out_train = train_v if index is None else _layer_output(model, train_v)
+                out_dev = dev_v if index is None else _layer_output(model, dev_v)
+            row["probe"] = ridge_probe(out_train.cpu(), train_y.cpu(), out_dev.cpu(),
+                                       dev_y.cpu(), n_classes, metric, opts.ridge)["score"]
+            row["cka"] = 1.0 if index is None else linear_cka(dev_v.cpu(), out_dev.cpu())
+        runs = [train_proxy(model, train_v, train_y, dev_v, dev_y, opts, seed, metric,
+                            cfg.label_smoothing) for seed in seeds]
+        row.update({"proxy": _stats([r["score"] for r in runs]),
+                    "proxy_loss": _stats([r["loss"] for r in runs]),
+                    "load_seconds": load_seconds, "score_seconds": time.perf_counter() - t0})
         del model
         gc.collect()
+        return row
+
+    ranking_seeds = [opts.seed + r for r in range(opts.repeats)]
+    results = []
+    bar = tqdm([None] + layers, desc="select-layer", unit="layer", disable=not progress)
+    for index in bar:
+        bar.set_postfix(layer="none" if index is None else index)
+        results.append(score(index, ranking_seeds, representation=True))
+    confirmation = None
+    leader = decide(results)["choice"]
+    if leader is not None:  # the leader and no layer again, with seeds the ranking never used
+        fresh = [opts.seed + opts.repeats + r for r in range(opts.repeats)]
+        if progress:
+            tqdm.write(f"select-layer: layer {leader} leads; confirming it against no layer "
+                       f"with {len(fresh)} fresh seeds")
+        confirmation = {"layer": leader, "seeds": fresh,
+                        "rows": [score(index, fresh, representation=False)
+                                 for index in (None, leader)]}
     selection = {
         "data": cfg.data, "slm": cfg.slm, "llm": cfg.llm, "llm_layers":
         config.num_hidden_layers, "metric": metric, "eval_split": cfg.eval_split,
         "options": dataclasses.asdict(opts), "train_examples": len(sample),
-        "dev_examples": len(dev_rows), **decide(results), "layers": results,
+        "dev_examples": len(dev_rows), **decide(results, confirmation), "layers": results,
+        "confirmation": confirmation,
         "seconds": {"total": time.perf_counter() - t_start, "vectors": vectors_seconds,
                     "per_layer_mean": statistics.fmean(
                         r["load_seconds"] + r["score_seconds"] for r in results
@@ -256,23 +278,45 @@ def select_layer(cfg: TrainConfig, opts: SelectionOptions | None = None, out=Non
     return selection
 
 
-def decide(results: list[dict]) -> dict:
-    """The ranking (by proxy score, its dev loss breaking ties), the best layer, and the choice:
-    that layer when its proxy score beats no layer's by more than the larger seed spread, else
-    None (the SLM alone), with the verdict in words."""
+def _lead(layer_row: dict, none_row: dict) -> tuple[float, float]:
+    """A layer's proxy margin over no layer, and the larger of the two seed spreads."""
+    return (layer_row["proxy"]["mean"] - none_row["proxy"]["mean"],
+            max(layer_row["proxy"]["std"], none_row["proxy"]["std"]))
+
+
+def decide(results: list[dict], confirmation: dict | None = None) -> dict:
+    """The ranking (by proxy score, its dev loss breaking ties), the best layer, and the choice.
+
+    The best layer leads when its proxy score beats no layer's by more than the larger seed
+    spread. A leader is chosen only when `confirmation` (the leader and no layer scored again
+    with fresh seeds, as select_layer does) shows the same; without it the leader is returned
+    as the choice with "confirmed": False (select_layer's first look, and selections written
+    before the confirmation existed). Otherwise the choice is None: the SLM alone."""
     ranking = sorted(results, key=lambda r: (-r["proxy"]["mean"], r["proxy_loss"]["mean"]))
     none = next(r for r in results if r["layer"] is None)
     best = next(r for r in ranking if r["layer"] is not None)
-    margin = best["proxy"]["mean"] - none["proxy"]["mean"]
-    spread = max(best["proxy"]["std"], none["proxy"]["std"])
-    helps = margin > spread
-    verdict = (f"layer {best['layer']} is expected to help: its proxy score is "
-               f"{margin * 100:.2f} points above the SLM alone's (spread {spread * 100:.2f})"
-               if helps else
-               f"no layer is expected to help: the best, layer {best['layer']}, scores "
-               f"{margin * 100:+.2f} points against the SLM alone (spread {spread * 100:.2f})")
-    return {"ranking": [r["layer"] for r in ranking], "best_layer": best["layer"],
-            "choice": best["layer"] if helps else None, "verdict": verdict}
+    margin, spread = _lead(best, none)
+    decided = {"ranking": [r["layer"] for r in ranking], "best_layer": best["layer"]}
+    if margin <= spread:
+        return {**decided, "choice": None, "confirmed": None, "verdict": (
+            f"no layer is expected to help: the best, layer {best['layer']}, scores "
+            f"{margin * 100:+.2f} points against the SLM alone (spread {spread * 100:.2f})")}
+    layer = best["layer"]
+    leads = (f"leads the ranking by {margin * 100:.2f} points over the SLM alone (spread "
+             f"{spread * 100:.2f})")
+    if confirmation is None or confirmation["layer"] != layer:
+        return {**decided, "choice": layer, "confirmed": False,
+                "verdict": f"layer {layer} {leads}; not confirmed with fresh seeds"}
+    rows = {r["layer"]: r for r in confirmation["rows"]}
+    fresh_margin, fresh_spread = _lead(rows[layer], rows[None])
+    again = (f"with {len(confirmation['seeds'])} fresh seeds it scores "
+             f"{fresh_margin * 100:+.2f} points (spread {fresh_spread * 100:.2f})")
+    if fresh_margin > fresh_spread:
+        return {**decided, "choice": layer, "confirmed": True,
+                "verdict": f"layer {layer} is expected to help: it {leads}, and {again}"}
+    return {**decided, "choice": None, "confirmed": True, "verdict": (
+        f"no layer is expected to help: layer {layer} {leads}, but {again}: its lead was the "
+        "luck of the best of many noisy scores")}
 
 
 def _layer_output(model, vectors: torch.Tensor, chunk: int = 512) -> torch.Tensor:
@@ -328,6 +372,17 @@ def render_table(selection: dict) -> str:
     s = selection["seconds"]
     lines += ["", f"Total {s['total']:.0f} s: sentence vectors {s['vectors']:.0f} s, "
               f"{s['per_layer_mean']:.1f} s per layer.", ""]
+    confirmation = selection.get("confirmation")
+    if confirmation:
+        lines += [f"Confirmation with fresh seeds {confirmation['seeds']} (the leader and no "
+                  "layer trained again):", "", "| layer | proxy | proxy dev loss | seconds |",
+                  "|---|---|---|---|"]
+        for r in confirmation["rows"]:
+            lines.append(f"| {'none' if r['layer'] is None else r['layer']} | "
+                         f"{r['proxy']['mean'] * 100:.2f} ± {r['proxy']['std'] * 100:.2f} | "
+                         f"{r['proxy_loss']['mean']:.4f} | "
+                         f"{r['load_seconds'] + r['score_seconds']:.1f} |")
+        lines.append("")
     if selection.get("validation"):
         lines += render_validation(selection["validation"], metric)
     return "\n".join(lines)
@@ -381,6 +436,15 @@ def plot_selection(selection: dict, path) -> None:
                     label="proxy (adapters + head trained)")
         ax.plot(xs, [r["probe"] * 100 for r in rows], marker="s", ls="--", alpha=0.7,
                 label="probe (ridge, L_in untrained)")
+    confirmation = selection.get("confirmation")
+    if confirmation:  # the leader and no layer again, with fresh seeds
+        fresh = {r["layer"]: r["proxy"] for r in confirmation["rows"]}
+        leader = confirmation["layer"]
+        ax.errorbar([leader + 0.3], [fresh[leader]["mean"] * 100],
+                    yerr=[fresh[leader]["std"] * 100], marker="D", mfc="white", capsize=3,
+                    color="tab:red", ls="none", label=f"layer {leader}, fresh seeds")
+        ax.axhline(fresh[None]["mean"] * 100, color="tab:red", lw=1, ls=":",
+                   label="no layer, fresh seeds")
     ax.set_xlabel("LLM layer index")
     ax.set_ylabel(f"dev {selection['metric']} x 100")
     ax.set_title(f"{selection['llm']} layers for {selection['data']}", fontsize=10)
@@ -485,6 +549,10 @@ def resolve_auto_layer(cfg: TrainConfig, run_dir, opts: SelectionOptions | None 
     else:
         selection = select_layer(dataclasses.replace(cfg, layer=-1), opts, out=kept)
     choice = selection["choice"]
+    if choice is not None and not selection.get("confirmed"):
+        raise ValueError(f"{cfg.layer_selection or kept}: its choice, layer {choice}, was not "
+                         "confirmed with fresh seeds (a selection written before pifi_fast "
+                         "confirmed its leader): run pifi-fast select-layer again")
     resolved = dataclasses.replace(cfg, layer_selection=str(kept / SELECTION_NAME),
                                    **({"llm": None, "layer": -1} if choice is None
                                       else {"layer": choice}))
