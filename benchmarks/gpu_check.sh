@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The one prepared call for a lent GPU machine (GUIDE §6). At most GPU_CHECK_BUDGET_S seconds
-# (default 510: 8.5 minutes, build included), a one-screen summary at the end, and at most 8
-# files in $OUT, none deeper than $OUT/file:
+# The one prepared call for a lent GPU machine (docs/development.md). At most GPU_CHECK_BUDGET_S
+# seconds (default 510: 8.5 minutes, build included), a one-screen summary at the end, and at
+# most 8 files in $OUT, none deeper than $OUT/file:
 #   summary.txt            what passed, what failed, the fused-layer targets, the GEMM picks
 #   logs.txt               every step's full log, one after the other
 #   kernels.md/.json       the kernel compile report for sm_90a (what the tables promise)

@@ -16,7 +16,7 @@ import torch
 from pifi_fast.bench.timing import peak_memory
 from pifi_fast.bench.workloads import llm_config
 from pifi_fast.hf_layer import run_hf_layer
-from pifi_fast.layer import FrozenLlamaLayer
+from pifi_fast.frozen.module import FrozenLlamaLayer
 from pifi_fast.loading import random_layer
 
 

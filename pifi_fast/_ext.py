@@ -74,7 +74,7 @@ def _warn_once() -> None:
         )
 
 
-class _FrozenLinearPython(torch.autograd.Function):
+class FrozenLinearPython(torch.autograd.Function):
     """Plain PyTorch twin of torch.ops.pifi_fast.frozen_linear (same autograd contract)."""
 
     @staticmethod
@@ -104,4 +104,4 @@ def frozen_linear(x, weight, bias=None, residual=None, use_extension: bool | Non
         return torch.ops.pifi_fast.frozen_linear(x, weight, bias, residual)
     if not HAS_EXTENSION:
         _warn_once()
-    return _FrozenLinearPython.apply(x, weight, bias, residual)
+    return FrozenLinearPython.apply(x, weight, bias, residual)

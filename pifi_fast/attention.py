@@ -27,7 +27,7 @@ Soft-capped scores (Gemma-2: ``softcap`` c, scores tanh(s / c) * c before the so
 flash_attn computes them (its softcap argument); elsewhere the ``math`` path does, the plain
 scores-softmax-values product on the dense layout, as Hugging Face's eager attention computes it
 (memory grows with S^2; said once in the log). All backends are differentiable through
-autograd; pifi_fast.ops differentiates them by recomputing the forward in backward, so no
+autograd; pifi_fast.frozen differentiates them by recomputing the forward in backward, so no
 attention output or log-sum-exp is kept between forward and backward.
 """
 from __future__ import annotations
@@ -35,7 +35,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 from dataclasses import dataclass
 
 import torch
@@ -113,7 +112,7 @@ _announced: set[str] = set()
 backend_used: str | None = None  # the backend of the most recent call
 
 
-_failed: dict[str, str] = {}  # backends that raised when chosen automatically, and why
+failed_backends: dict[str, str] = {}  # backends that raised when chosen automatically, and why
 
 
 # FlashAttention 2 (and PyTorch's varlen kernels built on it) need Ampere or newer
@@ -132,13 +131,13 @@ def available_backends(device_type: str = "cuda", capability: tuple | None = Non
                 found.append("flash_attn")
             if _VARLEN is not None:
                 found.append("torch_varlen")
-    return [b for b in found if b not in _failed] + ["sdpa"]
+    return [b for b in found if b not in failed_backends] + ["sdpa"]
 
 
 def select_backend(q: torch.Tensor, requested: str | None = None) -> str:
-    """The backend for these inputs: ``requested`` (or $PIFI_FAST_ATTENTION) if given and
-    usable, else the best usable one."""
-    requested = requested or os.environ.get("PIFI_FAST_ATTENTION") or "auto"
+    """The backend for these inputs: ``requested`` if given and usable, else the best usable
+    one. (The layer's $PIFI_FAST_ATTENTION is applied by pifi_fast.frozen.options before.)"""
+    requested = requested or "auto"
     if requested not in BACKENDS + ("auto",):
         raise ValueError(f"unknown attention backend {requested!r}; choose from {BACKENDS}")
     half = q.dtype in (torch.float16, torch.bfloat16)
@@ -300,7 +299,7 @@ def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
         return _sdpa(q, k, v, seg, scale, causal, window)
     call = (functools.partial(_flash_attn_call, softcap=softcap) if name == "flash_attn"
             else _torch_varlen_call)
-    if backend or os.environ.get("PIFI_FAST_ATTENTION"):
+    if backend:
         # asked for by name: its errors are the user's
         return call(q, k, v, seg, scale, causal, window)
     try:
@@ -308,7 +307,7 @@ def attention(q, k, v, seg: Segments, scale: float, causal: bool = False,
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
         # An automatically chosen backend that cannot run these inputs (an older signature, an
         # unsupported head size, ...): say so once and use the next one from now on.
-        _failed[name] = f"{type(exc).__name__}: {exc}"
+        failed_backends[name] = f"{type(exc).__name__}: {exc}"
         log.warning("pifi_fast attention backend %s failed (%s); falling back", name,
-                    _failed[name])
+                    failed_backends[name])
         return attention(q, k, v, seg, scale, causal, window=window, softcap=softcap)

@@ -12,7 +12,8 @@ import torch
 import transformers
 
 import pifi_fast
-from pifi_fast import _ext, attention, families, ops, packed_slm
+from pifi_fast import _ext, attention, families, packed_slm
+from pifi_fast.frozen import function, linear
 from pifi_fast.kernels import common as kernels
 from pifi_fast.loading import load_llm_config, resolve_index
 
@@ -53,7 +54,7 @@ def host_lines() -> list[str]:
                  + ("used on CUDA" + interp if kernels.HAS_TRITON else "not installed"))
     usable = ", ".join(attention.available_backends(device))
     lines.append(f"attention backends usable on {device}: {usable}")
-    kept = device in ops.KEEP_ATTENTION_GRAPH
+    kept = device in function.KEEP_ATTENTION_GRAPH
     lines.append(
         f"fused layer backward on {device}: "
         + ("attention's graph kept from forward (recompute='none'; 'mlp' re-runs it)" if kept
@@ -90,7 +91,7 @@ def gpu_lines() -> list[str]:
     if not torch.cuda.is_available():
         return []
     device = _device_type()
-    return [f"projections with gemm='triton' in {str(dtype)[6:]}: {ops.gemm_path(device, dtype)}"
+    return [f"projections with gemm='triton' in {str(dtype)[6:]}: {linear.gemm_path(device, dtype)}"
             for dtype in (torch.bfloat16, torch.float16, torch.float32)]
 
 

@@ -4,7 +4,7 @@ A decoder layer is not written to run alone: the model around it picks the atten
 implementation, builds the masks (per layer type, sliding windows included) and calls the
 rotary module (per layer type where a family has several). This module answers those questions
 from the config, for any family Transformers ships, so that loading (pifi_fast.loading) and
-running (pifi_fast.hf_layer, pifi_fast.layer) need no per-family branches:
+running (pifi_fast.hf_layer, pifi_fast.frozen) need no per-family branches:
 
   modeling_classes      the family's causal-LM class and modeling module
   decoder_layer_class   the class of one decoder block (named *DecoderLayer, *Layer or *Block)
@@ -13,18 +13,18 @@ running (pifi_fast.hf_layer, pifi_fast.layer) need no per-family branches:
                         (Gemma-2's soft-capped logits, or a model class without SDPA)
   layer_type / attention_window  the layer's type and its sliding window (None: full)
   make_rotary / rotary_embeddings  the family's own rotary module, called as its model calls it
-  layer_spec (LayerSpec)  the fused layer's description of a family (norm kind, block,
-                        activation, attention options, key names), None where it runs unfused
+  layer_spec (LayerSpec)  the fused layer's description of a family (pifi_fast.frozen.spec, here
+                        for old imports), None where it runs unfused
+  layer_config_and_index  the config and index a Hugging Face layer module holds
   FUSED_MODEL_TYPES / is_fusable / describe  which families pifi_fast fuses, and in words which
                         path a layer takes (pifi-fast info --llm, the model's repr); a fused
-                        layer's kernels are read from pifi_fast.ops' dispatch table, not listed
+                        layer's kernels are read from pifi_fast.frozen.elementwise's table, not listed
 
 Nothing here runs code from a checkpoint: a family that exists only as remote code is refused
 with what to do instead.
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import sys
 
@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pifi_fast import ops
+from pifi_fast.frozen.elementwise import describe_kernels
+from pifi_fast.frozen.spec import FUSED_MODEL_TYPES, LayerSpec, layer_spec  # noqa: F401
 
-# The families whose frozen layer pifi_fast computes itself (FrozenLlamaLayer, described by a
-# LayerSpec); every other family Transformers ships runs its own Hugging Face layer, unfused.
-FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                     "falcon")
+# The families whose frozen layer pifi_fast computes itself (FUSED_MODEL_TYPES, each described
+# by a LayerSpec of pifi_fast.frozen.spec); every other family Transformers ships runs its own
+# Hugging Face layer, unfused.
 
 # the layer types of Transformers' configs that are attention (a hybrid model's other types,
 # "mamba", "linear_attention", "conv", ..., are blocks PiFi cannot plug in)
@@ -159,6 +159,17 @@ def make_rotary(config, device=None) -> nn.Module | None:
     return rotary_cls(config)
 
 
+def layer_config_and_index(layer: nn.Module):
+    """(the LLM's config, the layer's index) as the Hugging Face layer knows them (its
+    attention module holds both), or (None, None)."""
+    for module in layer.modules():
+        index = getattr(module, "layer_idx", None)
+        config = getattr(module, "config", None)
+        if isinstance(index, int) and config is not None:
+            return config, index
+    return None, None
+
+
 def rotary_embeddings(rotary: nn.Module, x: torch.Tensor, position_ids: torch.Tensor,
                       kind: str | None):
     """(cos, sin) for `position_ids`, called as the family's model calls it: with the layer's
@@ -171,113 +182,6 @@ def rotary_embeddings(rotary: nn.Module, x: torch.Tensor, position_ids: torch.Te
     return rotary(x, position_ids)
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """One frozen decoder layer, described by what differs between families (Llama's is one
-    instance). Read from the config by layer_spec; pifi_fast.layer and pifi_fast.ops follow it.
-
-    norm      "rms" (Llama: fp32 statistics, cast, then the weight), "rms_1p" (Gemma: the
-              weight as (1 + w) in fp32, the cast last) or "layer" (LayerNorm with bias: Falcon)
-    block     "sequential"  x2 = x + attn(n1(x));        out = x2 + mlp(n2(x2))
-              "sandwich"    x2 = x + na(attn(n1(x)));    out = x2 + nm(mlp(n2(x2)))  (Gemma-2/3)
-              "parallel"    out = x + attn(n1(x)) + mlp(n2(x)), n2 = n1 unless the family has
-                            a second norm (Falcon-40B's ln_mlp)
-    act       the MLP's activation: "silu", "gelu_tanh" or "gelu" (erf); gated: act(g) * u from
-              a merged gate/up projection, else act(u) (Falcon)
-    scaling   the attention's score scale (Gemma-2/3: query_pre_attn_scalar ** -0.5)
-    softcap   tanh soft-capping of the scores (Gemma-2), or None
-    qk_norm   per-head q/k norms (Qwen3: "rms", Gemma-3: "rms_1p"), or None
-    qkv       "separate" (q/k/v_proj, merged here) or Falcon's fused query_key_value laid out
-              "grouped" (40B: per KV group its queries, then k, v), "interleaved" (per head q, k,
-              v) or "stacked" (7B, multi-query: all q, then k, then v: our own order)
-    keys      the layer's attributes -> the Hugging Face keys (without .weight / .bias)
-    """
-
-    model_type: str
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    eps: float
-    norm: str
-    block: str
-    act: str
-    gated: bool
-    scaling: float
-    softcap: float | None
-    qk_norm: str | None
-    qkv: str
-    attn_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    keys: tuple  # ((attribute, Hugging Face key), ...)
-
-    @property
-    def key_map(self) -> dict[str, str]:
-        return dict(self.keys)
-
-
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
-                "gelu": "gelu"}
-_LLAMA_KEYS = (("input_norm", "input_layernorm"), ("post_norm", "post_attention_layernorm"),
-               ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-               ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-               ("down", "mlp.down_proj"), ("q_norm", "self_attn.q_norm"),
-               ("k_norm", "self_attn.k_norm"))
-
-
-def layer_spec(config) -> LayerSpec | None:
-    """The fused layer's description of this config, or None when pifi_fast does not compute
-    the family itself (its Hugging Face layer then runs unfused)."""
-    kind = getattr(config, "model_type", None)
-    if kind not in FUSED_MODEL_TYPES or getattr(config, "alibi", False):
-        return None
-    gemma = kind in ("gemma", "gemma2", "gemma3_text")
-    act_name = (getattr(config, "hidden_activation", None) if kind in ("gemma2", "gemma3_text")
-                else getattr(config, "activation", None) if kind == "falcon"
-                else getattr(config, "hidden_act", "silu"))
-    act = _ACTIVATIONS.get(act_name)
-    if act is None or (act == "gelu" and kind != "falcon"):
-        return None
-    hidden, heads = config.hidden_size, config.num_attention_heads
-    if kind == "falcon":
-        new = bool(config.new_decoder_architecture)
-        kv = config.num_kv_heads if (new or not config.multi_query) else 1
-        two_norms = new and (config.num_ln_in_parallel_attn or 2) == 2
-        parallel = bool(config.parallel_attn) or new
-        keys = [("input_norm", "ln_attn" if two_norms else "input_layernorm"),
-                ("qkv", "self_attention.query_key_value"), ("o", "self_attention.dense"),
-                ("up", "mlp.dense_h_to_4h"), ("down", "mlp.dense_4h_to_h")]
-        if two_norms:
-            keys.append(("post_norm", "ln_mlp"))
-        elif not parallel:
-            keys.append(("post_norm", "post_attention_layernorm"))
-        d = hidden // heads
-        return LayerSpec(
-            kind, hidden, heads, kv, d, config.ffn_hidden_size, config.layer_norm_epsilon,
-            "layer", "parallel" if parallel else "sequential", act, False, d ** -0.5, None, None,
-            "grouped" if new else "stacked" if config.multi_query else "interleaved",
-            bool(config.bias), bool(config.bias), bool(config.bias), tuple(keys))
-    d = getattr(config, "head_dim", None) or hidden // heads
-    sandwich = kind in ("gemma2", "gemma3_text")
-    keys = list(_LLAMA_KEYS)
-    if sandwich:
-        keys = [(a, k) for a, k in keys if a != "post_norm"] + [
-            ("attn_out_norm", "post_attention_layernorm"),
-            ("post_norm", "pre_feedforward_layernorm"),
-            ("mlp_out_norm", "post_feedforward_layernorm")]
-    scaling = (config.query_pre_attn_scalar ** -0.5 if sandwich else d ** -0.5)
-    attention_bias = bool(getattr(config, "attention_bias", False))
-    mlp_bias = bool(getattr(config, "mlp_bias", False))
-    return LayerSpec(
-        kind, hidden, heads, config.num_key_value_heads or heads, d, config.intermediate_size,
-        config.rms_norm_eps, "rms_1p" if gemma else "rms", "sandwich" if sandwich else "sequential",
-        act, True, scaling, getattr(config, "attn_logit_softcapping", None) or None,
-        "rms" if kind == "qwen3" else "rms_1p" if kind == "gemma3_text" else None, "separate",
-        attention_bias or kind == "qwen2", attention_bias, mlp_bias, tuple(keys))
-
-
 def is_fusable(config) -> bool:
     """Whether pifi_fast's fused layer computes this family's layer (layer_spec has one)."""
     return layer_spec(config) is not None
@@ -287,7 +191,7 @@ def describe(config, index: int, device_type: str | None = None, kernels: str = 
     """One line: which path layer `index` of this LLM takes in pifi_fast.PiFiModel; for a fused
     layer, what runs its norms, activation and RoPE on CUDA and on `device_type` (default: CUDA
     when there is one, else the CPU) under the kernels option `kernels`, read from the table
-    the layer dispatches through (pifi_fast.ops.describe_kernels)."""
+    the layer dispatches through (pifi_fast.frozen.elementwise.describe_kernels)."""
     why = unsupported(config, index)
     if why:
         return f"{config.model_type}: cannot be plugged in: {why}"
@@ -299,7 +203,7 @@ def describe(config, index: int, device_type: str | None = None, kernels: str = 
                       + (" (flash-attn where it soft-caps, else the math path)" if spec else ""))
     if spec is not None:
         return (f"{config.model_type} layer {index}: fused (pifi_fast's FrozenLlamaLayer, "
-                f"{spec.block} block; {ops.describe_kernels(spec, device_type, kernels)}; "
+                f"{spec.block} block; {describe_kernels(spec, device_type, kernels)}; "
                 f"input-gradient-only backward; {', '.join(extras)})")
     attn = "eager" if needs_eager_attention(config) else "sdpa"
     return (f"{config.model_type} layer {index}: unfused (its own Hugging Face "

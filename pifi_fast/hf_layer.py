@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pifi_fast import families
+from pifi_fast.families import layer_config_and_index
 
 
 def bidirectional_mask(mask: torch.Tensor | None, batch: int, seq: int, dtype, device,
@@ -28,17 +29,6 @@ def bidirectional_mask(mask: torch.Tensor | None, batch: int, seq: int, dtype, d
         add = add.masked_fill((pos[:, None] - pos[None, :]).abs() >= window,
                               torch.finfo(dtype).min)
     return add
-
-
-def layer_config_and_index(layer: nn.Module):
-    """(the LLM's config, the layer's index) as the Hugging Face layer knows them (its
-    attention module holds both), or (None, None)."""
-    for module in layer.modules():
-        index = getattr(module, "layer_idx", None)
-        config = getattr(module, "config", None)
-        if isinstance(index, int) and config is not None:
-            return config, index
-    return None, None
 
 
 def run_hf_layer(layer: nn.Module, rotary: nn.Module | None, h: torch.Tensor,

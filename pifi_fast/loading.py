@@ -8,7 +8,8 @@ load_llm_layer(source, layer=-1) reads only the tensors of that layer:
   * a GGUF file: only that block's tensors are dequantized, named through gguf-py's table of
     llama.cpp's tensor names, with what llama.cpp rewrites on conversion undone (Llama's q/k
     row permutation, Gemma's +1 on norms, Falcon's q/k/v regrouping) and what Transformers'
-    GGUF parser leaves at its defaults read from the file (_fix_gguf_config); Q8_0 projections
+    GGUF parser leaves at its defaults read from the file (both per family in
+    pifi_fast.frozen.checkpoint); Q8_0 projections
     are also kept as their int8 blocks and scales (LLMLayer.quantized), which an int8 layer
     stores without requantizing.
 Checkpoint keys are converted the way Transformers converts them on load (its conversion
@@ -45,6 +46,8 @@ from torch import nn
 from transformers import AutoConfig
 
 from pifi_fast import families
+from pifi_fast.frozen.checkpoint import (HF_BLOCK_PREFIXES, fix_gguf_config, gguf_arch,
+                                         gguf_rewrite)
 from pifi_fast.gguf_file import GGUFFormatError, read_header, tensor_bytes
 from pifi_fast.offline import cache_root
 
@@ -210,7 +213,7 @@ def resolve_index(config, layer: int) -> int:
     return layer % n
 
 
-def _load_config(path_or_dir, **kw):
+def load_config(path_or_dir, **kw):
     try:
         return AutoConfig.from_pretrained(path_or_dir, trust_remote_code=False, **kw)
     except ValueError as exc:
@@ -356,7 +359,7 @@ def _load_from_files(config, index, source, fetch, allow_pickle, dtype):
 
 
 def _load_local_folder(folder: Path, layer: int, dtype, allow_pickle: bool) -> LLMLayer:
-    config = _load_config(str(folder))
+    config = load_config(str(folder))
     index = resolve_index(config, layer)
 
     def fetch(name):
@@ -385,7 +388,7 @@ def _load_hub(repo_id: str, layer: int, dtype, allow_pickle: bool, revision=None
         where = ("is not in the local Hub cache (HF_HUB_OFFLINE=1)" if hub_offline()
                  else "has no config.json")
         raise CheckpointError(f"{repo_id}: the repository {where}")
-    config = _load_config(str(Path(config_path).parent))
+    config = load_config(str(Path(config_path).parent))
     index = resolve_index(config, layer)
     return _load_from_files(config, index, repo_id, fetch, allow_pickle, dtype)
 
@@ -418,22 +421,14 @@ def ensure_hub_reachable(timeout: float = 3.0) -> None:
 
 
 # -- GGUF -----------------------------------------------------------------------------------------
-# Module names a family's blocks have in its Hugging Face checkpoint, tried in turn when asking
-# gguf-py's tensor-name table (llama.cpp's own) for a tensor's GGUF name.
-_HF_BLOCK_PREFIXES = ("model.layers.{i}.", "transformer.h.{i}.", "gpt_neox.layers.{i}.",
-                      "model.decoder.layers.{i}.", "transformer.blocks.{i}.")
-# GGUF architectures whose tensors llama.cpp rewrites on conversion, and what it does
-# (Transformers' GGUF loader undoes the same; Falcon's q/k/v regrouping it does not, see
-# _regroup_falcon_qkv):
-#   llama (Llama and Mistral)  q and k rows permuted per head (rotary halves interleaved)
-#   gemma2, gemma3             every norm weight stored with the +1 of Gemma's (1 + w) added
-#   falcon                     query_key_value's kv groups rearranged into [q | k | v]
+# (the per-family names: HF_BLOCK_PREFIXES, gguf_arch and gguf_rewrite, in
+# pifi_fast.frozen.checkpoint)
 
 
 def _gguf_names(config, index: int, module_keys) -> dict[str, str]:
     """GGUF tensor name (blk.<i>.<name>[.weight|.bias]) -> the module's layer-local key, from
     gguf-py's table of llama.cpp's names for the architecture."""
-    wanted = _gguf_arch(config)
+    wanted = gguf_arch(config.model_type)
     arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == wanted), None)
     if arch is None:
         raise CheckpointError(f"llama.cpp's GGUF has no architecture {wanted!r} (gguf-py "
@@ -442,70 +437,12 @@ def _gguf_names(config, index: int, module_keys) -> dict[str, str]:
     names = {}
     for key in module_keys:
         base, suffix = (key.rsplit(".", 1) if key.endswith((".weight", ".bias")) else (key, ""))
-        for prefix in _HF_BLOCK_PREFIXES:
+        for prefix in HF_BLOCK_PREFIXES:
             gguf_name = table.get_name(prefix.format(i=index) + base)
             if gguf_name is not None:
                 names[gguf_name + ("." + suffix if suffix else "")] = key
                 break
     return names
-
-
-def _gguf_arch(config) -> str:
-    """llama.cpp's architecture name of a Transformers model_type."""
-    renamed = {"mistral": "llama", "cohere": "command-r", "qwen2_moe": "qwen2moe",
-               "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3", "mixtral": "llama"}
-    return renamed.get(config.model_type, config.model_type)
-
-
-def _fix_gguf_config(config, header):
-    """Fill in what Transformers' GGUF parser leaves at its defaults for the families whose
-    layer we read (checked on Transformers 5.24): Gemma-2/3's attention soft-capping (llama.cpp
-    writes it) and query scale (llama.cpp derives it: hidden / heads for Gemma-2-27B, the 46-layer
-    model, the key length otherwise); Falcon's MLP width, KV heads, q/k/v bias and the 40B-style
-    block (llama.cpp tells it apart by a second attention norm)."""
-    fields, arch = header.fields, header.fields.get("general.architecture")
-    if config.model_type in ("gemma2", "gemma3_text"):
-        cap = fields.get(f"{arch}.attn_logit_softcapping")
-        if cap is not None:
-            config.attn_logit_softcapping = float(cap)
-        if config.model_type == "gemma2":
-            config.query_pre_attn_scalar = (
-                config.hidden_size // config.num_attention_heads
-                if config.num_hidden_layers == 46 else config.head_dim)
-    if config.model_type == "falcon":
-        names = {t.name for t in header.tensors}
-        config.ffn_hidden_size = int(fields.get("falcon.feed_forward_length",
-                                                4 * config.hidden_size))
-        kv = int(fields.get("falcon.attention.head_count_kv", 1))
-        config.new_decoder_architecture = any(n.endswith(".attn_norm_2.weight") for n in names)
-        config.num_kv_heads = kv
-        config.multi_query = kv == 1 and not config.new_decoder_architecture
-        config.num_ln_in_parallel_attn = 2 if config.new_decoder_architecture else None
-        config.bias = any(n.endswith(".attn_qkv.bias") for n in names)
-        config.parallel_attn = True  # llama.cpp's Falcon graph has only the parallel block
-    return config
-
-
-def _regroup_falcon_qkv(w: torch.Tensor, config) -> torch.Tensor:
-    """Undo llama.cpp's Falcon q/k/v rearrangement: it stores [all q heads | all k | all v]; the
-    Hugging Face layer (40B style) wants each KV group's query heads followed by its k and v.
-    For multi-query Falcon-7B the two layouts are the same."""
-    if not config.new_decoder_architecture:
-        return w
-    heads, kv = config.num_attention_heads, config.num_kv_heads
-    d = config.hidden_size // heads
-    q, k, v = w.split([heads * d, kv * d, kv * d], 0)
-    q = q.reshape(kv, heads // kv, d, *w.shape[1:])
-    k, v = (t.reshape(kv, 1, d, *w.shape[1:]) for t in (k, v))
-    return torch.cat((q, k, v), 1).reshape(w.shape)
-
-
-def unpermute_gguf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row permutation. Per head, llama.cpp interleaves the two rotary
-    halves (rows r and r + D/2 become rows 2r and 2r+1); this puts them back in halves."""
-    rows = w.shape[0]
-    half = rows // n_heads // 2
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _gguf_header(path: Path):
@@ -524,7 +461,7 @@ def _gguf_header(path: Path):
     return header
 
 
-def _gguf_config(path: Path):
+def gguf_config(path: Path):
     """Transformers' config of a GGUF file. Its parser is the authority on how GGUF keys map to
     config fields, but it decodes the whole header, tokenizer included (~5 s for SmolLM2 on 2
     CPU cores), so its result is cached on disk under pifi_fast's cache folder, keyed by the
@@ -535,12 +472,12 @@ def _gguf_config(path: Path):
     folder = cache_root() / "gguf-configs" / hashlib.sha256(identity.encode()).hexdigest()[:32]
     if (folder / "config.json").is_file():
         try:
-            config = _load_config(str(folder))
+            config = load_config(str(folder))
             config.name_or_path = str(path.parent)  # as Transformers' parser names it
             return config
         except (OSError, ValueError):
             shutil.rmtree(folder, ignore_errors=True)  # damaged: parse and write it again
-    config = _load_config(str(path.parent), gguf_file=path.name)
+    config = load_config(str(path.parent), gguf_file=path.name)
     tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -557,7 +494,7 @@ def _gguf_config(path: Path):
 
 def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
     header = _gguf_header(path)  # first: Transformers' parser fails unclearly on a cut file
-    config = _fix_gguf_config(_gguf_config(path), header)
+    config = fix_gguf_config(gguf_config(path), header)
     index = resolve_index(config, layer)
     why = families.unsupported(config, index)
     if why:
@@ -585,17 +522,11 @@ def _load_gguf(path: Path, layer: int, dtype) -> LLMLayer:
         w = w.reshape(shape[0], -1) if len(shape) == 2 else w.reshape(shape)
         pair = (_q8_0_blocks(data, shape) if t.ggml_type == GGMLQuantizationType.Q8_0
                 and local.endswith("proj.weight") else None)
-        if arch == "llama" and local in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
-            heads = config.num_attention_heads if "q_proj" in local else config.num_key_value_heads
-            w = unpermute_gguf_rows(w, heads)
+        undo = gguf_rewrite(arch, local, config)  # llama.cpp's per-architecture rewrite
+        if undo is not None:
+            w = undo(w)
             if pair is not None:  # rows move with their scales
-                pair = tuple(unpermute_gguf_rows(p, heads) for p in pair)
-        elif arch in ("gemma2", "gemma3") and local.endswith("norm.weight"):
-            w = w - 1
-        elif arch == "falcon" and local == "self_attention.query_key_value.weight":
-            w = _regroup_falcon_qkv(w, config)
-            if pair is not None:
-                pair = tuple(_regroup_falcon_qkv(p, config) for p in pair)
+                pair = tuple(undo(p) for p in pair)
         tensors[local] = w
         if pair is not None:
             quantized[local] = pair
@@ -625,14 +556,14 @@ def load_llm_config(source):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {path}")
         _gguf_header(path)
-        return _gguf_config(path)
+        return gguf_config(path)
     if path.is_dir():
-        return _load_config(str(path))
+        return load_config(str(path))
     if path.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise FileNotFoundError(f"{source}: not a checkpoint folder, GGUF file or Hub repo id")
     ensure_hub_reachable()
     config_file = huggingface_hub.hf_hub_download(str(source), "config.json")
-    return _load_config(str(Path(config_file).parent))
+    return load_config(str(Path(config_file).parent))
 
 
 def load_llm_layer(source, layer: int = -1, dtype: torch.dtype | None = None, *,

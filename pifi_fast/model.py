@@ -13,7 +13,8 @@ from torch import nn
 from pifi_fast import families, packed_slm
 from pifi_fast.families import FUSED_MODEL_TYPES, is_fusable
 from pifi_fast.hf_layer import run_hf_layers
-from pifi_fast.layer import FrozenLayerStack, FrozenLlamaLayer
+from pifi_fast.frozen.module import FrozenLlamaLayer
+from pifi_fast.frozen.stack import FrozenLayerStack
 from pifi_fast.loading import warn_unfused
 from pifi_fast.pifi_base import PiFiBase
 
@@ -76,10 +77,10 @@ class PiFiModel(PiFiBase):
                                                        getattr(one, "quantized", None),
                                                        **fused_options))
                 layers[-1].layer_index = one.index
-            # several layers: one unpadding for the whole stack (pifi_fast.layer)
+            # several layers: one unpadding for the whole stack (pifi_fast.frozen.stack)
             self.llm_layer = layers[0] if len(layers) == 1 else FrozenLayerStack(layers)
         else:
-            defaults = (None, "auto", "none", "cublas")
+            defaults = (None, "auto", "none", "cublas", False)  # LayerOptions' defaults
             if any(v not in defaults for v in fused_options.values()):
                 raise ValueError(f"options {sorted(fused_options)} apply to the fused layer only, "
                                  "which this model does not use (unfused architecture, "

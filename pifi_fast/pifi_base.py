@@ -6,7 +6,7 @@ one concern per module, one class for the user).
 
     h_enc = SLM_encoder(x);  h = L_out(LLM_layer(L_in(h_enc)));  y = Head(h)
 
-Tasks (GUIDE §1):
+Tasks:
   classification      one sentence vector ([CLS] by default; POOLINGS), as a length-1
                       sequence at position 0; head
                       Linear(d,d) -> Dropout(0.2) -> GELU -> Linear(d,C); sentence pairs too

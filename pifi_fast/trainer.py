@@ -24,6 +24,7 @@ from transformers import Trainer
 
 from pifi_fast.pifi_base import PiFiBase
 from pifi_fast.training import sharding
+from pifi_fast.training.checkpoints import load_weights
 
 OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"  # the Trainer's names
 
@@ -67,8 +68,6 @@ class PiFiTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._pifi_fsdp():
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        from pifi_fast.training.checkpoints import load_weights
-
         # every rank reads the full weights and keeps its shard (a lean checkpoint's frozen
         # layer is the model's own, checked against the recorded sha256)
         load_weights(self.accelerator.unwrap_model(self.model), Path(resume_from_checkpoint),

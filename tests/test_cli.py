@@ -75,14 +75,14 @@ def test_choices_and_builtin_names_are_listed():
 
 
 def test_info_says_which_backward_path_the_fused_layer_runs_here(capsys, monkeypatch):
-    from pifi_fast import ops
+    from pifi_fast.frozen import function
 
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "fused layer backward on cpu: attention's graph kept" in out
     assert "SLM for classification on cpu (packed_slm='auto'): sentence vectors" in out
     assert "CPU bf16 instructions: " in out
-    monkeypatch.setattr(ops, "KEEP_ATTENTION_GRAPH", set())
+    monkeypatch.setattr(function, "KEEP_ATTENTION_GRAPH", set())
     assert cli.main(["info"]) == 0
     assert "fused layer backward on cpu: attention forward re-run" in capsys.readouterr().out
 

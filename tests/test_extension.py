@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import pifi_fast
-from pifi_fast._ext import _FrozenLinearPython
+from pifi_fast._ext import FrozenLinearPython
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_ext = pytest.mark.skipif(not pifi_fast.HAS_EXTENSION, reason="built with PIFI_FAST_NO_EXT=1")
@@ -33,7 +33,7 @@ def test_frozen_linear_matches_its_twin_forward_and_backward(shape, n_out, bias,
     expected = x @ w.T + (0 if b is None else b) + (0 if r is None else r)
     assert torch.allclose(y, expected, rtol=1e-12, atol=1e-12)
     x2, r2 = x.detach().clone().requires_grad_(), None if r is None else r.detach().clone().requires_grad_()
-    y2 = _FrozenLinearPython.apply(x2, w, b, r2)
+    y2 = FrozenLinearPython.apply(x2, w, b, r2)
     dy = torch.randn_like(y)
     y.backward(dy)
     y2.backward(dy)

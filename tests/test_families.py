@@ -13,7 +13,8 @@ import torch
 from helpers import FAMILIES, assert_grads_close, rel_err, tiny_family, tiny_slm, trainable_grads
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pifi_fast import PiFiModel, families, load_llm_layer, ops
+from pifi_fast import PiFiModel, families, load_llm_layer
+from pifi_fast.frozen import elementwise
 from pifi_fast.kernels import common as kernels
 from pifi_fast.hf_layer import bidirectional_mask
 from pifi_fast.reference import PiFiModel as ReferencePiFi
@@ -222,11 +223,11 @@ NAMED = re.compile(r"[a-z_0-9]+\.[a-z_0-9]+")
 
 def _expected(spec, table):
     """The functions the fused layer calls from a dispatch table (_TWINS / _TRITON), forward,
-    by the rule pifi_fast.ops follows: Llama's RMSNorm or the family norm, SwiGLU or the family
+    by the rule pifi_fast.frozen follows: Llama's RMSNorm or the family norm, SwiGLU or the family
     activation, then RoPE; per-head q/k norms always through their PyTorch twins."""
     fns = [table.rms_fwd if spec.norm == "rms" else table.norm_fwd,
            table.swiglu_fwd if spec.act == "silu" else table.act_fwd, table.rope_]
-    return fns + ([ops.QK_NORMS[spec.qk_norm][0]] if spec.qk_norm else [])
+    return fns + ([elementwise.QK_NORMS[spec.qk_norm][0]] if spec.qk_norm else [])
 
 
 def _recorder(calls):
@@ -234,7 +235,7 @@ def _recorder(calls):
     def wrap(fn):
         @functools.wraps(fn)
         def recorded(*args, **kwargs):
-            calls.append(ops.kernel_name(fn))
+            calls.append(elementwise.kernel_name(fn))
             return fn(*args, **kwargs)
         return recorded
     return wrap
@@ -245,16 +246,16 @@ def test_the_description_names_what_the_dispatcher_runs(checkpoints, monkeypatch
     per op, the function the layer's dispatch table gives it on CUDA and on the CPU; on the CPU
     it is checked against a real forward + backward, whose table records what it calls."""
     monkeypatch.delenv("PIFI_FAST_KERNELS", raising=False)
-    cuda_table = ops._TRITON if kernels.HAS_TRITON else ops._TWINS
-    cpu_table = ops.elementwise_impl(torch.empty(1))
-    assert cpu_table is ops._TWINS
+    cuda_table = elementwise.TRITON if kernels.HAS_TRITON else elementwise.TWINS
+    cpu_table = elementwise.elementwise_impl(torch.empty(1))
+    assert cpu_table is elementwise.TWINS
     for name in FUSED:
         config = tiny_family(name)
         spec = families.layer_spec(config)
-        cpu = [ops.kernel_name(f) for f in _expected(spec, cpu_table)]
-        cuda = [ops.kernel_name(f) for f in _expected(spec, cuda_table)]
-        assert list(ops.layer_kernels(spec, "cpu").values()) == _expected(spec, cpu_table)
-        assert list(ops.layer_kernels(spec, "cuda").values()) == _expected(spec, cuda_table)
+        cpu = [elementwise.kernel_name(f) for f in _expected(spec, cpu_table)]
+        cuda = [elementwise.kernel_name(f) for f in _expected(spec, cuda_table)]
+        assert list(elementwise.layer_kernels(spec, "cpu").values()) == _expected(spec, cpu_table)
+        assert list(elementwise.layer_kernels(spec, "cuda").values()) == _expected(spec, cuda_table)
         text = families.describe(config, 1, "cpu")
         found = re.search(r"on CUDA: (.*); on CPU \(here\): (.*); input-gradient", text)
         assert found, text
@@ -267,10 +268,10 @@ def test_the_description_names_what_the_dispatcher_runs(checkpoints, monkeypatch
         wrap = _recorder(calls)
         folder, _ = checkpoints(name)
         with monkeypatch.context() as patched:
-            patched.setattr(ops, "_TWINS", SimpleNamespace(**{
-                k: wrap(v) if callable(v) else v for k, v in vars(ops._TWINS).items()}))
-            patched.setattr(ops, "QK_NORMS", {k: (wrap(f), wrap(b))
-                                              for k, (f, b) in ops.QK_NORMS.items()})
+            patched.setattr(elementwise, "TWINS", SimpleNamespace(**{
+                k: wrap(v) if callable(v) else v for k, v in vars(elementwise.TWINS).items()}))
+            patched.setattr(elementwise, "QK_NORMS", {k: (wrap(f), wrap(b))
+                                              for k, (f, b) in elementwise.QK_NORMS.items()})
             torch.manual_seed(1)
             model = PiFiModel.from_parts(tiny_slm("bert"), folder, task="token_classification",
                                          num_labels=3)
@@ -302,8 +303,8 @@ def test_gemma2_and_falcon_name_their_triton_kernels_on_cuda(checkpoints, capsys
 
 def test_without_triton_the_description_says_the_twins_run_everywhere(monkeypatch):
     monkeypatch.delenv("PIFI_FAST_KERNELS", raising=False)
-    monkeypatch.setattr(ops, "_TRITON", None)
-    monkeypatch.setattr(ops.kernels, "HAS_TRITON", False)
+    monkeypatch.setattr(elementwise, "TRITON", None)
+    monkeypatch.setattr(elementwise.kernels, "HAS_TRITON", False)
     text = families.describe(tiny_family("gemma2"), 1, "cpu")
     assert ("on every device (triton not installed): PyTorch family_ops.norm_fwd_ref (rms_1p "
             "norm), family_ops.act_fwd_ref (gelu_tanh MLP), rope.rope_ref_ (RoPE); "

@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import NEW_FUSED, rel_err, tiny_llm, tiny_slm
 
-from pifi_fast import ops
+from pifi_fast import attention as attn_module
+from pifi_fast.frozen import function as frozen_function
 from pifi_fast.kernels import common as kernels
 from pifi_fast.bench.timing import saved_activation_bytes
 from pifi_fast.bench.workloads import llm_config
@@ -75,7 +76,7 @@ def test_triton_gemm_epilogues_match_hf_layer(kind, recompute, monkeypatch):
     """gemm="triton": fused residual, the activation's epilogue (recompute="mlp" forward,
     inference) and its backward epilogue (SwiGLU, GeGLU-tanh or GELU by family); fp32 under
     the interpreter. The epilogues that ran are recorded, so a silent fallback fails here."""
-    from pifi_fast import ops
+    from pifi_fast.frozen.elementwise import ACT_EPILOGUE
     from pifi_fast.kernels import gemm as G
 
     ran, gemm = [], G.gemm
@@ -90,7 +91,7 @@ def test_triton_gemm_epilogues_match_hf_layer(kind, recompute, monkeypatch):
     out_ref, dx_ref, out, dx = _run_both(llm, fused, x, mask)
     assert rel_err(out[mask], out_ref[mask]) <= 1e-5
     assert rel_err(dx[mask], dx_ref[mask]) <= 1e-5
-    epilogue = ops.ACT_EPILOGUE[fused.spec.act]
+    epilogue = ACT_EPILOGUE[fused.spec.act]
     assert epilogue + "_bwd" in ran
     assert (epilogue in ran) == (recompute == "mlp")
     ran.clear()
@@ -202,7 +203,7 @@ def test_saved_activation_memory_targets_at_llama_8b_shape(recompute, limit_kb, 
     <= 40 KB/token with recompute="mlp" (the Hugging Face layer with SDPA saves about 173).
     These are the GPU's numbers: the CPU's extra attention graph is switched off here (it is
     measured in the next test)."""
-    monkeypatch.setattr(ops, "KEEP_ATTENTION_GRAPH", set())
+    monkeypatch.setattr(frozen_function, "KEEP_ATTENTION_GRAPH", set())
     cfg = llama_8b_layer_config()
     layer = FrozenLlamaLayer(cfg, make_rotary(cfg), dtype=torch.bfloat16, recompute=recompute)
     for p in layer.parameters():
@@ -228,22 +229,22 @@ def test_cpu_keeps_attention_graph_and_stays_under_the_hf_layers_saved_bytes():
     x = x.to(torch.bfloat16)
     grads, saved, attn_calls = [], [], []
     for keep in ({"cpu"}, set()):
-        ops.KEEP_ATTENTION_GRAPH, kept = keep, ops.KEEP_ATTENTION_GRAPH
+        frozen_function.KEEP_ATTENTION_GRAPH, kept = keep, frozen_function.KEEP_ATTENTION_GRAPH
         try:
             leaf = x.clone().requires_grad_()
             saved.append(saved_activation_bytes(lambda: layer(leaf, mask), []) / int(mask.sum()))
             out = layer(leaf, mask)
             calls = []
-            real = ops.attn.attention
-            ops.attn.attention = lambda *a, **k: calls.append(1) or real(*a, **k)
+            real = attn_module.attention
+            attn_module.attention = lambda *a, **k: calls.append(1) or real(*a, **k)
             try:
                 out.backward(torch.ones_like(out))
             finally:
-                ops.attn.attention = real
+                attn_module.attention = real
             attn_calls.append(len(calls))
             grads.append(leaf.grad)
         finally:
-            ops.KEEP_ATTENTION_GRAPH = kept
+            frozen_function.KEEP_ATTENTION_GRAPH = kept
     assert attn_calls == [0, 1]
     assert torch.equal(grads[0], grads[1])
     assert saved[1] < saved[0] < 152_000, saved
@@ -369,14 +370,14 @@ def test_attention_falls_back_when_an_automatic_backend_fails(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("no kernel for this head size")
 
-    monkeypatch.setattr(attn, "_failed", {})
+    monkeypatch.setattr(attn, "failed_backends", {})
     monkeypatch.setattr(attn, "_VARLEN", boom)
     monkeypatch.setattr(attn, "available_backends", lambda device_type="cuda", capability=None: [
-        b for b in ("torch_varlen",) if b not in attn._failed] + ["sdpa"])
+        b for b in ("torch_varlen",) if b not in attn.failed_backends] + ["sdpa"])
     q, k, v = (torch.randn(10, h, 16, dtype=torch.bfloat16) for h in (4, 2, 2))
     seg = attn.Segments.from_mask(torch.tensor([[True] * 6, [True] * 4 + [False] * 2]))
     out = attn.attention(q, k, v, seg, 0.25)
-    assert "torch_varlen" in attn._failed and attn.backend_used == "sdpa"
+    assert "torch_varlen" in attn.failed_backends and attn.backend_used == "sdpa"
     assert torch.equal(out, attn.attention(q, k, v, seg, 0.25, backend="sdpa"))
     with pytest.raises(ValueError, match="cannot run"):  # asked for by name: no silent fallback
         attn.attention(q, k, v, seg, 0.25, backend="torch_varlen")
@@ -387,7 +388,7 @@ def test_turing_gets_only_sdpa(monkeypatch):
     falls to SDPA (its memory-efficient kernel runs fp16 there)."""
     from pifi_fast import attention as attn
 
-    monkeypatch.setattr(attn, "_failed", {})
+    monkeypatch.setattr(attn, "failed_backends", {})
     monkeypatch.setattr(attn, "_FLASH", object())
     monkeypatch.setattr(attn, "_VARLEN", object())
     assert attn.available_backends("cuda", (8, 0)) == ["flash_attn", "torch_varlen", "sdpa"]

@@ -4,7 +4,8 @@ their speed is believed:
 
 - the fused model (padded SLM, GPU's default, and packed_slm=True, the pifi_fast_packed rows)
   and the reference under bf16 autocast, against a float64 truth: the fused error at most twice
-  the reference's (GUIDE §3), logits and trainable gradients, classification and QA;
+  the reference's (docs/development.md, "Numerics"), logits and trainable gradients,
+  classification and QA;
 - a compiled training step (inference.compile_model) equals the eager one (fp32), over two
   batch shapes, packed and not;
 - CUDA-graph inference (inference_runner "cuda-graphs", as evaluation and predict() run it)

@@ -1,4 +1,4 @@
-"""weights="int8-channel" and the CPU int8 GEMM (pifi_fast.ops.int8_cpu_linear): int8 weights with
+"""weights="int8-channel" and the CPU int8 GEMM (pifi_fast.frozen.linear.int8_cpu_linear): int8 weights with
 one scale per output channel run on the CPU through torch._weight_int8pack_mm with bf16
 activations. The kernel against the dequantizing twin on awkward shapes, the guard that keeps
 shapes the kernel cannot take on the twin, the whole layer against the dense layer holding the
@@ -9,11 +9,12 @@ import torch
 from helpers import rel_err, tiny_slm
 from transformers import LlamaConfig, Qwen2Config
 
-from pifi_fast import PiFiModel, ops
+from pifi_fast import PiFiModel
+from pifi_fast.frozen import linear
 from pifi_fast.kernels import quant as Q
 from pifi_fast.layer import FrozenLlamaLayer
 from pifi_fast.loading import random_layer
-from pifi_fast.ops import QuantWeight
+from pifi_fast.frozen.linear import QuantWeight
 
 HAS_KERNEL = hasattr(torch, "_weight_int8pack_mm")
 NEEDS_KERNEL = pytest.mark.skipif(not HAS_KERNEL, reason="torch has no _weight_int8pack_mm")
@@ -34,7 +35,7 @@ def _cfg(kind="llama", hidden=128):
 @pytest.fixture
 def int8_calls(monkeypatch):
     """Counts the calls of torch._weight_int8pack_mm (the probe runs first, uncounted)."""
-    assert ops._int8pack_mm_runs(), "torch has _weight_int8pack_mm, but the probe refused it"
+    assert linear.int8pack_mm_runs(), "torch has _weight_int8pack_mm, but the probe refused it"
     real, calls = torch._weight_int8pack_mm, []
 
     def counting(a, q, s):
@@ -72,8 +73,8 @@ def test_int8_cpu_linear_is_the_twin_to_bf16_rounding(int8_calls, dtype, k, n, m
     if extras != "none":
         bias = torch.randn(n, generator=g).to(dtype)
         res = torch.randn(m, n, generator=g).to(dtype)
-    assert ops.int8_cpu_applies(x, w)
-    y = ops._quant_linear(x, w, bias, res, triton=False)
+    assert linear.int8_cpu_applies(x, w)
+    y = linear.quant_linear(x, w, bias, res, triton=False)
     assert int8_calls == [((m, k), (n, k))]
     twin = Q.dequant_gemm_ref(x, w.q, w.scale, True, bias, res)
     assert y.dtype == twin.dtype == dtype and y.shape == twin.shape == (m, n)
@@ -96,16 +97,16 @@ def test_inputs_the_kernel_cannot_take_stay_on_the_twin(int8_calls, k, n):
     136 returned garbage or crashed under torch 2.14), and the scales one per channel."""
     w = _weight(n, k)
     x = torch.randn(3, k)
-    assert not ops.int8_cpu_applies(x, w)
-    assert torch.equal(ops._quant_linear(x, w, triton=False),
+    assert not linear.int8_cpu_applies(x, w)
+    assert torch.equal(linear.quant_linear(x, w, triton=False),
                        Q.dequant_gemm_ref(x, w.q, w.scale, True))
     grouped = QuantWeight(*Q.quantize(torch.randn(40, 128), "int8", group=64))
-    assert not ops.int8_cpu_applies(torch.randn(3, 128), grouped)
-    ops._quant_linear(torch.randn(3, 128), grouped, triton=False)
+    assert not linear.int8_cpu_applies(torch.randn(3, 128), grouped)
+    linear.quant_linear(torch.randn(3, 128), grouped, triton=False)
     # a weight on the CPU kernel's path, but kernels="torch" asks for the twins
     ok = _weight(40, 128)
     x = torch.randn(3, 128)
-    assert torch.equal(ops._quant_linear(x, ok, triton=False, cpu_int8=False),
+    assert torch.equal(linear.quant_linear(x, ok, triton=False, cpu_int8=False),
                        Q.dequant_gemm_ref(x, ok.q, ok.scale, True))
     assert int8_calls == []
 

@@ -8,7 +8,8 @@ from helpers import tiny_llm
 from transformers import AutoModelForCausalLM
 
 from pifi_fast import PiFiModel, load_llm_layer
-from pifi_fast.loading import CheckpointError, unpermute_gguf_rows
+from pifi_fast.frozen.checkpoint import unpermute_gguf_rows
+from pifi_fast.loading import CheckpointError
 
 
 def _save_full(tmp_path: Path, kind="llama", shard="60KB"):
@@ -298,15 +299,15 @@ def test_gguf_config_is_cached_by_file_identity_and_equals_transformers_own(tmp_
     gguf_path = tmp_path / "copy.gguf"
     shutil.copyfile(smollm2_gguf(), gguf_path)
     parses = []
-    real = loading._load_config
+    real = loading.load_config
 
     def counting(path, **kw):
         parses.append(bool(kw.get("gguf_file")))
         return real(path, **kw)
 
-    monkeypatch.setattr(loading, "_load_config", counting)
-    fresh = loading._gguf_config(gguf_path)
-    cached = loading._gguf_config(gguf_path)
+    monkeypatch.setattr(loading, "load_config", counting)
+    fresh = loading.gguf_config(gguf_path)
+    cached = loading.gguf_config(gguf_path)
     assert parses == [True, False]
 
     def fields(config):
@@ -317,11 +318,11 @@ def test_gguf_config_is_cached_by_file_identity_and_equals_transformers_own(tmp_
     entries = list((tmp_path / "cache" / "gguf-configs").iterdir())
     assert [e.name.startswith(".tmp") for e in entries] == [False]
     (entries[0] / "config.json").write_text("{ not json")
-    assert fields(loading._gguf_config(gguf_path)) == fields(fresh)
+    assert fields(loading.gguf_config(gguf_path)) == fields(fresh)
     assert parses[2:] == [False, True]  # the damaged entry was tried, then parsed again...
-    loading._gguf_config(gguf_path)
+    loading.gguf_config(gguf_path)
     assert parses[4:] == [False]  # ...and rewritten
     stat = gguf_path.stat()
     os.utime(gguf_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
-    loading._gguf_config(gguf_path)
+    loading.gguf_config(gguf_path)
     assert parses[5:] == [True]

@@ -1,11 +1,12 @@
 """Mixed precision: PiFiModel with the fused layer under torch.autocast, for every pair of layer
 dtype {fp32, bf16, fp16} and autocast {off, bf16, fp16}, against the reference under the same
-autocast. The rule (pifi_fast.layer): the frozen layer computes in its own dtype with autocast
-off inside, and returns its input's dtype.
+autocast. The rule (pifi_fast.frozen.module): the frozen layer computes in its own dtype with
+autocast off inside, and returns its input's dtype.
 
-Yardstick (GUIDE §3): both models against a float64 truth (the reference in float64, same
-weights, no autocast); the fast model's error is at most twice the reference's, for the logits
-and for the trainable gradients (adapter and embedding), in classification and QA.
+Yardstick (docs/development.md, "Numerics"): both models against a float64 truth (the
+reference in float64, same weights, no autocast); the fast model's error is at most twice the
+reference's, for the logits and for the trainable gradients (adapter and embedding), in
+classification and QA.
 """
 import pytest
 import torch

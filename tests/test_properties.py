@@ -175,21 +175,21 @@ def test_fused_layer_matches_the_hf_layer_on_random_cases(case):
 
 def test_the_property_check_can_fail(monkeypatch):
     """A deliberately wrong fused layer (RoPE transposed in forward) is caught."""
-    from pifi_fast import ops
+    from pifi_fast.frozen import steps
 
-    real = ops._qkv_rotated
+    real = steps.qkv_rotated
 
-    def wrong(run, impl, qkv, positions):
+    def wrong(run, qkv, positions):
         layer = run.layer
-        return impl.rope_(qkv, positions, run.cos, run.sin, layer.num_heads, layer.num_kv_heads,
+        return run.impl.rope_(qkv, positions, run.cos, run.sin, layer.num_heads, layer.num_kv_heads,
                           layer.head_dim, transpose=True)
 
-    monkeypatch.setattr(ops, "_qkv_rotated", wrong)
+    monkeypatch.setattr(steps, "qkv_rotated", wrong)
     case = {"kind": "llama", "head_dim": 8, "kv_heads": 2, "ratio": 2, "inter": 16,
             "lengths": [5, 3], "layout": "right", "positions": "default", "dtype": "fp32",
             "kernels": "torch", "recompute": "none", "chunk_tokens": None, "causal": False,
             "seed": 1, "gemm": "cublas"}
     with pytest.raises(AssertionError):
         check_case(case)
-    monkeypatch.setattr(ops, "_qkv_rotated", real)
+    monkeypatch.setattr(steps, "qkv_rotated", real)
     check_case(case)

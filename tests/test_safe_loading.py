@@ -17,7 +17,7 @@ import torch
 from helpers import save_tiny_run_models
 
 from pifi_fast.train import TrainConfig, train
-from pifi_fast.training.checkpoints import (TRAINER_STATE, TrainerStateError, _plain,
+from pifi_fast.training.checkpoints import (TRAINER_STATE, TrainerStateError, plain_state,
                                             load_trainer_state)
 from pifi_fast.training.runtime import rng_state, seed_everything, set_rng_state
 
@@ -100,11 +100,11 @@ def test_the_saved_trainer_state_loads_weights_only(one_epoch):
 
 
 def test_save_keeps_only_what_a_weights_only_load_accepts():
-    plain = _plain({"best": np.float64(0.5), "history": [{"n": np.int64(3)}], "t": (1, None)})
+    plain = plain_state({"best": np.float64(0.5), "history": [{"n": np.int64(3)}], "t": (1, None)})
     assert plain == {"best": 0.5, "history": [{"n": 3}], "t": (1, None)}
     assert type(plain["best"]) is float and type(plain["history"][0]["n"]) is int
     with pytest.raises(TypeError, match=r"trainer state\['bad'\]: a ndarray is not a tensor"):
-        _plain({"bad": np.zeros(2)})
+        plain_state({"bad": np.zeros(2)})
 
 
 # -- planted and broken files ----------------------------------------------------------------------

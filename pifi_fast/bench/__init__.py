@@ -1,4 +1,4 @@
-"""Benchmarks of pifi_fast against the reference and the Hugging Face layer (GUIDE §4).
+"""Benchmarks of pifi_fast against the reference and the Hugging Face layer (docs/benchmarks.md).
 
     suite      run_benchmarks and run_breakdown: what `pifi-fast bench` / `breakdown` run
     workloads  the registry: all_cases() over the workload modules below

@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from pifi_fast.bench.common import _pifi_models, default_dtype
-from pifi_fast.bench.w4_step import _w4_batch, w4_precision
+from pifi_fast.bench.common import pifi_models, default_dtype
+from pifi_fast.bench.w4_step import w4_batch, w4_precision
 from pifi_fast.training.optim import make_optimizer
 from pifi_fast.training.runtime import precision_autocast
 
@@ -40,10 +40,10 @@ def step_breakdown(pair: str = "minilm+smollm2", impl: str = "pifi_fast", senten
     dtype = dtype or default_dtype(device)
     if impl not in ("pifi_fast", "hf_sdpa", "authors"):
         raise ValueError(f"impl must be pifi_fast, hf_sdpa or authors, got {impl!r}")
-    models, vocab = _pifi_models(pair, str(device), str(dtype).replace("torch.", ""))
+    models, vocab = pifi_models(pair, str(device), str(dtype).replace("torch.", ""))
     model = models[impl]
     model.train()
-    ids, mask, labels, tokens = _w4_batch(pair, sentences, "train step", impl, device, vocab)
+    ids, mask, labels, tokens = w4_batch(pair, sentences, "train step", impl, device, vocab)
     params = [p for p in model.parameters() if p.requires_grad]
     autocast, _ = precision_autocast(device, w4_precision(impl, dtype))  # as train
 

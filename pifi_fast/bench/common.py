@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer, BertConfig
 from pifi_fast import PiFiModel, offline, reference
 from pifi_fast.families import needs_eager_attention
 from pifi_fast.hf_layer import run_hf_layer
-from pifi_fast.layer import FrozenLlamaLayer
+from pifi_fast.frozen.module import FrozenLlamaLayer
 from pifi_fast.loading import build_layer, load_llm_layer, random_layer
 
 # Token lengths of SST-2 dev sentences under the all-MiniLM-L6-v2 tokenizer ([CLS]/[SEP]
@@ -165,7 +165,7 @@ def llm_config(shape: str):
 
 
 @functools.lru_cache(maxsize=4)
-def _layers(shape: str, device_str: str, dtype_str: str):
+def bench_layers(shape: str, device_str: str, dtype_str: str):
     """HF layers (sdpa / eager, sharing weights), the fused layer, and an fp32 authors' layer."""
     device, dtype = torch.device(device_str), getattr(torch, dtype_str)
     base = random_layer(llm_config(shape), 0, dtype=torch.float32, seed=0)
@@ -234,7 +234,7 @@ def liger_layer(hf_layer, config):
 
 
 @contextlib.contextmanager
-def _liger_rope(layer):
+def liger_rope(layer):
     """Liger's RoPE in the layer's attention module for one call (see liger_layer)."""
     # deferred: liger-kernel is optional (test extra only)
     from liger_kernel.transformers.rope import liger_rotary_pos_emb
@@ -274,11 +274,11 @@ def layers_for(shape: str, impl: str, device: torch.device, dtype: torch.dtype):
     why = _available(impl, device)
     if why:
         return None, why
-    layers = _layers(shape, str(device), str(dtype).replace("torch.", ""))
+    layers = bench_layers(shape, str(device), str(dtype).replace("torch.", ""))
     return layers, _unbuildable(layers, impl)
 
 
-def _layer_fn(layers, impl, x, mask, backward: bool):
+def layer_fn(layers, impl, x, mask, backward: bool):
     """A zero-arg callable running one implementation of the layer on (x, mask)."""
     if impl.startswith("pifi_fast"):
         layer = layers[impl]
@@ -296,7 +296,7 @@ def _layer_fn(layers, impl, x, mask, backward: bool):
         layer = layers["liger"]
 
         def run(inp):
-            with _liger_rope(layer):
+            with liger_rope(layer):
                 return run_hf_layer(layer, layers["rotary"], inp, mask)
     elif impl == "hf_compile":
         layer = layers["hf"]
@@ -348,7 +348,7 @@ def _live_sst2_histogram():
 
 
 # -- the models of W4 (built lazily, cached) ------------------------------------------------------
-def _pair_parts(pair: str):
+def pair_parts(pair: str):
     """(SLM config or folder, the LLM layer in fp32) of a W4 pair."""
     if pair == "tiny":
         slm = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -366,11 +366,11 @@ def _pair_parts(pair: str):
 # (4: a time-boxed run visits the pairs' classification and QA models in turn, eager rows first,
 # then the compiled ones; a GPU holds all four, ~15 GB in bf16, a CPU run has three)
 @functools.lru_cache(maxsize=4)
-def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classification"):
+def pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classification"):
     """({impl: model}, vocabulary size) of a W4 pair and task, every model with the authors'
-    trainable weights; the 8-bit models are built apart, when a row asks (_quant_model)."""
+    trainable weights; the 8-bit models are built apart, when a row asks (quant_model)."""
     device, dtype = torch.device(device_str), getattr(torch, dtype_str)
-    slm, llm = _pair_parts(pair)
+    slm, llm = pair_parts(pair)
     torch.manual_seed(0)
     authors = reference.PiFiModel.from_parts(slm, copy.deepcopy(llm), task=task,
                                              attend_to_padding=True)  # fp32, its own copy
@@ -390,15 +390,15 @@ def _pifi_models(pair: str, device_str: str, dtype_str: str, task: str = "classi
 
 
 @functools.lru_cache(maxsize=2)
-def _quant_model(pair: str, device_str: str, dtype_str: str, mode: str):
+def quant_model(pair: str, device_str: str, dtype_str: str, mode: str):
     """The classification model of a pair with its frozen layer in 8 bits (``mode`` int8 or fp8,
     quantized on load; ~7 s each for the 8B-shaped layer on 2 cores, so only when asked), with
-    the same trainable weights as _pifi_models' models."""
+    the same trainable weights as pifi_models' models."""
     dtype = getattr(torch, dtype_str)
-    slm, llm = _pair_parts(pair)
+    slm, llm = pair_parts(pair)
     llm.module.to(dtype)
     torch.manual_seed(0)
     model = PiFiModel.from_parts(slm, llm, task="classification", llm_dtype=dtype, weights=mode)
-    authors = _pifi_models(pair, device_str, dtype_str, "classification")[0]["authors"]
+    authors = pifi_models(pair, device_str, dtype_str, "classification")[0]["authors"]
     model.load_state_dict(authors.state_dict())
     return model.to(device_str)

@@ -26,11 +26,11 @@ def cases(sizes, device, dtype) -> list[Case]:
         return []
     pair, n, variant = "minilm+smollm2", SST2_TRAIN_SENTENCES, "sst2 epoch"
     return [Case("W4", variant, pair, n, impl,
-                 functools.partial(_build_epoch, pair, n, variant, impl, device, dtype))
+                 functools.partial(build_epoch, pair, n, variant, impl, device, dtype))
             for impl in W4_IMPLS if impl not in GPU_ONLY_W4]
 
 
-def _build_epoch(pair, n, variant, impl, device, dtype):
+def build_epoch(pair, n, variant, impl, device, dtype):
     """One whole SST-2 training epoch (6,920 sentences, batch 32, Adam) with its dev evaluation,
     through pifi_fast.train, timed once (its first compiled steps included: an epoch's wall
     time includes them)."""

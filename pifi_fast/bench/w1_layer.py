@@ -10,8 +10,8 @@ import functools
 import torch
 
 from pifi_fast import attention as attn
-from pifi_fast import ops
-from pifi_fast.bench.common import (AUTHORS_MAX_LENGTH, Case, _layer_fn, layers_for,
+from pifi_fast.frozen.elementwise import elementwise_impl
+from pifi_fast.bench.common import (AUTHORS_MAX_LENGTH, Case, layer_fn, layers_for,
                                     llm_config, sst2_lengths)
 from pifi_fast.bench.timing import saved_activation_bytes
 
@@ -50,7 +50,7 @@ def _padded_batch(lengths, hidden, device, dtype, pad_to=None, gen_seed=0):
 
 def _fused_path(layer, x) -> str:
     """Which kernels and attention backend the fused layer runs on x, for the result row."""
-    kernels = ops.elementwise_impl(x, layer.kernels).name
+    kernels = elementwise_impl(x, layer.kernels).name
     backend = attn.select_backend(x.new_empty(1), layer.attention)
     return (f"kernels={kernels}, attention={backend}, recompute={layer.recompute}, "
             f"weights={layer.weights}")
@@ -73,7 +73,7 @@ def _build_w1(shape, size, padded, backward, impl, device, dtype, hidden):
                                 device, dtype)
         mask = None
         tokens = x.shape[0] * x.shape[1]
-    fn, forward = _layer_fn(layers, impl, x, mask, backward)
+    fn, forward = layer_fn(layers, impl, x, mask, backward)
     weights = list(layers[impl if impl.startswith("pifi_fast") or impl == "authors" else "hf"]
                    .parameters())
     out = {"fn": fn, "tokens": tokens, "padded_tokens": x.shape[0] * x.shape[1],

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from pifi_fast.bench.common import Case, _layer_fn, layers_for
+from pifi_fast.bench.common import Case, layer_fn, layers_for
 from pifi_fast.bench.timing import saved_activation_bytes
 
 
@@ -31,7 +31,7 @@ def _build_w2(shape, size, impl, device, dtype):
         return {"skip": why}
     layer_dtype = torch.float32 if impl == "authors" else dtype
     x = torch.randn(size, 1, layers["config"].hidden_size, device=device, dtype=layer_dtype)
-    fn, forward = _layer_fn(layers, impl, x, None, backward=True)
+    fn, forward = layer_fn(layers, impl, x, None, backward=True)
     key = impl if impl.startswith("pifi_fast") else "authors" if impl == "authors" else "hf"
     weights = list(layers[key].parameters())  # as stored: 8-bit layers stream half the bytes
     weight_bytes = sum(p.numel() * p.element_size() for p in weights)

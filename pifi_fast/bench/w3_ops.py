@@ -12,13 +12,13 @@ import functools
 import torch
 
 from pifi_fast import attention as attn
-from pifi_fast import ops
+from pifi_fast.frozen.linear import LinearPath, project_input_grad, quant_linear
 from pifi_fast.kernels import common as kernels
 from pifi_fast._ext import frozen_linear
-from pifi_fast.bench.common import FAMILY_OP_SHAPES, LLAMA_KIND_SHAPES, Case, _layers
-# (gemm imports without triton, as pifi_fast.ops imports it: only the GPU rows call it)
+from pifi_fast.bench.common import FAMILY_OP_SHAPES, LLAMA_KIND_SHAPES, Case, bench_layers
+# (gemm imports without triton, as pifi_fast.frozen.linear imports it: only the GPU rows call it)
 from pifi_fast.kernels.gemm import gemm
-from pifi_fast.ops import ACT_EPILOGUE
+from pifi_fast.frozen.elementwise import ACT_EPILOGUE, elementwise_impl
 
 
 # the ops of a Llama-kind layer (LLAMA_KIND_SHAPES), each a row per shape and size
@@ -53,8 +53,8 @@ def cases(sizes, device, dtype) -> list[Case]:
 
 def _build_w3(shape, tokens, op, device, dtype):
     """One op of the layer as the layer runs it: Triton kernels on CUDA, their PyTorch twins
-    elsewhere (pifi_fast.ops.elementwise_impl decides, as in the layer)."""
-    layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))["pifi_fast"]
+    elsewhere (pifi_fast.frozen.elementwise.elementwise_impl decides, as in the layer)."""
+    layer = bench_layers(shape, str(device), str(dtype).replace("torch.", ""))["pifi_fast"]
     es = torch.empty((), dtype=dtype).element_size()
     h, inter = layer.hidden_size, layer.down_weight.shape[1]
     seq = min(tokens, 512)
@@ -64,7 +64,7 @@ def _build_w3(shape, tokens, op, device, dtype):
     def rand(*shape_):
         return torch.randn(*shape_, device=device, dtype=dtype)
 
-    impl = ops.elementwise_impl(rand(1), layer.kernels)
+    impl = elementwise_impl(rand(1), layer.kernels)
     if op.endswith(("_norm", "_norm_bwd")) and not op.startswith("rms_norm"):
         # the other families' norms: Gemma's (1 + w) RMSNorm, LayerNorm with bias
         kind = op.removesuffix("_bwd").removesuffix("_norm")
@@ -120,18 +120,18 @@ def _build_w3(shape, tokens, op, device, dtype):
     if "cublas" in op or "triton" in op:
         return _gemm_choice_case(layer, op, impl, rand, t, h)
     if op.endswith(("int8", "fp8")):
-        q_layer = _layers(shape, str(device), str(dtype).replace("torch.", ""))[
+        q_layer = bench_layers(shape, str(device), str(dtype).replace("torch.", ""))[
             "pifi_fast_" + op.rsplit(" ", 1)[1]]
         w = q_layer.weight("gate_up")
         flops = 2 * t * w.q.shape[0] * w.q.shape[1]
         stored = w.q.numel() * w.q.element_size() + w.scale.numel() * 4
         if "_grad" in op:
             dy = rand(t, w.q.shape[0])
-            run_ = ops.LayerRun(impl=impl)
-            return {"fn": lambda: ops._proj_input_grad(run_, dy, w), "tokens": t,
+            path = LinearPath(triton=impl.name == "triton")
+            return {"fn": lambda: project_input_grad(path, dy, w), "tokens": t,
                     "flops": flops, "weight_bytes": stored}
         x = rand(t, w.q.shape[1])
-        return {"fn": lambda: ops._quant_linear(x, w, triton=impl.name == "triton"),
+        return {"fn": lambda: quant_linear(x, w, triton=impl.name == "triton"),
                 "tokens": t, "flops": flops, "weight_bytes": stored}
     weight = {"qkv_proj": layer.qkv_weight, "o_proj": layer.o_weight,
               "gate_up_proj": layer.gate_up_weight,

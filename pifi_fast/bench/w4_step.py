@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from pifi_fast.bench.common import (AUTHORS_MAX_LENGTH, QUANT_IMPLS, Case, _pifi_models,
-                                    _quant_model, sst2_lengths)
+from pifi_fast.bench.common import (AUTHORS_MAX_LENGTH, QUANT_IMPLS, Case, pifi_models,
+                                    quant_model, sst2_lengths)
 from pifi_fast.inference import compile_model, inference_runner
 from pifi_fast.training.runtime import precision_autocast
 
@@ -51,16 +51,16 @@ def cases(sizes, device, dtype) -> list[Case]:
                          and (i != "pifi_fast_packed" or gpu)]
                 if not tiny:
                     impls[1:1] = QUANT_IMPLS
-                add(variant, pair, n, impls, _build_w4)
+                add(variant, pair, n, impls, build_w4)
         if sizes.get("w4_qa") and (gpu or pair != "bert-base+llama-3.1-8b"):
             # (CPU: 8 x 384 tokens through BERT-base and an 8B-shaped layer is ~15 s a step)
             impls = [i for i in W4_IMPLS if i not in GPU_ONLY_W4
                      and (compiled or "compile" not in i)]
-            add("qa train step", pair, sizes["w4_qa"], impls, _build_w4)
+            add("qa train step", pair, sizes["w4_qa"], impls, build_w4)
     return out
 
 
-def _w4_batch(pair, n, variant, impl, device, vocab):
+def w4_batch(pair, n, variant, impl, device, vocab):
     """(ids, mask, label keywords, real tokens) of one W4 batch: SST-2 sentence lengths (the
     authors pad to 100), or n full QA windows of QA_TOKENS tokens with start/end labels."""
     gen = torch.Generator().manual_seed(1)
@@ -110,13 +110,13 @@ def w4_precision(impl: str, dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
-def _build_w4(pair, n, variant, impl, device, dtype):
+def build_w4(pair, n, variant, impl, device, dtype):
     task = "question_answering" if variant == "qa train step" else "classification"
     dtype_str = str(dtype).replace("torch.", "")
     try:
-        models, vocab = _pifi_models(pair, str(device), dtype_str, task)
+        models, vocab = pifi_models(pair, str(device), dtype_str, task)
         if impl in QUANT_IMPLS:  # built apart, when a row asks
-            models = {impl: _quant_model(pair, str(device), dtype_str,
+            models = {impl: quant_model(pair, str(device), dtype_str,
                                          impl.removeprefix("pifi_fast_"))}
     except FileNotFoundError as exc:
         return {"skip": str(exc)}
@@ -124,7 +124,7 @@ def _build_w4(pair, n, variant, impl, device, dtype):
     if why:
         return {"skip": why}
     train = variant != "inference"
-    ids, mask, labels, tokens = _w4_batch(pair, n, variant, impl, device, vocab)
+    ids, mask, labels, tokens = w4_batch(pair, n, variant, impl, device, vocab)
     model.train(train)
     # the whole model under the trainer's autocast (the SLM is most of a step: without it a GPU
     # row would time the SLM in fp32, which pifi-fast train never runs there); backward outside
@@ -145,7 +145,7 @@ def _build_w4(pair, n, variant, impl, device, dtype):
     out = {"dtype": "float32" if impl == "authors" else str(dtype).replace("torch.", ""),
            "precision": precision, "tokens": tokens}
     if impl.startswith("pifi_fast") and task == "classification":
-        out["path"] = f"W4 {impl} classification: " + _slm_path(model, impl, ids, mask)
+        out["path"] = f"W4 {impl} classification: " + slm_path(model, impl, ids, mask)
     if device.type == "cpu":  # a step is seconds here: fewer repetitions keep W4 in budget
         out.update(reps=3, warmup=1)
     if "compile" in impl or "cudagraphs" in impl:
@@ -168,7 +168,7 @@ def _build_w4(pair, n, variant, impl, device, dtype):
     return out
 
 
-def _slm_path(model, impl, ids, mask) -> str:
+def slm_path(model, impl, ids, mask) -> str:
     """How a W4 pifi_fast row runs its SLM (PiFiModel.slm_mode for this batch: eager and
     compiled (pifi_base.compile_model) pack alike; under CUDA graphs the padded layout)."""
     mode = model.slm_mode({"input_ids": ids, "attention_mask": mask})

@@ -31,7 +31,7 @@ import tempfile
 import torch
 
 from pifi_fast import PiFiModel
-from pifi_fast.bench.common import Case, _pair_parts, _pifi_models, sst2_lengths
+from pifi_fast.bench.common import Case, pair_parts, pifi_models, sst2_lengths
 from pifi_fast.export import export_model, load_exported
 from pifi_fast.inference import compile_model
 
@@ -76,12 +76,12 @@ def _batch(model, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @functools.lru_cache(maxsize=2)
 def _deploy_models(pair: str, device_str: str, dtype_str: str):
-    """The W5 models of a pair beyond _pifi_models': the SLM alone, the int8-channel model and
+    """The W5 models of a pair beyond pifi_models': the SLM alone, the int8-channel model and
     the bf16-layer model, with the same trainable weights (the authors' model's); built once
     per pair."""
-    models, _ = _pifi_models(pair, device_str, dtype_str, "classification")
+    models, _ = pifi_models(pair, device_str, dtype_str, "classification")
     weights = models["authors"].state_dict()
-    slm_part, llm = _pair_parts(pair)
+    slm_part, llm = pair_parts(pair)
     alone = PiFiModel.from_parts(slm_part, None, task="classification")
     alone.load_state_dict({k: v for k, v in weights.items()
                            if k.startswith(("slm.", "head."))})
@@ -109,7 +109,7 @@ def _exported(pair: str, device_str: str, dtype_str: str, int8: bool):
     if key not in _EXPORTS:
         folder = tempfile.mkdtemp(prefix="pifi-w5-export-")
         atexit.register(shutil.rmtree, folder, True)
-        ref = _pifi_models(pair, device_str, dtype_str, "classification")[0]["hf_sdpa"]
+        ref = pifi_models(pair, device_str, dtype_str, "classification")[0]["hf_sdpa"]
         export_model(ref, f"{folder}/onnx", format="onnx", quantize="int8",
                      progress=lambda _: None)
         _EXPORTS[key] = f"{folder}/onnx"
@@ -124,7 +124,7 @@ def _build_model_case(pair, batch, impl, device, dtype):
             return {"skip": "onnxruntime is not installed (pip install 'pifi-fast[export]')"}
     if dtype != torch.float32 and impl.startswith("ort_"):
         return {"skip": "the ONNX rows are fp32 (the exported graph's dtype)"}
-    models, _ = _pifi_models(pair, str(device), str(dtype).replace("torch.", ""),
+    models, _ = pifi_models(pair, str(device), str(dtype).replace("torch.", ""),
                              "classification")
     dtype_str = str(dtype).replace("torch.", "")
     inputs = _batch(models["authors"], batch)
@@ -157,7 +157,7 @@ def _build_layer_case(pair, batch, impl, device, dtype):
     stored streamed once."""
     dtype_str = str(dtype).replace("torch.", "")
     if impl == "pifi_fast":
-        model = _pifi_models(pair, str(device), dtype_str, "classification")[0]["pifi_fast"]
+        model = pifi_models(pair, str(device), dtype_str, "classification")[0]["pifi_fast"]
     else:
         model = _deploy_models(pair, str(device), dtype_str)[impl]
     layer = model.llm_layer

@@ -22,18 +22,18 @@ from __future__ import annotations
 import torch
 
 from pifi_fast.bench import epoch, w1_layer, w2_cls, w3_ops, w4_step, w5_deploy
-from pifi_fast.bench.common import (FAMILY_OP_SHAPES, LLM_SHAPES, Case, _layers, _liger_rope,
-                                    _pifi_models, _quant_model, default_dtype, liger_layer,
+from pifi_fast.bench.common import (FAMILY_OP_SHAPES, LLM_SHAPES, Case, bench_layers, liger_rope,
+                                    pifi_models, quant_model, default_dtype, liger_layer,
                                     llm_config, size_lists)
-from pifi_fast.bench.epoch import _build_epoch
-from pifi_fast.bench.w3_ops import cases as _w3_cases
-from pifi_fast.bench.w4_step import QA_TOKENS, _build_w4, _slm_path, _w4_batch
+from pifi_fast.bench.epoch import build_epoch
+from pifi_fast.bench.w3_ops import cases as w3_cases
+from pifi_fast.bench.w4_step import QA_TOKENS, build_w4, slm_path, w4_batch
 
 __all__ = ["WORKLOADS", "all_cases",
            # re-exports for existing callers
-           "Case", "FAMILY_OP_SHAPES", "LLM_SHAPES", "QA_TOKENS", "_build_epoch", "_build_w4",
-           "_layers", "_liger_rope", "_pifi_models", "_quant_model", "_slm_path", "_w3_cases",
-           "_w4_batch", "default_dtype", "liger_layer", "llm_config", "size_lists"]
+           "Case", "FAMILY_OP_SHAPES", "LLM_SHAPES", "QA_TOKENS", "build_epoch", "build_w4",
+           "bench_layers", "liger_rope", "pifi_models", "quant_model", "slm_path", "w3_cases",
+           "w4_batch", "default_dtype", "liger_layer", "llm_config", "size_lists"]
 
 # workload -> the functions listing its cases, in the order a run takes them
 WORKLOADS = {"W1": (w1_layer.cases,), "W2": (w2_cls.cases,), "W3": (w3_ops.cases,),

@@ -8,16 +8,18 @@ import dataclasses
 
 from pifi_fast.cli import commands
 from pifi_fast.export import FORMATS
-from pifi_fast.ops import WEIGHT_CHOICES
+from pifi_fast.frozen.options import (BACKENDS, GEMM_CHOICES, KERNEL_CHOICES,
+                                      RECOMPUTE_CHOICES, WEIGHT_CHOICES)
 from pifi_fast.kernels.compile_report import DTYPES, TARGETS
 from pifi_fast.train import TrainConfig
 from pifi_fast.training.select_layer import SelectionOptions
 
 _CHOICES = {"task": ("classification", "question_answering", "seq2seq"),
             "implementation": ("fast", "reference"),
-            "kernels": ("auto", "triton", "torch"), "recompute": ("none", "mlp"),
-            "attention": ("auto", "flash_attn", "torch_varlen", "sdpa"),
-            "gemm": ("cublas", "triton"), "on_nonfinite": ("stop", "skip"),
+            # the fused layer's options, as LayerOptions takes them (attention: auto = None)
+            "kernels": KERNEL_CHOICES, "recompute": RECOMPUTE_CHOICES,
+            "attention": ("auto",) + BACKENDS, "gemm": GEMM_CHOICES,
+            "on_nonfinite": ("stop", "skip"),
             "precision": ("auto", "fp32", "bf16", "fp16"),
             "layer_weights": WEIGHT_CHOICES, "adapter": ("linear", "mlp"),
             "baseline": ("none", "llm-lora"), "packed_slm": ("auto", "true", "false"),
@@ -342,8 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.push_cmd)
     p = sub.add_parser("demo", help="the offline default job: MiniLM alone and with SmolLM2's "
                        "last layer on Rotten Tomatoes snippets (no Hub needed)")
-    # 2 epochs: 4m16s for the whole demo on 2 CPU cores (measured 2026-11-30), under its
-    # 10-minute budget.
+    # 2 epochs: the whole demo then fits its 10-minute budget on 2 CPU cores.
     p.add_argument("--epochs", type=int, default=2, help="epochs per model (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="(default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="(default: %(default)s)")

@@ -99,7 +99,7 @@ def save_checkpoint(model, task_data, optimizer, state, cfg, directory: Path, sc
     if optimizer is not None or optimizer_state is not None:
         def write_state(p):
             fault_point("checkpoint_write")  # weights and config are written, this is not
-            torch.save(_plain({"format": 2, "layout": "ddp" if optimizer_state is None else "fsdp",
+            torch.save(plain_state({"format": 2, "layout": "ddp" if optimizer_state is None else "fsdp",
                                "optimizer": (optimizer.state_dict() if optimizer_state is None
                                              else optimizer_state),
                                "rng": rng_state(), "state": state,
@@ -140,7 +140,7 @@ def load_trainer_state(directory: Path) -> dict:
     return saved
 
 
-def _plain(obj, where="trainer state"):
+def plain_state(obj, where="trainer state"):
     """obj with NumPy scalars made Python numbers; TypeError for anything else that
     torch.load(weights_only=True) would refuse, so that a run never writes a state it cannot
     resume from."""
@@ -149,9 +149,9 @@ def _plain(obj, where="trainer state"):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, dict):
-        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        return {plain_state(k, where): plain_state(v, f"{where}[{k!r}]") for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        items = [plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else tuple(items)
     raise TypeError(f"{where}: a {type(obj).__name__} is not a tensor or plain value; "
                     "trainer_state.pt holds only those (it is read with weights_only=True)")

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoTokenizer
 
 from pifi_fast import reference
+from pifi_fast.frozen.options import LayerOptions
 from pifi_fast.model import PiFiModel
 from pifi_fast.offline import gemma3_270m_gguf, minilm_dir, smollm2_gguf, smollm2_hf_dir
 
@@ -151,7 +152,7 @@ def resolve_llm(name):
 
 def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None):
     """The model for a config. ``precision`` (resolved: fp32, bf16 or fp16) sets the frozen
-    layer's dtype: it computes in its own dtype under autocast (pifi_fast.layer), so it is
+    layer's dtype: it computes in its own dtype under autocast (pifi_fast.frozen.module), so it is
     loaded in the autocast dtype to run at 16-bit speed; fp32 (or None) keeps the source's."""
     cls = reference.PiFiModel if (cfg.implementation == "reference" or cfg.authors_setup) \
         else PiFiModel
@@ -173,11 +174,7 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
         raise ValueError(f"--layer-weights {cfg.layer_weights} needs the fused frozen layer "
                          "(implementation fast, an LLM, freeze true, not the authors' setup)")
     if cls is PiFiModel and llm is not None and cfg.freeze:
-        options.update(kernels=cfg.kernels, recompute=cfg.recompute, gemm=cfg.gemm,
-                       weights=cfg.layer_weights,
-                       chunk_tokens={-1: "auto", 0: None}.get(cfg.chunk_tokens,
-                                                              cfg.chunk_tokens),
-                       attention=None if cfg.attention == "auto" else cfg.attention)
+        options.update(layer_options(cfg).as_dict())
     llm_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     if cfg.authors_setup:
         llm_dtype = torch.float32
@@ -190,6 +187,13 @@ def build_model(cfg: TrainConfig, num_labels: int, precision: str | None = None)
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
     return model
+
+
+def layer_options(cfg: TrainConfig) -> LayerOptions:
+    """The fused layer's options of a run (validated: an unknown value is a ValueError)."""
+    return LayerOptions.from_command_line(
+        kernels=cfg.kernels, recompute=cfg.recompute, attention=cfg.attention, gemm=cfg.gemm,
+        chunk_tokens=cfg.chunk_tokens, weights=cfg.layer_weights)
 
 
 def packed_slm_option(value: str | bool) -> str | bool:
