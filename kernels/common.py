@@ -8,12 +8,17 @@ holds plain launch functions (tensors in, tensors out, no autograd) and, beside 
 short pure-PyTorch twin that defines what the kernel computes:
 
     common          this module: what the others share
-    rms_norm        RMSNorm with the residual add fused; input-gradient-only backward
+    modes           the kernels' modes as named constants (norm, activation, GEMM epilogue)
+    norm            one row norm (Llama's and Gemma's RMSNorm, LayerNorm), residual add fused;
+                    input-gradient-only backward
+    activations     silu, gelu_tanh, gelu and their derivatives, written once for the
+                    elementwise kernels (here) and the GEMM's epilogues; plain and gated forms
     rope            rotary embedding applied in place inside a packed QKV buffer; its transpose
-    swiglu          silu(g) * u from a merged gate/up buffer; dg and du into one buffer
-    family_ops      Gemma's (1 + w) RMSNorm, LayerNorm, GeGLU-tanh and GELU (Gemma, Falcon)
-    gemm            the projection GEMM with fused epilogues (SwiGLU, GeGLU, GELU, residual)
+    gemm            the projection GEMM with fused epilogues (an activation, its backward,
+                    residual), chosen by name
     quant           8-bit frozen weights: quantization and the GEMM that dequantizes on load
+    _tiles          the two GEMMs' tile tables, autotuner pool and pruning
+    rms_norm, swiglu, family_ops   the names the layer has always called, on norm/activations
     compile_report  every kernel configuration compiled for five GPU targets, without a GPU
     _spec, _round   launch descriptions (for compiling without a GPU); in-kernel rounding
 

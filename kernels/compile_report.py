@@ -41,7 +41,7 @@ import torch
 from tqdm import tqdm
 
 # (importing pifi_fast.kernels has imported pifi_fast, which loads these kernel modules anyway)
-from . import family_ops, gemm, quant, rms_norm, rope, swiglu
+from . import _tiles, activations, gemm, norm, quant, rope
 from ._spec import triton_signature
 
 
@@ -81,7 +81,7 @@ def collect(targets, dtypes, only: str | None = None, gemm_tiles=None):
         for dtype in dtypes:
             if dtype != "fp32" and dtype not in target.dtypes:
                 continue  # bf16 needs sm_80+
-            for module in (rms_norm, family_ops, rope, swiglu, gemm, quant):
+            for module in (norm, activations, rope, gemm, quant):
                 extra = ({"tile_list": gemm_tiles} if module in (gemm, quant) and gemm_tiles
                          else {})
                 for launch in module.compile_launches(target.capability, dtype, **extra):
@@ -411,7 +411,7 @@ def autotuner_picks(device="cuda", dtype=None, rows=(32, 4096)) -> list[dict]:
     arch = gemm.device_arch(device)
     out = []
     for name, orientation, epilogue, bias, res in gemm.LAYER_LAUNCHES:
-        table = gemm.tiles(arch, epilogue, gemm._DTYPE_NAME[dtype]) if arch else []
+        table = gemm.tiles(arch, epilogue, _tiles.DTYPE_NAME[dtype]) if arch else []
         if not table:
             out.append({"launch": name, "pick": None, "note": "no tiles: cuBLAS"})
             continue

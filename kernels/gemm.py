@@ -3,52 +3,82 @@
     C = A @ B (+ bias) (+ residual),  A (M, K), B (K, N) given by strides
 
 so one kernel serves the forward projection (B = W^T, W the (N, K) frozen weight) and the input
-gradient (B = W). Epilogues, chosen at compile time:
+gradient (B = W). Epilogues, chosen by name at compile time, for each activation f of
+kernels/activations.py (silu, gelu_tanh, gelu):
 
-    "none"        C = A @ B (+ bias) (+ residual)
-    "swiglu"      B holds [gate | up] columns (2N of them); C = silu(A @ Bg + bg) * (A @ Bu + bu),
-                  the gate/up projection and SwiGLU in one pass, gu never written (inference and
-                  recompute="mlp" forward)
-    "swiglu_bwd"  dm = A @ B is the input gradient of the down projection; with the saved gu
-                  (aux, (M, 2N)) it writes [dg | du] (M, 2N) directly, dm never written
-    "geglu_tanh", "geglu_tanh_bwd"   the same with gelu_tanh(g) * u (Gemma's MLP)
-    "gelu"        C = gelu(A @ B + bias), exact erf (Falcon's plain MLP)
-    "gelu_bwd"    with the saved up output u (aux, (M, N)): du = (A @ B) * gelu'(u)
+    "none"          C = A @ B (+ bias) (+ residual)
+    f's glu name    ("swiglu", "geglu_tanh", "geglu") B holds [gate | up] columns (2N of them);
+                    C = f(A @ Bg + bg) * (A @ Bu + bu): the gate/up projection and the gated
+                    activation in one pass, gu never written (inference and recompute="mlp")
+    ... + "_bwd"    dm = A @ B is the input gradient of the down projection; with the saved gu
+                    (aux, (M, 2N)) it writes [dg | du] (M, 2N) directly, dm never written
+    f's name        ("silu", "gelu_tanh", "gelu") C = f(A @ B + bias) (Falcon's plain MLP)
+    ... + "_bwd"    with the saved up output u (aux, (M, N)): du = (A @ B) * f'(u)
 
-Meaning: the twins below (plain matmul, then the same epilogue from pifi_fast.kernels.swiglu or
-family_ops).
+Meaning: the twins below (plain matmul, then the same activation's twin from activations.py).
 Accumulation is fp32 and the epilogue works on the fp32 accumulator (one rounding at the store,
 one fewer than the unfused path). Row offsets are 64-bit.
 
 Whether this kernel or cuBLAS plus a separate elementwise kernel is faster is a per-shape
-question for a GPU (GUIDE §4); the layer uses cuBLAS unless asked (gemm="triton").
-Tile configurations come from one table per GPU target (TILES, through tiles() and configs()),
-each entry compiled and checked by pifi_fast.kernels.compile_report (tensor cores, no spills,
-shared memory within the target's limit). The autotuner holds every target's tiles and prunes
-to the launching device's list, then tunes once per (M rounded up to a power of two, N, K,
-epilogue, dtypes); PIFI_FAST_GEMM_TUNE=0 takes the list's first tile and tunes nothing (tests).
-Under Triton's interpreter tl.dot on bf16 is wrong (triton-lang/triton#11584), so CI tests this
-kernel in fp32 and fp16 only.
+question for a GPU; the layer uses cuBLAS unless asked (gemm="triton"). Tile configurations
+come from one table per GPU target (kernels/_tiles.py, through tiles() and configs()), each
+entry compiled and checked by pifi_fast.kernels.compile_report. The autotuner holds every
+target's tiles and prunes to the launching device's list, then tunes once per (M rounded up to a
+power of two, N, K, epilogue, dtypes); PIFI_FAST_GEMM_TUNE=0 takes the list's first tile and
+tunes nothing (tests). Under Triton's interpreter tl.dot on bf16 is wrong
+(triton-lang/triton#11584), so CI tests this kernel in fp32 and fp16 only.
 """
 from __future__ import annotations
 
-import os
+from typing import NamedTuple
 
 import torch
 
+from . import _tiles, modes
+from . import activations as _act
 from .common import HAS_TRITON, interpreting
 from ._spec import DTYPE_NAMES, Int, Launch, Ptr
-from .family_ops import geglu_tanh_bwd_ref, geglu_tanh_fwd_ref, gelu_bwd_ref, gelu_fwd_ref
-from .swiglu import swiglu_bwd_ref, swiglu_fwd_ref
+from ._tiles import GPU_ARCHS, device_arch  # noqa: F401  (the module's public names)
+from .modes import Activation, Epilogue
 
-EPILOGUES = ("none", "swiglu", "swiglu_bwd", "geglu_tanh", "geglu_tanh_bwd", "gelu", "gelu_bwd")
-# the twin of each epilogue: (function, whether it takes the saved aux first)
-_EPILOGUE_REFS = {"swiglu": (swiglu_fwd_ref, False), "swiglu_bwd": (swiglu_bwd_ref, True),
-                  "geglu_tanh": (geglu_tanh_fwd_ref, False),
-                  "geglu_tanh_bwd": (geglu_tanh_bwd_ref, True), "gelu": (gelu_fwd_ref, False),
-                  "gelu_bwd": (gelu_bwd_ref, True)}
-GATED = ("swiglu", "geglu_tanh")  # B holds [gate | up]: two accumulators
-GATED_BWD = ("swiglu_bwd", "geglu_tanh_bwd")  # writes [dg | du], twice the columns
+
+class EpilogueSpec(NamedTuple):
+    """An epilogue's compile-time constants: what follows the dot, the activation (NO_ACT,
+    which the kernel never reads, for the plain epilogue) and whether B holds [gate | up]."""
+
+    epilogue: Epilogue
+    act: int
+    gated: bool
+
+    @property
+    def constexprs(self) -> dict:
+        return dict(EPILOGUE=int(self.epilogue), ACT=int(self.act), GATED=self.gated)
+
+
+NO_ACT = 0  # the ACT constant of the plain epilogue: no member of Activation
+
+
+def _epilogues() -> dict[str, EpilogueSpec]:
+    out = {"none": EpilogueSpec(Epilogue.NONE, NO_ACT, False)}
+    for act in Activation:
+        for gated in (True, False):
+            name = _act.launch_name(act, gated)
+            out[name] = EpilogueSpec(Epilogue.ACT, act, gated)
+            out[name + "_bwd"] = EpilogueSpec(Epilogue.ACT_GRAD, act, gated)
+    return out
+
+
+SPECS = _epilogues()
+EPILOGUES = tuple(SPECS)  # every epilogue's name
+GATED = tuple(n for n, e in SPECS.items() if e.gated and e.epilogue == Epilogue.ACT)
+GATED_BWD = tuple(n for n, e in SPECS.items() if e.gated and e.epilogue == Epilogue.ACT_GRAD)
+TILES = _tiles.GEMM_TILES
+
+
+def _spec(epilogue: str) -> EpilogueSpec:
+    if epilogue not in SPECS:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    return SPECS[epilogue]
 
 
 # -- plain PyTorch twin ----------------------------------------------------------------------------
@@ -56,89 +86,38 @@ def gemm_ref(a, b, epilogue="none", bias=None, residual=None, aux=None):
     c = a @ b
     if bias is not None:
         c = c + bias
-    if epilogue == "none":
+    spec = _spec(epilogue)
+    if spec.epilogue == Epilogue.NONE:
         return c if residual is None else c + residual
-    ref, takes_aux = _EPILOGUE_REFS[epilogue]
-    return ref(aux, c) if takes_aux else ref(c)
-
-
-# -- tile configurations per GPU target -----------------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) per (target, epilogue), for 16-bit inputs.
-# Every entry is compiled by pifi_fast.kernels.compile_report for its target and must use
-# tensor-core instructions, spill nothing and fit the target's shared memory, under Triton 3.8
-# (ptxas 12.9) and 3.6 (ptxas 12.8, torch 2.11's); the CI test tests/test_compile_report.py
-# fails otherwise (`make test-gpu-image` runs it under 3.6). Before sm_90a, the 128x256 tile
-# is 32 deep: at 64 deep it needs all 255 registers under 3.8 and spills 16-44 B under 3.6.
-# BLOCK_N counts output columns: the "swiglu" epilogue keeps two accumulators (gate and up) and
-# loads two B tiles, so its tiles are half as wide for the same registers and shared memory.
-# No entry: the layer uses cuBLAS there (sm_75: Triton 3.8 compiles tl.dot to FMA on Turing,
-# where even a 64x64x32 tile spills; fp32: the IEEE-exact dot runs on FMA units too, and cuBLAS
-# is faster on every target).
-_SMALL_M = [(32, 64, 128, 3, 4), (16, 128, 64, 4, 4)]  # CLS mode: 32 rows per batch
-TILES: dict[int, dict[str, list[tuple[int, int, int, int, int]]]] = {
-    90: {  # sm_90a: wgmma; 227 KB shared memory
-        "none": [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
-                 (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
-                 (16, 128, 128, 4, 4)],
-        "swiglu": [(128, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 128, 64, 3, 8),
-                   (64, 64, 64, 4, 4), (16, 128, 64, 4, 4)],  # (32x64x128 spills 16 B here)
-        "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
-    },
-    80: {  # sm_80: mma.sync; 163 KB shared memory
-        "none": [(128, 256, 32, 3, 8), (128, 128, 64, 4, 8), (64, 256, 64, 3, 8),
-                 (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
-                 (16, 128, 128, 4, 4)],
-        "swiglu": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
-        "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL_M,
-    },
-}
-# sm_86 and sm_89: as sm_80 but 99 KB of shared memory: fewer stages and no 16x128x128 tile
-TILES[86] = TILES[89] = {
-    "none": [(128, 256, 32, 3, 8), (128, 128, 64, 3, 8), (64, 256, 64, 3, 8),
-             (128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (32, 64, 128, 3, 4),
-             (16, 64, 128, 4, 4)],
-    "swiglu": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 3, 4),
-               (32, 64, 128, 3, 4), (32, 64, 64, 5, 2)],  # (16x128x64 needs 102 KB here)
-    "swiglu_bwd": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 3, 4)] + _SMALL_M,
-}
-GPU_ARCHS = (75, 80, 86, 89, 90)
-# The Gemma and Falcon epilogues take the tiles of the one with the same accumulators, loads and
-# stores (GeGLU's as SwiGLU's; gelu's one accumulator as the plain one's; gelu_bwd's one
-# accumulator and one aux tile as swiglu_bwd's), each verified again by the compile report.
-TILES_OF = {"geglu_tanh": "swiglu", "geglu_tanh_bwd": "swiglu_bwd", "gelu": "none",
-            "gelu_bwd": "swiglu_bwd"}
+    if spec.epilogue == Epilogue.ACT:
+        return _act.act_fwd_ref(c, spec.act, spec.gated)
+    return _act.act_bwd_ref(aux, c, spec.act, spec.gated)
 
 
 def tiles(arch: int, epilogue: str, dtype: str) -> list[tuple[int, int, int, int, int]]:
     """The tile configurations the GEMM may use on a target (Triton arch number, e.g. 90 for
     sm_90a), for an epilogue and a dtype name ("bf16", "fp16", "fp32"); [] means cuBLAS."""
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    spec = _spec(epilogue)
     if dtype == "fp32" or (dtype == "bf16" and arch < 80):
         return []
-    out = list(TILES.get(arch, {}).get(TILES_OF.get(epilogue, epilogue), []))
-    if epilogue == "gelu":  # erf's registers: the 128x256 tile spilled 176-520 B on every target
-        out = [t for t in out if t[0] * t[1] <= 128 * 128]
+    # the tiles of the epilogue with the same accumulators, loads and stores
+    if spec.epilogue == Epilogue.ACT_GRAD:
+        shape = "swiglu_bwd"  # one accumulator and an aux tile ([g | u] or u)
+    else:
+        shape = "swiglu" if spec.gated else "none"
+    out = list(TILES.get(arch, {}).get(shape, []))
+    if spec.epilogue == Epilogue.ACT and not spec.gated:
+        out = [t for t in out if t[0] * t[1] <= _tiles.ACT_MAX_TILE_AREA]
     return out
 
 
 def configs(arch: int, epilogue: str, dtype: str) -> list:
     """The one source of the GEMM's autotuner configs: tiles() as triton.Config objects."""
-    import triton  # deferred: a Triton-only path (configs need triton installed)
-
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_stages=st, num_warps=w)
-            for bm, bn, bk, st, w in tiles(arch, epilogue, dtype)]
+    return [_tiles.config_of(t) for t in tiles(arch, epilogue, dtype)]
 
 
-def device_arch(device) -> int | None:
-    """The Triton arch number of a CUDA device whose tile lists we verified, else None."""
-    major, minor = torch.cuda.get_device_capability(device)
-    arch = 10 * major + minor
-    return arch if arch in GPU_ARCHS else None
-
-
-_DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+# (EPILOGUE, ACT, GATED) -> name, for the autotuner's prune hook
+_NAME_OF = {tuple(spec.constexprs.values()): name for name, spec in SPECS.items()}
 
 
 def supported(a: torch.Tensor, epilogue: str = "none") -> bool:
@@ -149,41 +128,22 @@ def supported(a: torch.Tensor, epilogue: str = "none") -> bool:
     if not (HAS_TRITON and a.is_cuda):
         return False
     arch = device_arch(a.device)
-    return arch is not None and bool(tiles(arch, epilogue, _DTYPE_NAME.get(a.dtype, "")))
+    return arch is not None and bool(tiles(arch, epilogue, _tiles.DTYPE_NAME.get(a.dtype, "")))
 
 
-def _tile_of(config) -> tuple:
-    kw = config.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, config.num_warps)
-
-
-def _prune(all_configs, named_args, **kwargs):
-    """Autotuner hook: keep the launching device's tiles for this epilogue and dtype (only the
-    first with PIFI_FAST_GEMM_TUNE=0, so tests run one tile and tune nothing)."""
+def prune_configs(all_configs, named_args, **kwargs):
+    """Autotuner hook: keep the launching device's tiles for this epilogue and dtype."""
     a = named_args["A"]
     arch = device_arch(a.device)
-    wanted = tiles(arch, EPILOGUES[kwargs["EPILOGUE"]], _DTYPE_NAME[a.dtype]) if arch else []
-    if os.environ.get("PIFI_FAST_GEMM_TUNE") == "0":
-        wanted = wanted[:1]
-    by_tile = {_tile_of(c): c for c in all_configs}
-    return [by_tile[t] for t in wanted if t in by_tile]  # in the table's order
+    name = _NAME_OF[(kwargs["EPILOGUE"], kwargs["ACT"], kwargs["GATED"])]
+    return _tiles.prune(all_configs,
+                        tiles(arch, name, _tiles.DTYPE_NAME[a.dtype]) if arch else [])
 
 
-def _all_configs():
-    """Every tile of every target (the autotuner prunes to the device's list at launch); one
-    small tile under the interpreter, which would otherwise run every config."""
-    import triton  # deferred: a Triton-only path (configs need triton installed)
-
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
-    seen, out = set(), []
-    for arch in GPU_ARCHS:
-        for epilogue in EPILOGUES:
-            for c in configs(arch, epilogue, "fp16"):
-                if _tile_of(c) not in seen:
-                    seen.add(_tile_of(c))
-                    out.append(c)
-    return out
+def all_configs():
+    """Every tile of every target and epilogue, or the interpreter's one small tile."""
+    return _tiles.pool((tiles(arch, e, "fp16") for arch in GPU_ARCHS for e in EPILOGUES),
+                       interpreting())
 
 
 # -- Triton ----------------------------------------------------------------------------------------
@@ -192,28 +152,19 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._round import to_dtype
-    from .family_ops import gelu_f32, gelu_grad_f32, gelu_tanh_f32, gelu_tanh_grad_f32
-
-    @triton.jit
-    def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """(pid_m, pid_n) of this program in grouped order: consecutive programs share rows of
-        A in L2 (the GEMMs here and in quant.py)."""
-        pid = tl.program_id(0)
-        n_m, n_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = GROUP_M * n_n
-        first_m = (pid // group) * GROUP_M
-        size_m = min(n_m - first_m, GROUP_M)
-        return first_m + (pid % group) % size_m, (pid % group) // size_m
+    from ._tiles import grouped_tile
+    from .activations import activation, activation_bwd
 
     # Tuned once per (rounded-up M, N, K, epilogue, dtypes): packed batches change M with every
     # batch, and re-tuning for each exact M would cost more than it gains.
-    @triton.autotune(configs=_all_configs(), key=["M_BUCKET", "N", "K", "EPILOGUE", "IEEE"],
-                     prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=all_configs(),
+                     key=["M_BUCKET", "N", "K", "EPILOGUE", "ACT", "GATED", "IEEE"],
+                     prune_configs_by={"early_config_prune": prune_configs})
     @triton.jit
     def _gemm_kernel(A, B, C, BIAS, R, AUX, M, M_BUCKET, N, K,
                      stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_rm, stride_auxm,
-                     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     EPILOGUE: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
         # 64-bit offsets only in the per-program scalar bases; in-tile offsets stay 32-bit
@@ -238,7 +189,7 @@ if HAS_TRITON:
                 acc = tl.dot(a, b, acc, input_precision="ieee")
             else:
                 acc = tl.dot(a, b, acc)
-            if EPILOGUE == 1 or EPILOGUE == 3:  # the up columns sit N after the gate columns
+            if EPILOGUE == modes.Epilogue.ACT and GATED:  # up columns sit N after the gate's
                 b_up = tl.load(b_ptr + N * stride_bn, mask=mk[:, None] & mn[None, :], other=0.0)
                 if IEEE:
                     acc_up = tl.dot(a, b_up, acc_up, input_precision="ieee")
@@ -248,31 +199,23 @@ if HAS_TRITON:
             b_ptr += BLOCK_K * stride_bk
         if HAS_BIAS:
             acc += tl.load(BIAS + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
-            if EPILOGUE == 1 or EPILOGUE == 3:
+            if EPILOGUE == modes.Epilogue.ACT and GATED:
                 acc_up += tl.load(BIAS + N + rn, mask=mn, other=0.0).to(tl.float32)[None, :]
         m2 = mm[:, None] & mn[None, :]
         c_ptr = (C + row0 * stride_cm) + (lm[:, None] * stride_cm + rn[None, :])
-        if EPILOGUE == 1:
-            out = acc * tl.sigmoid(acc) * acc_up
-        elif EPILOGUE == 3:
-            out = gelu_tanh_f32(acc) * acc_up
-        elif EPILOGUE == 2 or EPILOGUE == 4:
+        if EPILOGUE == modes.Epilogue.ACT:
+            out = activation(acc, ACT)
+            if GATED:
+                out = out * acc_up
+        elif EPILOGUE == modes.Epilogue.ACT_GRAD:
             aux = (AUX + row0 * stride_auxm) + (lm[:, None] * stride_auxm + rn[None, :])
             g = tl.load(aux, mask=m2, other=0.0).to(tl.float32)
-            u = tl.load(aux + N, mask=m2, other=0.0).to(tl.float32)
-            if EPILOGUE == 2:
-                sg = tl.sigmoid(g)
-                tl.store(c_ptr + N, to_dtype(acc * g * sg, C.dtype.element_ty), mask=m2)
-                out = acc * u * sg * (1.0 + g * (1.0 - sg))
+            if GATED:  # aux is [g | u]; du goes N columns after dg
+                u = tl.load(aux + N, mask=m2, other=0.0).to(tl.float32)
+                out, du = activation_bwd(g, acc, u, ACT)
+                tl.store(c_ptr + N, to_dtype(du, C.dtype.element_ty), mask=m2)
             else:
-                tl.store(c_ptr + N, to_dtype(acc * gelu_tanh_f32(g), C.dtype.element_ty),
-                         mask=m2)
-                out = acc * u * gelu_tanh_grad_f32(g)
-        elif EPILOGUE == 5:
-            out = gelu_f32(acc)
-        elif EPILOGUE == 6:
-            aux = (AUX + row0 * stride_auxm) + (lm[:, None] * stride_auxm + rn[None, :])
-            out = acc * gelu_grad_f32(tl.load(aux, mask=m2, other=0.0).to(tl.float32))
+                out, _ = activation_bwd(g, acc, 1.0, ACT)
         else:
             out = acc
         if HAS_RES:
@@ -309,6 +252,7 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
     m = 4099  # a packed token count: not a multiple of 16
     out = []
     for name, orientation, epilogue, bias, res in LAYER_LAUNCHES:
+        spec = _spec(epilogue)
         n, k = (14336, 4096) if epilogue != "none" else (4096, 14336) if res else (6144, 4096)
         if orientation == "input_grad":
             n, k = (14336, 4096) if epilogue != "none" else (4096, 6144)
@@ -323,8 +267,8 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
                      M=Int(m), M_BUCKET=Int(8192), N=Int(n), K=Int(k), stride_am=Int(k),
                      stride_ak=Int(1), stride_bk=Int(stride_bk), stride_bn=Int(stride_bn),
                      stride_cm=Int(width), stride_rm=Int(n),
-                     stride_auxm=Int(n if epilogue == "gelu_bwd" else 2 * n)),
-                dict(EPILOGUE=EPILOGUES.index(epilogue), HAS_BIAS=bias, HAS_RES=res,
+                     stride_auxm=Int(2 * n if spec.gated else n)),
+                dict(spec.constexprs, HAS_BIAS=bias, HAS_RES=res,
                      IEEE=dtype == "fp32", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
                 num_warps=warps, num_stages=stages, uses_dot=True))
     return out
@@ -333,11 +277,11 @@ def compile_launches(arch: int, dtype: str, tile_list=None):
 def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, residual=None,
          aux=None) -> torch.Tensor:
     """a (M, K) @ b (K, N) with the epilogue (see the module docstring). b may be any strided
-    view, e.g. weight.t(). For "swiglu" and "geglu_tanh", b has 2N columns [gate | up] and the
-    result N; for "swiglu_bwd" and "geglu_tanh_bwd", aux is the saved gu (M, 2N) and the result
-    is [dg | du] (M, 2N); for "gelu_bwd", aux is the saved up output (M, N)."""
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
+    view, e.g. weight.t(). For a gated epilogue ("swiglu", "geglu_tanh"), b has 2N columns
+    [gate | up] and the result N; for its backward ("swiglu_bwd"), aux is the saved gu (M, 2N)
+    and the result is [dg | du] (M, 2N); for a plain activation's backward ("gelu_bwd"), aux is
+    the saved up output (M, N)."""
+    spec = _spec(epilogue)
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"gemm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not chain")
     if not supported(a, epilogue):
@@ -353,8 +297,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, re
     width = 2 * n if epilogue in GATED_BWD else n
     if epilogue in GATED_BWD and (aux is None or aux.shape != (m, 2 * n)):
         raise ValueError(f"{epilogue} needs aux = the saved gate/up output of shape (M, 2N)")
-    if epilogue == "gelu_bwd" and (aux is None or aux.shape != (m, n)):
-        raise ValueError("gelu_bwd needs aux = the saved up output of shape (M, N)")
+    if (spec.epilogue == Epilogue.ACT_GRAD and not spec.gated
+            and (aux is None or aux.shape != (m, n))):
+        raise ValueError(f"{epilogue} needs aux = the saved up output of shape (M, N)")
     if residual is not None and (epilogue != "none" or residual.shape != (m, n)):
         raise ValueError("residual applies to the plain epilogue, with shape (M, N)")
     c = torch.empty(m, width, dtype=a.dtype, device=a.device)
@@ -369,7 +314,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, re
     m_bucket = min(triton.next_power_of_2(m), 1 << 16)
     _gemm_kernel[grid](a, b, c, bias if bias is not None else c, res_, aux_, m, m_bucket, n, k,
                        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-                       res_.stride(0), aux_.stride(0), EPILOGUE=EPILOGUES.index(epilogue),
+                       res_.stride(0), aux_.stride(0), **spec.constexprs,
                        HAS_BIAS=bias is not None, HAS_RES=residual is not None,
                        IEEE=a.dtype == torch.float32)
     return c

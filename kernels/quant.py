@@ -28,10 +28,10 @@ which checks the kernel on CPUs, has no fp8 numpy type; on GPUs the bitcast is f
 from __future__ import annotations
 
 import itertools
-import os
 
 import torch
 
+from . import _tiles
 from .common import HAS_TRITON, interpreting
 from ._spec import DTYPE_NAMES, Int, Launch, Ptr
 
@@ -96,47 +96,9 @@ def dequant_gemm_ref(a, q, scale, transposed: bool, bias=None, residual=None):
     return c if residual is None else c + residual
 
 
-# -- tile configurations per target ------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) per (arch, storage), each entry compiled by
-# pifi_fast.kernels.compile_report for its target in both orientations and every activation
-# dtype it serves (spill-free, within shared memory, tensor cores from sm_80), under Triton 3.8
-# (ptxas 12.9) and Triton 3.6 (ptxas 12.8: torch 2.11's); BLOCK_K divides 64 (the smallest
-# scale group). Chosen with scripts/explore_gemm_tiles.py --kernel dq_gemm under both:
-# the converted B tile lives in shared memory, so the 99-KB targets lose the 3-4-stage 128-wide
-# tiles, and 128x256 tiles exceed every target. The small tiles serve CLS mode (32 rows).
-# sm_75: Triton 3.8 compiles tl.dot to FMA on Turing; only tiles up to 32x64x32 stay out of
-# local memory there (64x64x32 spills 480 B), which suits CLS mode's weight streaming.
-_SMALL = [(32, 128, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 64, 4, 4)]
-TILES: dict[int, dict[str, list[tuple[int, int, int, int, int]]]] = {
-    90: {"int8": [(128, 128, 64, 3, 8), (64, 256, 64, 3, 8), (128, 64, 64, 3, 8),
-                  (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)] + _SMALL,
-         "fp8": [(128, 128, 64, 3, 8), (128, 64, 64, 3, 8), (64, 128, 64, 3, 8),
-                 (64, 64, 64, 4, 4)] + _SMALL},
-    # (128x64x64 at 3 stages spills 8 B on sm_80 in bf16 under 3.8; 16x128x64 spills 4 B in
-    # the fp16 input gradient under 3.6)
-    80: {"int8": [(128, 128, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4),
-                  (64, 64, 32, 4, 4), (32, 128, 64, 4, 4), (16, 64, 64, 4, 4)]},
-    75: {"int8": [(32, 64, 32, 2, 4), (32, 32, 32, 2, 4), (16, 64, 32, 2, 2),
-                  (16, 32, 32, 2, 2)]},
-}
-# (32x64x64 at 4 stages spills 8 B in the bf16 input gradient on sm_86/sm_89, and 64x64x64 with
-# fp8 storage on sm_89: their 32-deep neighbours take their place. Under 3.6, 128x128x32 spills
-# 76 B in the fp16 input gradient and 64x64x64 12 B in the bf16 forward of int8 storage.)
-_SMALL_99KB = [(32, 64, 32, 2, 4), (16, 64, 64, 4, 4)]
-TILES[86] = {"int8": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)]
-             + _SMALL_99KB}
-TILES[89] = {"int8": TILES[86]["int8"],
-             "fp8": [(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)] + _SMALL_99KB}
-# The forward with finer scale groups (one scale per input; its offsets and scales take
-# registers; pifi-fast kernels' "int8-g32" launches): the tiles that spill with it under either
-# Triton are left out (4-28 B each), and on sm_86/sm_89, where that leaves no tile of 64 rows,
-# 64x64x64 (clean with fine groups under both, though int8's coarse forward spills in it under
-# 3.6) takes their place.
-_FINE_SPILLS = {80: {(32, 128, 64, 4, 4), (64, 128, 64, 3, 8), (64, 64, 64, 4, 4)},
-                86: {(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)},
-                89: {(128, 64, 64, 3, 8), (64, 128, 64, 3, 8), (64, 64, 32, 4, 4)}}
-_FINE_ONLY = {86: [(64, 64, 64, 4, 4)], 89: [(64, 64, 64, 4, 4)]}
-GPU_ARCHS = (75, 80, 86, 89, 90)
+# -- tile configurations per target (kernels/_tiles.py) ------------------------------------------
+TILES = _tiles.DQ_TILES
+GPU_ARCHS = _tiles.GPU_ARCHS
 FP8_MIN_ARCH = 89  # e4m3 storage is a Hopper/Ada format; older GPUs use int8
 
 
@@ -154,16 +116,10 @@ def tiles(arch: int, storage: str, dtype: str,
     table = TILES.get(arch, {}).get(storage, [])
     if not fine:
         return list(table)
-    kept = [t for t in table if t not in _FINE_SPILLS.get(arch, ())]
-    return kept + (_FINE_ONLY.get(arch, []) if storage == "int8" else [])
+    kept = [t for t in table if t not in _tiles.DQ_FINE_SPILLS.get(arch, ())]
+    return kept + (_tiles.DQ_FINE_ONLY.get(arch, []) if storage == "int8" else [])
 
 
-def _tile_of(config) -> tuple:
-    kw = config.kwargs
-    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, config.num_warps)
-
-
-_DTYPE_NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def supported(a: torch.Tensor, storage: str) -> bool:
@@ -173,37 +129,24 @@ def supported(a: torch.Tensor, storage: str) -> bool:
         return HAS_TRITON
     if not (HAS_TRITON and a.is_cuda):
         return False
-    major, minor = torch.cuda.get_device_capability(a.device)
-    arch = 10 * major + minor
-    return arch in GPU_ARCHS and bool(tiles(arch, storage, _DTYPE_NAME.get(a.dtype, "")))
+    arch = _tiles.device_arch(a.device)
+    return arch is not None and bool(tiles(arch, storage, _tiles.DTYPE_NAME.get(a.dtype, "")))
 
 
-def _prune(all_configs, named_args, **kwargs):
+def prune_configs(all_configs, named_args, **kwargs):
+    """Autotuner hook: keep the launching device's tiles for this storage and dtype."""
     a = named_args["A"]
-    major, minor = torch.cuda.get_device_capability(a.device)
+    arch = _tiles.device_arch(a.device)
     storage = "fp8" if kwargs["FP8"] else "int8"
-    wanted = tiles(10 * major + minor, storage, _DTYPE_NAME[a.dtype], kwargs["FINE"])
-    if os.environ.get("PIFI_FAST_GEMM_TUNE") == "0":
-        wanted = wanted[:1]
-    by_tile = {_tile_of(c): c for c in all_configs}
-    return [by_tile[t] for t in wanted if t in by_tile]
+    wanted = tiles(arch, storage, _tiles.DTYPE_NAME[a.dtype], kwargs["FINE"]) if arch else []
+    return _tiles.prune(all_configs, wanted)
 
 
-def _all_configs():
-    import triton  # deferred: a Triton-only path (configs need triton installed)
-
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 4})]
-    seen, out = set(), []
-    for arch in GPU_ARCHS:
-        for storage, fine in itertools.product(MODES, (False, True)):
-            for t in tiles(arch, storage, "fp16", fine):
-                if t not in seen:
-                    seen.add(t)
-                    bm, bn, bk, st, w = t
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk,
-                                              "GROUP_M": 8}, num_stages=st, num_warps=w))
-    return out or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8})]
+def all_configs():
+    """Every tile of every target, storage and group kind, or the interpreter's one tile."""
+    return _tiles.pool((tiles(arch, storage, "fp16", fine) for arch in GPU_ARCHS
+                        for storage, fine in itertools.product(MODES, (False, True))),
+                       interpreting())
 
 
 # -- Triton ----------------------------------------------------------------------------------------
@@ -212,11 +155,11 @@ if HAS_TRITON:
     import triton.language as tl
 
     from ._round import to_dtype
-    from .gemm import grouped_tile
+    from ._tiles import grouped_tile
 
-    @triton.autotune(configs=_all_configs(),
+    @triton.autotune(configs=all_configs(),
                      key=["M_BUCKET", "N", "K", "TRANSPOSED", "FP8", "FINE"],
-                     prune_configs_by={"early_config_prune": _prune})
+                     prune_configs_by={"early_config_prune": prune_configs})
     @triton.jit
     def _dequant_gemm_kernel(A, Q, S, C, BIAS, R, M, M_BUCKET, N, K, stride_am, stride_qr,
                              stride_sr, stride_cm, stride_rm, G,

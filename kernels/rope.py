@@ -43,9 +43,9 @@ def rope_ref_(qkv, positions, cos, sin, num_q_heads, num_kv_heads, head_dim, tra
 # One program rotates BLOCK_H = TILE // BLOCK_D heads (at most MAX_BLOCK_H) of one token
 # (BLOCK_D = half the head dim, rounded up to a power of two): at most 2048 values per half,
 # 16 per thread at 4 warps, whatever the head count (a 405B layer rotates 136 q and k heads per
-# token), so registers never depend on the model. (Without the MAX_BLOCK_H cap, tiny head dims
-# made 1024 x 2 tiles that spill on sm_75; at 256, head dim 16's 256 x 8 tile spilled 8 B in fp16
-# on sm_90a under Triton 3.6's ptxas 12.8. Only head dims up to 16 reach the cap.)
+# token), so registers never depend on the model. MAX_BLOCK_H caps the heads per program: tiny
+# head dims would otherwise make long, thin tiles (1024 x 2) whose index arithmetic spills. Only
+# head dims up to 16 reach the cap.
 TILE = 2048
 MAX_BLOCK_H = 128
 MAX_HEAD_DIM = 256

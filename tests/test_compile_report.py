@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pifi_fast.kernels import _tiles as T
 from pifi_fast.kernels import common as kernels
 
 pytestmark = [pytest.mark.compile,
@@ -60,9 +61,9 @@ def test_the_check_fails_on_a_spilling_or_oversized_configuration():
     """A test must be able to fail: two tiles we know are bad are flagged."""
     from pifi_fast.kernels import compile_report
 
-    # 128x128 tiles hold g, u and the accumulator of the SwiGLU-backward epilogue: they spill
+    # a 128x256 tile holds g, u and the accumulator of the SwiGLU-backward epilogue: it spills
     (row,) = compile_report.run(["sm_80"], ["bf16"], only="gemm_igrad+swiglu_bwd", jobs=1,
-                                gemm_tiles=[(128, 128, 64, 3, 8)])
+                                gemm_tiles=[(128, 256, 32, 3, 8)])
     assert not row["ok"] and "spills" in row["problem"], row
     # 128x256x64 at 3 stages with two B tiles (SwiGLU) needs 245,760 B > sm_90a's 232,448 B
     (row,) = compile_report.run(["sm_90a"], ["bf16"], only="gemm_fwd+swiglu+bias", jobs=1,
@@ -121,7 +122,7 @@ def test_gemm_tables_are_the_autotuners_only_source():
         for epilogue in gemm.EPILOGUES:
             table = gemm.tiles(arch, epilogue, "bf16")
             assert table and table == gemm.tiles(arch, epilogue, "fp16")
-            assert [gemm._tile_of(c) for c in gemm.configs(arch, epilogue, "bf16")] == table
+            assert [T.tile_of(c) for c in gemm.configs(arch, epilogue, "bf16")] == table
     with pytest.raises(ValueError, match="epilogue"):
         gemm.tiles(80, "relu", "bf16")
 
@@ -137,11 +138,11 @@ def test_prune_keeps_the_devices_tiles(monkeypatch):
              for bm, bn, bk, st, w in gemm.tiles(arch, e, "bf16")]
     monkeypatch.setattr(gemm, "device_arch", lambda device: 86)
     a = torch.empty(4, 4, dtype=torch.bfloat16)
-    kept = gemm._prune(every, {"A": a}, EPILOGUE=gemm.EPILOGUES.index("swiglu"))
-    assert [gemm._tile_of(c) for c in kept] == gemm.tiles(86, "swiglu", "bf16")
+    kept = gemm.prune_configs(every, {"A": a}, **gemm.SPECS["swiglu"].constexprs)
+    assert [T.tile_of(c) for c in kept] == gemm.tiles(86, "swiglu", "bf16")
     monkeypatch.setenv("PIFI_FAST_GEMM_TUNE", "0")
-    kept = gemm._prune(every, {"A": a}, EPILOGUE=0)
-    assert [gemm._tile_of(c) for c in kept] == gemm.tiles(86, "none", "bf16")[:1]
+    kept = gemm.prune_configs(every, {"A": a}, **gemm.SPECS["none"].constexprs)
+    assert [T.tile_of(c) for c in kept] == gemm.tiles(86, "none", "bf16")[:1]
 
 
 def test_dequant_tiles_all_reach_the_autotuner(monkeypatch):
@@ -152,8 +153,8 @@ def test_dequant_tiles_all_reach_the_autotuner(monkeypatch):
 
     monkeypatch.setattr(quant, "interpreting", lambda: False)
     # a tile no table holds, as sm_86's fine-group forward's own: the pool must hold it too
-    monkeypatch.setitem(quant._FINE_ONLY, 86, [(16, 16, 32, 2, 1)])
-    pool = {quant._tile_of(c) for c in quant._all_configs()}
+    monkeypatch.setitem(T.DQ_FINE_ONLY, 86, [(16, 16, 32, 2, 1)])
+    pool = {T.tile_of(c) for c in quant.all_configs()}
     assert (16, 16, 32, 2, 1) in pool
     for arch in quant.GPU_ARCHS:
         for storage, fine in itertools.product(quant.MODES, (False, True)):
@@ -163,7 +164,7 @@ def test_dequant_tiles_all_reach_the_autotuner(monkeypatch):
     for arch in (80, 86, 89, 90):
         fine = quant.tiles(arch, "int8", "bf16", fine=True)
         assert any(t[0] >= 64 for t in fine), (arch, fine)
-        assert not set(fine) & quant._FINE_SPILLS.get(arch, set()), arch
+        assert not set(fine) & T.DQ_FINE_SPILLS.get(arch, set()), arch
 
 
 def _cuobjdump():
