@@ -9,6 +9,7 @@ CPU_DRY_RUN = True runs on the CPU instead when PIFI_FAST_GPU_DRY_RUN=1 (the CPU
 benchmarks/gpu_check.sh: the test code itself is exercised before a GPU is spent on it).
 """
 import os
+import zlib
 
 import pytest
 import torch
@@ -47,3 +48,11 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
+
+
+@pytest.fixture
+def seeded_by_test_id(request):
+    """torch's global generator seeded from the test's id: the same random inputs on every run
+    of that test, different ones across tests. Kernel tests whose bound sits a few fp32 ulps
+    above the twin's own error use it, so a rounding-level draw fails every run or never."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))

@@ -15,7 +15,7 @@ from pifi_fast.kernels import rms_norm as R
 from pifi_fast.kernels import rope as P
 from pifi_fast.kernels import swiglu as S
 
-pytestmark = [pytest.mark.kernels,
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("seeded_by_test_id"),
               pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

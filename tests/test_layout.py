@@ -219,9 +219,6 @@ def test_the_frozen_package_never_reaches_the_model():
         assert out == "[]", f"importing {target} loaded {out}"
 
 
-# Source files whose reach into another module's privates waits on the kernels half of issue 37
-# (issue-37-kernels makes the GEMM's tile helpers public in kernels/_tiles.py); empty after it.
-PRIVATE_ACCESS_PENDING = {"tests/test_compile_report.py"}
 # namedtuple's own API, public despite the underscore
 NAMEDTUPLE_API = {"_fields", "_asdict", "_replace", "_make", "_field_defaults"}
 
@@ -270,7 +267,6 @@ def test_no_test_or_benchmark_uses_another_modules_private_names():
     files = [*(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").rglob("*.py"),
              *(ROOT / "pifi_fast" / "bench").glob("*.py"), ROOT / "conftest.py"]
     found = [f"{path.relative_to(ROOT)}:{use}" for path in sorted(files)
-             if path.relative_to(ROOT).as_posix() not in PRIVATE_ACCESS_PENDING
              for use in private_uses(path)]
     assert not found, "private names of another module:\n" + "\n".join(found)
 

@@ -14,7 +14,7 @@ from pifi_fast.kernels import norm as N
 from pifi_fast.kernels import rms_norm as R
 from pifi_fast.kernels.modes import Norm
 
-pytestmark = [pytest.mark.kernels,
+pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("seeded_by_test_id"),
               pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
