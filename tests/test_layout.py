@@ -7,6 +7,7 @@ import ast
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -277,3 +278,14 @@ def test_module_sizes():
             for n in [len(path.read_text().splitlines())]
             if n > (400 if name.startswith("pifi_fast.frozen") else 600)]
     assert not over, over
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages a wheel holds by name: a new subpackage of pifi_fast
+    left out of it imports from the source tree and fails only once installed."""
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        listed = set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+    found = {"pifi_fast." + p.parent.name for p in (ROOT / "pifi_fast").glob("*/__init__.py")}
+    found |= {"pifi_fast", "pifi_fast.kernels"}  # the kernels: a namespace link to ./kernels
+    assert found == listed, f"in the tree, not listed: {sorted(found - listed)}; " \
+                            f"listed, not in the tree: {sorted(listed - found)}"
