@@ -134,6 +134,35 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
     return ((a - b).norm() / max(b.norm().item(), floor, 1e-30)).item()
 
 
+# -- a Triton kernel against its plain PyTorch twin (tests/test_kernels.py, test_norm_kernel.py,
+# test_activations.py) ----------------------------------------------------------------------------
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error of a against b, computed in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def check_2x(kernel_out, twin_out, truth, what=""):
+    """The kernels' accuracy rule: the kernel's error against the float64 truth is at most twice
+    its twin's run in the same precision, plus two fp32 epsilons (the kernels compute in fp32,
+    and in fp32 the twin is sometimes exact by luck)."""
+    e_kernel, e_twin = rel(kernel_out, truth), rel(twin_out, truth)
+    bound = 2 * e_twin + 2 * torch.finfo(torch.float32).eps
+    assert e_kernel <= bound, f"{what}: kernel error {e_kernel:.3e} > 2 x twin {e_twin:.3e}"
+
+
+def randn(*shape, dtype, scale=1.0):
+    """Normal samples drawn in float64 (the same values for every dtype), on KERNEL_DEVICE."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=KERNEL_DEVICE,
+                                                                  dtype=dtype)
+
+
+def f64(*ts):
+    return [None if t is None else t.double() for t in ts]
+
+
 def trainable_grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 

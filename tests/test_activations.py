@@ -4,6 +4,7 @@ against autograd; the Triton derivative functions against autograd; the layer's 
 (swiglu, family_ops) as the same kernels. Under Triton's interpreter on CPU: small shapes."""
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, check_2x, randn, rel
 
 from pifi_fast.kernels import activations as A
 from pifi_fast.kernels import common as kernels
@@ -13,23 +14,9 @@ from pifi_fast.kernels.modes import Activation
 
 pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("seeded_by_test_id"),
               pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = KERNEL_DEVICE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = list(Activation)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def check_2x(kernel_out, twin_out, truth, what=""):
-    e_kernel, e_twin = rel(kernel_out, truth), rel(twin_out, truth)
-    bound = 2 * e_twin + 2 * torch.finfo(torch.float32).eps
-    assert e_kernel <= bound, f"{what}: kernel error {e_kernel:.3e} > 2 x twin {e_twin:.3e}"
-
-
-def randn(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
 
 
 @pytest.mark.parametrize("act", ACTS, ids=lambda a: a.label)

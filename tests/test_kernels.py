@@ -8,6 +8,7 @@ fp32 epsilons (the kernels compute in fp32; in fp32 the twin is sometimes exact 
 """
 import pytest
 import torch
+from helpers import KERNEL_DEVICE, check_2x, f64, randn, rel
 
 from pifi_fast.kernels import common as kernels
 from pifi_fast.kernels import gemm as G
@@ -17,26 +18,8 @@ from pifi_fast.kernels import swiglu as S
 
 pytestmark = [pytest.mark.kernels, pytest.mark.usefixtures("seeded_by_test_id"),
               pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = KERNEL_DEVICE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def check_2x(kernel_out, twin_out, truth, dtype, what=""):
-    e_kernel, e_twin = rel(kernel_out, truth), rel(twin_out, truth)
-    bound = 2 * e_twin + 2 * torch.finfo(torch.float32).eps
-    assert e_kernel <= bound, f"{what}: kernel error {e_kernel:.3e} > 2 x twin {e_twin:.3e}"
-
-
-def randn(*shape, dtype, scale=1.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=DEVICE, dtype=dtype)
-
-
-def f64(*ts):
-    return [None if t is None else t.double() for t in ts]
 
 
 # -- RoPE ------------------------------------------------------------------------------------------
@@ -65,7 +48,7 @@ def test_rope_in_place(dtype, tokens, nq, nkv, head_dim, transpose):
     truth = P.rope_ref_(qkv.double(), pos, cos.double(), sin.double(), nq, nkv, head_dim,
                         transpose)
     rotated = (nq + nkv) * head_dim
-    check_2x(out[:, :rotated], twin[:, :rotated], truth[:, :rotated], dtype, "rope")
+    check_2x(out[:, :rotated], twin[:, :rotated], truth[:, :rotated], "rope")
     assert torch.equal(out[:, rotated:], qkv[:, rotated:])  # v is untouched
 
 
@@ -122,7 +105,7 @@ def test_gemm_epilogues(dtype, m, k, n, epilogue, orientation):
     twin = G.gemm_ref(a, b, epilogue, bias, residual, aux)
     truth = G.gemm_ref(*f64(a, b), epilogue, *f64(bias, residual, aux))
     assert out.shape == twin.shape
-    check_2x(out, twin, truth, dtype, f"gemm {epilogue} {orientation}")
+    check_2x(out, twin, truth, f"gemm {epilogue} {orientation}")
 
 
 def test_gemm_rejects_bad_arguments():
