@@ -1,6 +1,6 @@
 """Tile tables of the two GEMMs (kernels/gemm.py, kernels/quant.py) and what both do with them:
 a tile as a triton.Config and back, the autotuner's pool of every target's tiles, pruning it to
-the launching device's list, and the grouped program order.
+the launching device's list, the launch that skips tuning, and the grouped program order.
 
 A tile is (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) for 16-bit activations. Every
 entry is compiled by pifi_fast.kernels.compile_report for its target, under both supported
@@ -131,12 +131,27 @@ def pool(tile_lists, interpreting: bool) -> list:
 
 
 def prune(all_configs, wanted: list[Tile]) -> list:
-    """The configs of ``wanted`` in its order (the table's: the first is the default), only the
-    first with PIFI_FAST_GEMM_TUNE=0 (tests: one tile, nothing tuned)."""
-    if os.environ.get("PIFI_FAST_GEMM_TUNE") == "0":
-        wanted = wanted[:1]
+    """The configs of ``wanted`` in its order (the table's: the first is the default)."""
     by_tile = {tile_of(c): c for c in all_configs}
     return [by_tile[t] for t in wanted if t in by_tile]
+
+
+def launch(kernel, grid, prune_hook, named_args: dict, args: tuple, constexprs: dict) -> None:
+    """Launch an autotuned GEMM. Under torch.use_deterministic_algorithms(True) the autotuner
+    is bypassed and the first tile of the device's list runs: the tuner's pick depends on timing
+    and can differ between runs, and another tile is another rounding. The bypass also skips the
+    tuner's cache, which may hold a pick from before determinism was asked for.
+    PIFI_FAST_GEMM_TUNE=0 does the same without torch's switch (GPU test runs: tuning every
+    shape would take most of their time)."""
+    if not (torch.are_deterministic_algorithms_enabled()
+            or os.environ.get("PIFI_FAST_GEMM_TUNE") == "0"):
+        kernel[grid](*args, **constexprs)
+        return
+    # Triton's autotuner prunes only when it holds several configs (the interpreter's one)
+    configs = kernel.configs
+    first = configs[0] if len(configs) == 1 else prune_hook(configs, named_args,
+                                                            **constexprs)[0]
+    kernel.fn[grid](*args, **constexprs, **first.all_kwargs())
 
 
 if HAS_TRITON:

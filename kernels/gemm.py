@@ -24,8 +24,8 @@ question for a GPU; the layer uses cuBLAS unless asked (gemm="triton"). Tile con
 come from one table per GPU target (kernels/_tiles.py, through tiles() and configs()), each
 entry compiled and checked by pifi_fast.kernels.compile_report. The autotuner holds every
 target's tiles and prunes to the launching device's list, then tunes once per (M rounded up to a
-power of two, N, K, epilogue, dtypes); PIFI_FAST_GEMM_TUNE=0 takes the list's first tile and
-tunes nothing (tests). Under Triton's interpreter tl.dot on bf16 is wrong
+power of two, N, K, epilogue, dtypes); under torch.use_deterministic_algorithms(True) it takes
+the list's first tile and tunes nothing (_tiles.launch; PIFI_FAST_GEMM_TUNE=0 too). Under Triton's interpreter tl.dot on bf16 is wrong
 (triton-lang/triton#11584), so CI tests this kernel in fp32 and fp16 only.
 """
 from __future__ import annotations
@@ -312,9 +312,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, epilogue: str = "none", bias=None, re
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     m_bucket = min(triton.next_power_of_2(m), 1 << 16)
-    _gemm_kernel[grid](a, b, c, bias if bias is not None else c, res_, aux_, m, m_bucket, n, k,
-                       a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
-                       res_.stride(0), aux_.stride(0), **spec.constexprs,
-                       HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                       IEEE=a.dtype == torch.float32)
+    _tiles.launch(_gemm_kernel, grid, prune_configs, {"A": a},
+                  (a, b, c, bias if bias is not None else c, res_, aux_, m, m_bucket, n, k,
+                   a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                   res_.stride(0), aux_.stride(0)),
+                  dict(spec.constexprs, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+                       IEEE=a.dtype == torch.float32))
     return c

@@ -294,11 +294,11 @@ def dequant_gemm(a: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, transpos
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _dequant_gemm_kernel[grid](a, qv, scale, c, bias if bias is not None else c, res, m,
-                               min(triton.next_power_of_2(m), 1 << 16), n, k, a.stride(0),
-                               q.stride(0), scale.stride(0), c.stride(0), res.stride(0), group,
-                               TRANSPOSED=transposed, FP8=q.dtype == FP8,
-                               FINE=transposed and fine_groups(group, cols),
-                               HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-                               IEEE=a.dtype == torch.float32)
+    _tiles.launch(_dequant_gemm_kernel, grid, prune_configs, {"A": a},
+                  (a, qv, scale, c, bias if bias is not None else c, res, m,
+                   min(triton.next_power_of_2(m), 1 << 16), n, k, a.stride(0), q.stride(0),
+                   scale.stride(0), c.stride(0), res.stride(0), group),
+                  dict(TRANSPOSED=transposed, FP8=q.dtype == FP8,
+                       FINE=transposed and fine_groups(group, cols), HAS_BIAS=bias is not None,
+                       HAS_RES=residual is not None, IEEE=a.dtype == torch.float32))
     return c

@@ -14,6 +14,7 @@ from pifi_fast import families, packed_slm
 from pifi_fast.families import FUSED_MODEL_TYPES, is_fusable
 from pifi_fast.hf_layer import run_hf_layers
 from pifi_fast.frozen.module import FrozenLlamaLayer
+from pifi_fast.frozen.options import LayerOptions
 from pifi_fast.frozen.stack import FrozenLayerStack
 from pifi_fast.loading import warn_unfused
 from pifi_fast.pifi_base import PiFiBase
@@ -80,8 +81,13 @@ class PiFiModel(PiFiBase):
             # several layers: one unpadding for the whole stack (pifi_fast.frozen.stack)
             self.llm_layer = layers[0] if len(layers) == 1 else FrozenLayerStack(layers)
         else:
-            defaults = (None, "auto", "none", "cublas", False)  # LayerOptions' defaults
-            if any(v not in defaults for v in fused_options.values()):
+            defaults = LayerOptions().as_dict()
+            unknown = sorted(set(fused_options) - set(defaults))
+            if unknown:
+                raise TypeError(f"unknown frozen-layer options {unknown} (the options are "
+                                f"{sorted(defaults)})")
+            # None is "not asked" (attention's default); any other value than the default is
+            if any(v is not None and v != defaults[k] for k, v in fused_options.items()):
                 raise ValueError(f"options {sorted(fused_options)} apply to the fused layer only, "
                                  "which this model does not use (unfused architecture, "
                                  "freeze=False or fused=False)")

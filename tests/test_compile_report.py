@@ -140,9 +140,8 @@ def test_prune_keeps_the_devices_tiles(monkeypatch):
     a = torch.empty(4, 4, dtype=torch.bfloat16)
     kept = gemm.prune_configs(every, {"A": a}, **gemm.SPECS["swiglu"].constexprs)
     assert [T.tile_of(c) for c in kept] == gemm.tiles(86, "swiglu", "bf16")
-    monkeypatch.setenv("PIFI_FAST_GEMM_TUNE", "0")
     kept = gemm.prune_configs(every, {"A": a}, **gemm.SPECS["none"].constexprs)
-    assert [T.tile_of(c) for c in kept] == gemm.tiles(86, "none", "bf16")[:1]
+    assert [T.tile_of(c) for c in kept] == gemm.tiles(86, "none", "bf16")
 
 
 def test_dequant_tiles_all_reach_the_autotuner(monkeypatch):

@@ -108,6 +108,42 @@ def test_gemm_epilogues(dtype, m, k, n, epilogue, orientation):
     check_2x(out, twin, truth, f"gemm {epilogue} {orientation}")
 
 
+@pytest.mark.parametrize("dtype", GEMM_DTYPES)
+def test_gemms_under_deterministic_algorithms_take_the_first_tile(dtype, monkeypatch):
+    """With torch.use_deterministic_algorithms(True) both Triton GEMMs launch past their
+    autotuners (kernels/_tiles.py: launch) and give, bit for bit, what the first tile of the
+    device's list gives (PIFI_FAST_GEMM_TUNE=0), twice over; the results keep the 2x rule."""
+    from pifi_fast.kernels import quant as Q
+
+    a, w = randn(37, 72, dtype=dtype), randn(50, 72, dtype=dtype, scale=72 ** -0.5)
+    res = randn(37, 50, dtype=dtype)
+    q, scale = Q.quantize(w.float(), "int8", group=24)
+    if not (G.supported(a) and Q.supported(a, "int8")):
+        pytest.skip(f"no GEMM tiles for {dtype} here")
+
+    def both():
+        return (G.gemm(a, w.t(), residual=res),
+                Q.dequant_gemm(a, q, scale, transposed=True, residual=res))
+
+    monkeypatch.setenv("PIFI_FAST_GEMM_TUNE", "0")
+    first_tile = both()
+    monkeypatch.delenv("PIFI_FAST_GEMM_TUNE")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [both(), both()]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for run in runs:
+        for got, expected in zip(run, first_tile):
+            assert torch.equal(got, expected)
+    check_2x(runs[0][0], G.gemm_ref(a, w.t(), residual=res),
+             G.gemm_ref(*f64(a, w.t()), residual=res.double()), "gemm, deterministic")
+    check_2x(runs[0][1], Q.dequant_gemm_ref(a, q, scale, True, residual=res),
+             Q.dequant_gemm_ref(*f64(a), q, scale, True, residual=res.double()),
+             "dequant_gemm, deterministic")
+
+
 def test_gemm_rejects_bad_arguments():
     a, w = torch.ones(4, 8, device=DEVICE), torch.ones(8, 6, device=DEVICE)
     with pytest.raises(ValueError, match="epilogue"):

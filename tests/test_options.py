@@ -70,6 +70,22 @@ def test_only_the_options_module_reads_the_layers_variables():
     assert not readers, readers
 
 
+def test_no_library_module_sets_a_variable_for_the_process():
+    """The package and the kernels only read PIFI_FAST_* variables: none is assigned, set by
+    default, updated, popped or put (a deterministic run asks torch instead; see
+    kernels/_tiles.py: launch)."""
+    setting = re.compile(r"environ\[[^\]]*PIFI_FAST_[A-Z_]+[^\]]*\]\s*=(?!=)"
+                         r"|environ\.(?:setdefault|pop|update)\([^\n]*PIFI_FAST_"
+                         r"|putenv\([^\n]*PIFI_FAST_")
+    name = "PIFI_" + "FAST_X"  # (spelled out, the docs-table test would count it as read)
+    assert setting.search(f'os.environ["{name}"] = "0"')  # the pattern can match
+    assert setting.search(f"os.environ.setdefault('{name}', '1')")
+    setters = [f"{path.relative_to(ROOT)}: {m.group(0)}"
+               for path in [*(ROOT / "pifi_fast").rglob("*.py"), *(ROOT / "kernels").glob("*.py")]
+               for m in setting.finditer(path.read_text())]
+    assert not setters, setters
+
+
 def test_the_docs_table_lists_every_variable():
     page = (ROOT / "docs" / "development.md").read_text()
     for var in O.ENVIRONMENT:

@@ -177,3 +177,18 @@ def test_a_model_built_from_a_named_slm_saves_its_tokenizer_and_predicts_after_r
     assert [p["label"] for p in reloaded] == [p["label"] for p in direct]
     for a, b in zip(reloaded, direct):
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
+
+
+def test_an_unfused_model_refuses_the_fused_layers_options():
+    """A model that runs the Hugging Face layer (fused=False) takes the frozen-layer options
+    only at their defaults (LayerOptions'; None counts as not asked): another value would be
+    ignored silently, an unknown name is a TypeError as on the fused path."""
+    slm, llm = tiny_slm("bert"), tiny_llm("llama")
+    PiFiModel.from_parts(slm, llm, fused=False, kernels="auto", gemm="cublas",
+                         chunk_tokens=None, attention=None)
+    with pytest.raises(ValueError, match="apply to the fused layer only"):
+        PiFiModel.from_parts(slm, llm, fused=False, kernels="torch")
+    with pytest.raises(ValueError, match="apply to the fused layer only"):
+        PiFiModel.from_parts(slm, llm, fused=False, weights="int8")
+    with pytest.raises(TypeError, match="unknown frozen-layer options"):
+        PiFiModel.from_parts(slm, llm, fused=False, kernel="torch")

@@ -30,10 +30,71 @@ def test_pool_holds_each_tile_once_and_the_interpreter_one():
 def test_prune_keeps_the_wanted_tiles_in_their_order(monkeypatch):
     every = T.pool([[(64, 64, 32, 3, 4), (32, 64, 32, 2, 4), (16, 32, 32, 2, 2)]], False)
     wanted = [(16, 32, 32, 2, 2), (64, 64, 32, 3, 4), (8, 8, 8, 1, 1)]  # one not in the pool
-    monkeypatch.delenv("PIFI_FAST_GEMM_TUNE", raising=False)
+    monkeypatch.setenv("PIFI_FAST_GEMM_TUNE", "0")  # launch's business, not prune's
     assert [T.tile_of(c) for c in T.prune(every, wanted)] == wanted[:2]
+
+
+class _Config:
+    def __init__(self, name):
+        self.name = name
+
+    def all_kwargs(self):
+        return {"BLOCK_M": self.name, "num_warps": 4}
+
+
+class _Launcher:
+    """A stand-in for a Triton kernel (kernel[grid](...)) that records its launches."""
+
+    def __init__(self, calls, who):
+        self.calls, self.who = calls, who
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((self.who, grid, args, kw))
+
+
+class _Autotuned(_Launcher):
+    def __init__(self, calls, configs):
+        super().__init__(calls, "tuner")
+        self.configs, self.fn = configs, _Launcher(calls, "jit")
+
+
+@pytest.mark.parametrize("switch", ["tuned", "deterministic", "env"])
+def test_launch_tunes_unless_determinism_is_asked_for(switch, monkeypatch):
+    """The autotuner runs by default; under torch.use_deterministic_algorithms(True) or
+    PIFI_FAST_GEMM_TUNE=0 the plain kernel runs with the first tile the prune hook keeps for
+    the device (the tuner, and its cache, are never asked)."""
+    calls, pruned = [], []
+    kernel = _Autotuned(calls, [_Config("a"), _Config("b"), _Config("c")])
+
+    def prune_hook(configs, named_args, **constexprs):
+        pruned.append((named_args, constexprs))
+        return [configs[2], configs[0]]  # the device's list, in its order
+
+    monkeypatch.delenv("PIFI_FAST_GEMM_TUNE", raising=False)
+    if switch == "env":
+        monkeypatch.setenv("PIFI_FAST_GEMM_TUNE", "0")
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(switch == "deterministic")
+    try:
+        T.launch(kernel, "grid", prune_hook, {"A": "a"}, (1, 2), {"EPILOGUE": 0})
+    finally:
+        torch.use_deterministic_algorithms(was)
+    if switch == "tuned":
+        assert calls == [("tuner", "grid", (1, 2), {"EPILOGUE": 0})] and not pruned
+    else:
+        assert pruned == [({"A": "a"}, {"EPILOGUE": 0})]
+        assert calls == [("jit", "grid", (1, 2), {"EPILOGUE": 0, "BLOCK_M": "c",
+                                                  "num_warps": 4})]
+
+
+def test_launch_with_one_config_takes_it_unpruned(monkeypatch):
+    """Triton's autotuner prunes only when it holds several configs (the interpreter's pool is
+    one small tile): launch does the same."""
+    calls = []
+    kernel = _Autotuned(calls, [_Config("only")])
     monkeypatch.setenv("PIFI_FAST_GEMM_TUNE", "0")
-    assert [T.tile_of(c) for c in T.prune(every, wanted)] == wanted[:1]
+    T.launch(kernel, "g", lambda *a, **k: pytest.fail("pruned"), {}, (), {})
+    assert calls == [("jit", "g", (), {"BLOCK_M": "only", "num_warps": 4})]
 
 
 def test_both_gemms_read_the_shared_tables():

@@ -83,13 +83,12 @@ def train(cfg: TrainConfig) -> dict:
     the trained model under "model"."""
     if not cfg.deterministic:
         return _train(cfg)
-    # cuBLAS needs a fixed workspace for reproducible reductions; the Triton GEMM must not tune
-    # (another tile is another rounding); torch refuses ops without a deterministic version.
-    # Process-wide switches: set for this run, restored after it.
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-             os.environ.get("PIFI_FAST_GEMM_TUNE"))
+    # cuBLAS needs a fixed workspace for reproducible reductions (PyTorch sizes it from this
+    # variable once, at its first cuBLAS call, so it is left set); torch then refuses ops
+    # without a deterministic version, and the Triton GEMMs launch their first tile instead of
+    # tuning (kernels/_tiles.py: launch). The torch switches are set for this run and restored.
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    os.environ["PIFI_FAST_GEMM_TUNE"] = "0"
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     try:
@@ -97,10 +96,6 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.benchmark = saved[1]
-        if saved[2] is None:
-            os.environ.pop("PIFI_FAST_GEMM_TUNE", None)
-        else:
-            os.environ["PIFI_FAST_GEMM_TUNE"] = saved[2]
 
 
 def _train(cfg: TrainConfig) -> dict:
