@@ -24,9 +24,10 @@ question for a GPU; the layer uses cuBLAS unless asked (gemm="triton"). Tile con
 come from one table per GPU target (kernels/_tiles.py, through tiles() and configs()), each
 entry compiled and checked by pifi_fast.kernels.compile_report. The autotuner holds every
 target's tiles and prunes to the launching device's list, then tunes once per (M rounded up to a
-power of two, N, K, epilogue, dtypes); under torch.use_deterministic_algorithms(True) it takes
-the list's first tile and tunes nothing (_tiles.launch; PIFI_FAST_GEMM_TUNE=0 too). Under Triton's interpreter tl.dot on bf16 is wrong
-(triton-lang/triton#11584), so CI tests this kernel in fp32 and fp16 only.
+power of two, N, K, epilogue, dtypes); under torch.use_deterministic_algorithms(True) (or
+PIFI_FAST_GEMM_TUNE=0) it takes the list's first tile and tunes nothing (_tiles.launch). Under
+Triton's interpreter tl.dot on bf16 is wrong (triton-lang/triton#11584), so CI tests this
+kernel in fp32 and fp16 only.
 """
 from __future__ import annotations
 

@@ -86,7 +86,8 @@ class PiFiModel(PiFiBase):
             if unknown:
                 raise TypeError(f"unknown frozen-layer options {unknown} (the options are "
                                 f"{sorted(defaults)})")
-            # None is "not asked" (attention's default); any other value than the default is
+            # None is "not asked" (attention's default); any value other than a field's
+            # default would be ignored by the Hugging Face layer, so it is refused
             if any(v is not None and v != defaults[k] for k, v in fused_options.items()):
                 raise ValueError(f"options {sorted(fused_options)} apply to the fused layer only, "
                                  "which this model does not use (unfused architecture, "
