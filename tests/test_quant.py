@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import quant_update_errors, rel_err, tiny_slm
+from helpers import check_2x, quant_update_errors, rel, rel_err, tiny_slm
 from transformers import FalconConfig, Gemma2Config, LlamaConfig, Qwen2Config
 
 from pifi_fast import PiFiModel
@@ -38,10 +38,6 @@ def _dequant_gemm_or_skip(a, q, s, transposed, **kw):
     if ON_GPU and not Q.supported(a, "fp8" if q.dtype == Q.FP8 else "int8"):
         pytest.skip(f"no dequantizing-GEMM tiles for {a.dtype} on this GPU")
     return Q.dequant_gemm(a, q, s, transposed, **kw)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 # -- quantization -------------------------------------------------------------------------------
@@ -98,9 +94,8 @@ def test_dequant_gemm_within_twice_the_twin_error(dtype, mode, rows, cols, m, tr
     truth = Q.dequant_gemm_ref(a.double(), q, s, transposed,
                                None if bias is None else bias.double(),
                                None if res is None else res.double())
-    e_k, e_t = rel(out, truth), rel(twin, truth)
     assert out.shape == twin.shape == (m, n)
-    assert e_k <= 2 * e_t + 2 * torch.finfo(torch.float32).eps, (e_k, e_t)
+    check_2x(out, twin, truth, "dequant_gemm")
 
 
 @pytest.mark.kernels
@@ -124,8 +119,7 @@ def test_dequant_gemm_with_groups_finer_than_its_tiles(dtype, cols, group, trans
     twin = Q.dequant_gemm_ref(a, q, s, transposed, residual=res)
     truth = Q.dequant_gemm_ref(a.double(), q, s, transposed,
                                residual=None if res is None else res.double())
-    e_k, e_t = rel(out, truth), rel(twin, truth)
-    assert e_k <= 2 * e_t + 2 * torch.finfo(torch.float32).eps, (e_k, e_t)
+    check_2x(out, twin, truth, "dequant_gemm, fine groups")
 
 
 def test_dequant_gemm_rejects_bad_arguments():
